@@ -1,0 +1,99 @@
+"""Resumable training checkpoints: model (HF layout), optimizer state, step and data position.
+
+A checkpoint is a folder ``checkpoints/step-NNNNNNN`` written under a temporary name and renamed
+into place when complete; ``checkpoints/latest`` (itself replaced atomically) names the newest.
+A process killed at any moment leaves the previous checkpoint intact and loadable.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_unflatten
+
+from afm_mlx.cli import UserError
+from afm_mlx.fileio import atomic_save_safetensors, atomic_write_json, atomic_write_text, read_json
+from afm_mlx.model import load_model, save_model
+
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model: nn.Module,
+    model_config: dict[str, Any],
+    optimizer: optim.Optimizer,
+    state: dict[str, Any],
+    tokenizer_dir: str | Path | None,
+    keep: int = 2,
+) -> Path:
+    """Write a complete checkpoint for ``step`` and point ``latest`` at it; prune old ones."""
+    root = checkpoint_root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:07d}"
+    tmp = root / f".tmp-{os.getpid()}-step-{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(tmp, model, model_config, tokenizer_dir)
+    opt_state = dict(tree_flatten(optimizer.state))
+    atomic_save_safetensors(tmp / OPTIMIZER_FILE, opt_state)
+    atomic_write_json(tmp / STATE_FILE, {**state, "step": step})
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    atomic_write_text(root / "latest", final.name + "\n")
+    _prune(root, keep, final.name)
+    return final
+
+
+def _prune(root: Path, keep: int, newest: str) -> None:
+    steps = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for old in steps[:-keep] if keep > 0 else []:
+        if old.name != newest:
+            shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp-*"):  # left by a process killed mid-write
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    root = checkpoint_root(run_dir)
+    pointer = root / "latest"
+    if not pointer.is_file():
+        return None
+    path = root / pointer.read_text().strip()
+    return path if (path / STATE_FILE).is_file() else None
+
+
+def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any], dict[str, Any], dict]:
+    """(model, model config, trainer state, flat optimizer state) of a checkpoint folder."""
+    path = Path(path)
+    model, config, _ = load_model(path)
+    state = read_json(path / STATE_FILE, "trainer state")
+    opt_file = path / OPTIMIZER_FILE
+    if not opt_file.is_file():
+        raise UserError(f"{opt_file}: optimizer state missing; the checkpoint is incomplete")
+    from afm_mlx.fileio import load_safetensors
+
+    return model, config, state, load_safetensors(opt_file)
+
+
+def restore_optimizer(optimizer: optim.Optimizer, flat_state: dict[str, mx.array]) -> None:
+    """Put a saved (flattened) optimizer state back, after ``optimizer.init`` made its shape."""
+    restored = tree_unflatten(list(flat_state.items()))
+    expected = {k for k, _ in tree_flatten(optimizer.state)}
+    if expected != set(flat_state):
+        missing = sorted(expected - set(flat_state))[:3]
+        raise UserError(f"optimizer state does not match the model (missing e.g. {missing})")
+    optimizer.state = restored

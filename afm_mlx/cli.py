@@ -1,0 +1,108 @@
+"""Shared CLI plumbing: one config dataclass per stage is the single source of truth.
+
+``build_parser`` derives the flags from the dataclass fields (help text from field metadata),
+``parse_config`` merges ``--config file.yaml`` with the flags given on the command line, and
+``run_main`` turns a ``UserError`` into one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class UserError(Exception):
+    """An error the user caused and can fix: reported as one line, never a traceback."""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(tp: Any) -> Any:
+    """Strip Optional[...] so argparse gets the concrete type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else str
+    return tp
+
+
+def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per field of dataclass ``cls`` plus ``--config``."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", type=str, help="YAML file with any of the options below")
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        tp = _base_type(hints[field.name])
+        default = (
+            field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
+        )
+        help_text = field.metadata.get("help", "")
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "dest": field.name}
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+            kwargs["help"] = f"{help_text} (default: {default})"
+        elif typing.get_origin(tp) is list:
+            kwargs["nargs"] = "+"
+            kwargs["type"] = typing.get_args(tp)[0]
+            kwargs["help"] = f"{help_text} (default: {default})"
+        else:
+            kwargs["type"] = tp
+            kwargs["help"] = f"{help_text} (default: {default})"
+            if "choices" in field.metadata:
+                kwargs["choices"] = field.metadata["choices"]
+        parser.add_argument(_flag(field.name), **kwargs)
+    return parser
+
+
+def config_from_dict(cls: type[T], values: dict[str, Any], source: str) -> T:
+    """Build ``cls`` from a dict, refusing unknown keys (``source`` names where they came from)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise UserError(f"{source}: unknown option(s) {', '.join(unknown)}")
+    return cls(**values)
+
+
+def parse_config(cls: type[T], argv: list[str] | None, prog: str, description: str) -> T:
+    """Defaults < YAML file (``--config``) < flags given on the command line."""
+    parser = build_parser(cls, prog, description)
+    args = vars(parser.parse_args(argv))
+    config_path = args.pop("config", None)
+    values: dict[str, Any] = {}
+    if config_path:
+        path = Path(config_path)
+        if not path.is_file():
+            raise UserError(f"--config {path}: file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from e
+        if not isinstance(loaded, dict):
+            raise UserError(f"--config {path}: expected a mapping of option: value")
+        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+    values.update(args)
+    return config_from_dict(cls, values, f"--config {config_path}" if config_path else prog)
+
+
+def run_main(fn: Callable[[], Any]) -> None:
+    """Run a CLI body; a ``UserError`` becomes one line on stderr and exit status 2."""
+    try:
+        fn()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

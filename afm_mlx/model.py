@@ -1,0 +1,320 @@
+"""AFM model presets, and loading/saving checkpoints in the Hugging Face qwen3 layout.
+
+The AFM architecture (pre-norm RMSNorm, per-head QK-norm, GQA, SwiGLU, RoPE 500k, tied embedding)
+is exactly mlx-lm's ``qwen3`` model, so we build on its classes instead of re-implementing them.
+Checkpoints are ``config.json`` + ``model.safetensors`` (sharded with an index when large) + tokenizer
+files, which ``mlx_lm.load`` and ``transformers.AutoModelForCausalLM`` open unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map_with_path
+from mlx_lm.utils import _get_classes
+
+from afm_mlx.cli import UserError
+from afm_mlx.fileio import (
+    atomic_copy,
+    atomic_save_safetensors,
+    atomic_write_json,
+    load_safetensors,
+    read_json,
+    safetensors_shapes,
+)
+
+_QWEN3_COMMON = {
+    "model_type": "qwen3",
+    "architectures": ["Qwen3ForCausalLM"],
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": True,
+    "initializer_range": 0.02,
+    "use_cache": True,
+    "torch_dtype": "float32",
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 3,
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # For tests: < 1M parameters.
+    "tiny": {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "intermediate_size": 192,
+        "vocab_size": 512,
+        "max_position_embeddings": 512,
+    },
+    # The demo: trains usefully on a 2-core CPU in minutes.
+    "small": {
+        "hidden_size": 384,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 6,
+        "num_key_value_heads": 2,
+        "head_dim": 64,
+        "intermediate_size": 1024,
+        "vocab_size": 8192,
+        "max_position_embeddings": 2048,
+    },
+    # AFM-on-device (Gunter et al., 2024, Table 1).
+    "afm-3b": {
+        "hidden_size": 3072,
+        "num_hidden_layers": 26,
+        "num_attention_heads": 24,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "intermediate_size": 8192,
+        "vocab_size": 49152,
+        "max_position_embeddings": 4096,
+    },
+}
+
+SUPPORTED_MODEL_TYPES = ("qwen3", "llama", "qwen2", "mistral")
+MAX_SHARD_BYTES = 5 * 1024**3
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+
+
+def preset_config(name: str, **overrides: Any) -> dict[str, Any]:
+    """The full HF-style config of preset ``name`` with ``overrides`` applied and validated."""
+    if name not in PRESETS:
+        raise UserError(f"unknown preset '{name}'; choose one of: {', '.join(PRESETS)}")
+    config = {**_QWEN3_COMMON, **PRESETS[name], **overrides}
+    validate_config(config, f"preset '{name}'")
+    return config
+
+
+def validate_config(config: dict[str, Any], source: str) -> None:
+    """Refuse configs that cannot build a model, naming ``source`` and the bad keys."""
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UserError(
+            f"{source}: model_type '{model_type}' is not supported "
+            f"(afm_mlx handles {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    required = [
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "vocab_size",
+    ]
+    missing = [k for k in required if not isinstance(config.get(k), int) or config[k] <= 0]
+    if missing:
+        raise UserError(f"{source}: missing or non-positive integer(s): {', '.join(missing)}")
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    if kv_heads <= 0 or heads % kv_heads:
+        raise UserError(
+            f"{source}: num_attention_heads ({heads}) must be a multiple of "
+            f"num_key_value_heads ({kv_heads})"
+        )
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    if "head_dim" not in config and config["hidden_size"] % heads:
+        raise UserError(
+            f"{source}: hidden_size ({config['hidden_size']}) is not divisible by "
+            f"num_attention_heads ({heads}); set head_dim explicitly"
+        )
+    if head_dim % 2:
+        raise UserError(f"{source}: head_dim ({head_dim}) must be even for RoPE")
+
+
+def build_model(config: dict[str, Any]) -> nn.Module:
+    """Instantiate the mlx-lm model class for ``config`` (parameters stay lazy until evaluated)."""
+    validate_config(config, "config")
+    model_class, args_class = _get_classes(config)
+    return model_class(args_class.from_dict(config))
+
+
+def init_weights(model: nn.Module, config: dict[str, Any], seed: int = 0) -> None:
+    """GPT-style init: N(0, 0.02); residual output projections scaled by 1/sqrt(2 * layers)."""
+    std = config.get("initializer_range", 0.02)
+    residual_std = std / math.sqrt(2 * config["num_hidden_layers"])
+    key = mx.random.key(seed)
+
+    def init(path: str, p: mx.array) -> mx.array:
+        nonlocal key
+        if p.ndim < 2:
+            return p  # norms keep ones (and biases zeros)
+        key, sub = mx.random.split(key)
+        scale = residual_std if re.search(r"(o_proj|down_proj)\.weight$", path) else std
+        return mx.random.normal(p.shape, key=sub, scale=scale).astype(p.dtype)
+
+    model.update(tree_map_with_path(init, model.parameters()))
+
+
+def count_parameters(config: dict[str, Any]) -> dict[str, int]:
+    """Parameter counts from shapes only (MLX is lazy, so nothing is allocated)."""
+    model = build_model(config)
+    total = embedding = 0
+    for name, p in tree_flatten(model.parameters()):
+        total += p.size
+        if "embed_tokens" in name or name.startswith("lm_head"):
+            embedding += p.size
+    return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
+
+
+def resolve_model_path(path_or_repo: str | Path) -> Path:
+    """A local checkpoint folder, or a Hugging Face repo id fetched with huggingface-hub."""
+    path = Path(path_or_repo).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"{path}: expected a model folder (config.json + *.safetensors)")
+        return path
+    repo = str(path_or_repo)
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
+        raise UserError(f"{repo}: no such model folder (and not a Hugging Face repo id)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                repo,
+                allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"],
+            )
+        )
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{repo}: not a local folder and could not be fetched ({msg})") from e
+
+
+def weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json(index, "weight index").get("weight_map", {})
+        return [path / f for f in sorted(set(weight_map.values()))]
+    return [Path(f) for f in sorted(glob.glob(str(path / "model*.safetensors")))]
+
+
+def check_weights_match(
+    model: nn.Module, shapes: dict[str, tuple[tuple[int, ...], str]], source: str
+) -> None:
+    """Compare checkpoint names/shapes with the model's; list every mismatch in one error."""
+    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    problems = [f"missing {k}" for k in sorted(set(expected) - set(shapes))]
+    problems += [f"unexpected {k}" for k in sorted(set(shapes) - set(expected))]
+    problems += [
+        f"{k} has shape {shapes[k][0]}, expected {expected[k]}"
+        for k in sorted(set(expected) & set(shapes))
+        if shapes[k][0] != expected[k]
+    ]
+    if problems:
+        shown = "; ".join(problems[:8]) + (
+            f"; ... {len(problems) - 8} more" if len(problems) > 8 else ""
+        )
+        raise UserError(f"{source}: weights do not match config.json: {shown}")
+
+
+def load_model(
+    path_or_repo: str | Path, lazy: bool = False
+) -> tuple[nn.Module, dict[str, Any], Path]:
+    """Load a checkpoint folder or hub repo; returns (model, config, resolved path)."""
+    path = resolve_model_path(path_or_repo)
+    config = read_json(path / "config.json", "model config (config.json)")
+    validate_config(config, str(path / "config.json"))
+    model = build_model(config)
+    files = weight_files(path)
+    if not files:
+        raise UserError(f"{path}: no model*.safetensors weights found")
+    shapes: dict[str, tuple[tuple[int, ...], str]] = {}
+    for f in files:
+        shapes.update(safetensors_shapes(f))
+    if hasattr(model, "sanitize"):
+        shapes = model.sanitize(shapes)
+    check_weights_match(model, shapes, str(path))
+    weights: dict[str, mx.array] = {}
+    for f in files:
+        weights.update(load_safetensors(f))
+    if hasattr(model, "sanitize"):
+        weights = model.sanitize(weights)
+    model.load_weights(list(weights.items()), strict=True)
+    if not lazy:
+        mx.eval(model.parameters())
+    model.eval()
+    return model, config, path
+
+
+def save_model(
+    out_dir: str | Path,
+    model: nn.Module,
+    config: dict[str, Any],
+    tokenizer_dir: str | Path | None = None,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> Path:
+    """Write ``config.json`` + safetensors (+ index when sharded) + tokenizer files, atomically."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = dict(tree_flatten(model.parameters()))
+    shards: list[dict[str, mx.array]] = [{}]
+    size = 0
+    for name in sorted(weights):
+        nbytes = weights[name].nbytes
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = weights[name]
+        size += nbytes
+    n = len(shards)
+    names = (
+        ["model.safetensors"]
+        if n == 1
+        else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    )
+    # Remove stale weights from an earlier save with a different sharding.
+    for old in weight_files(out) if (out / "config.json").exists() else []:
+        if old.name not in names:
+            old.unlink(missing_ok=True)
+    for shard, name in zip(shards, names):
+        atomic_save_safetensors(out / name, shard, metadata={"format": "mlx"})
+    index = out / "model.safetensors.index.json"
+    if n > 1:
+        weight_map = {k: name for shard, name in zip(shards, names) for k in shard}
+        total = sum(v.nbytes for v in weights.values())
+        atomic_write_json(index, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    else:
+        index.unlink(missing_ok=True)
+    dtype = next(iter(weights.values())).dtype if weights else mx.float32
+    saved = copy.deepcopy(config)
+    saved["torch_dtype"] = str(dtype).split(".")[-1]
+    atomic_write_json(out / "config.json", saved)
+    if tokenizer_dir is not None and Path(tokenizer_dir).resolve() != out.resolve():
+        for name in TOKENIZER_FILES:
+            src = Path(tokenizer_dir) / name
+            if src.is_file():
+                atomic_copy(src, out / name)
+    return out
+
+
+def load(path_or_repo: str | Path, lazy: bool = False):
+    """Open any afm_mlx (or qwen3/llama-family) checkpoint: returns (model, tokenizer).
+
+    The tokenizer is mlx-lm's ``TokenizerWrapper`` (streaming detokenizer included).
+    """
+    from mlx_lm.utils import load_tokenizer
+
+    model, config, path = load_model(path_or_repo, lazy=lazy)
+    try:
+        tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    except Exception as e:
+        raise UserError(f"{path}: could not load the tokenizer ({e})") from e
+    return model, tokenizer

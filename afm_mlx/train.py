@@ -1,0 +1,471 @@
+"""Train an AFM-architecture language model: ``python -m afm_mlx.train``.
+
+With no arguments it trains the ``small`` preset on the embedded Shakespeare corpus for a bounded
+number of steps and prints where the checkpoint is. ``TrainConfig`` is the single source of truth
+for every option (CLI flags and ``--config file.yaml`` are derived from it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map
+
+from afm_mlx import runtime
+from afm_mlx.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    restore_optimizer,
+    save_checkpoint,
+)
+from afm_mlx.cli import UserError, parse_config, run_main
+from afm_mlx.data import (
+    DataPosition,
+    PackedDataset,
+    build_token_cache,
+    eval_batches,
+    read_corpus,
+    split_train_valid,
+    train_batches,
+)
+from afm_mlx.fileio import atomic_write_json, read_json
+from afm_mlx.losses import make_loss
+from afm_mlx.model import PRESETS, build_model, init_weights, load_model, preset_config, save_model
+from afm_mlx.report import plot_losses, sample_text
+
+RUN_FILE = "run.json"
+# Options that may change when a run is resumed; every other option must match the original.
+RESUMABLE_CHANGES = {
+    "resume",
+    "max_steps",
+    "eval_every",
+    "save_every",
+    "eval_batches",
+    "sample_tokens",
+    "sample_prompt",
+    "log_every",
+    "keep_checkpoints",
+    "progress",
+}
+
+
+@dataclass
+class TrainConfig:
+    preset: str = field(default="small", metadata={"help": "model size", "choices": list(PRESETS)})
+    init: str | None = field(
+        default=None,
+        metadata={"help": "continue from a qwen3/llama-family checkpoint (folder or HF repo id)"},
+    )
+    data: str = field(
+        default="shakespeare",
+        metadata={"help": "corpus: text file/folder, .jsonl with {'text'}, or 'shakespeare'"},
+    )
+    tokenizer: str | None = field(
+        default=None, metadata={"help": "tokenizer folder (default: train one on --data)"}
+    )
+    out: str = field(default="runs/small", metadata={"help": "run folder"})
+    max_steps: int = field(default=600, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=16, metadata={"help": "sequences per micro-batch"})
+    seq_len: int = field(default=128, metadata={"help": "tokens per sequence"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    learning_rate: float = field(default=2e-3, metadata={"help": "peak learning rate"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr as a fraction of peak"})
+    warmup_steps: int = field(default=50, metadata={"help": "linear warmup steps"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW decay (matrices only)"})
+    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
+    grad_clip: float = field(default=1.0, metadata={"help": "global gradient-norm clip (0: off)"})
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "parameter dtype (auto: float32 on CPU, bfloat16 on GPU)",
+            "choices": ["auto", "float32", "bfloat16"],
+        },
+    )
+    valid_fraction: float = field(default=0.05, metadata={"help": "held-out share of the corpus"})
+    eval_every: int = field(default=100, metadata={"help": "steps between evaluations"})
+    eval_batches: int = field(default=20, metadata={"help": "validation batches (0: all)"})
+    save_every: int = field(default=200, metadata={"help": "steps between checkpoints"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
+    log_every: int = field(default=10, metadata={"help": "steps between metric log lines"})
+    seed: int = field(default=0, metadata={"help": "seed for init and data order"})
+    resume: bool = field(default=False, metadata={"help": "continue the run in --out"})
+    teacher: str | None = field(
+        default=None, metadata={"help": "teacher checkpoint for distillation"}
+    )
+    distill: str = field(
+        default="top1",
+        metadata={
+            "help": "distillation target: top1 (AFM: mix label and teacher top-1) or kl",
+            "choices": ["top1", "kl"],
+        },
+    )
+    distill_weight: float = field(default=0.9, metadata={"help": "weight on the teacher"})
+    distill_temperature: float = field(default=1.0, metadata={"help": "KL temperature"})
+    sample_prompt: str = field(default="ROMEO.\n", metadata={"help": "prompt of the final sample"})
+    sample_tokens: int = field(
+        default=80, metadata={"help": "tokens of the final sample (0: none)"}
+    )
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    def validate(self) -> None:
+        positive = ["max_steps", "batch_size", "seq_len", "grad_accum", "eval_every", "save_every"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive")
+        if not 0 <= self.valid_fraction < 1:
+            raise UserError("--valid-fraction must be in [0, 1)")
+        if not 0 <= self.distill_weight <= 1:
+            raise UserError("--distill-weight must be in [0, 1]")
+        if self.learning_rate <= 0:
+            raise UserError("--learning-rate must be positive")
+
+
+def _param_dtype(name: str) -> mx.Dtype:
+    if name == "auto":
+        return mx.float32 if mx.default_device().type == mx.cpu else mx.bfloat16
+    return getattr(mx, name)
+
+
+def prepare_run_dir(cfg: TrainConfig) -> Path:
+    """Refuse to clobber: a folder holding another run, or anything else, is an error."""
+    out = Path(cfg.out)
+    run_file = out / RUN_FILE
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a folder")
+    if run_file.is_file():
+        previous = read_json(run_file, "run description").get("config", {})
+        if not cfg.resume:
+            raise UserError(
+                f"--out {out}: already holds a training run; pass --resume to continue it "
+                "or choose another --out"
+            )
+        current = dataclasses.asdict(cfg)
+        diffs = [
+            f"{k}: {previous.get(k)!r} -> {v!r}"
+            for k, v in current.items()
+            if k not in RESUMABLE_CHANGES and previous.get(k) != v
+        ]
+        if diffs:
+            raise UserError(f"--out {out}: holds a different run ({'; '.join(diffs)})")
+    elif cfg.resume:
+        raise UserError(f"--resume: {out} holds no run to resume")
+    elif out.exists() and any(out.iterdir()):
+        raise UserError(
+            f"--out {out}: folder is not empty and holds no afm_mlx run; choose another"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_file, {"afm_mlx_run": 1, "config": dataclasses.asdict(cfg)})
+    return out
+
+
+def prepare_tokenizer(cfg: TrainConfig, out: Path) -> Path:
+    """The tokenizer folder: --tokenizer, the --init checkpoint's, or one trained on --data."""
+    from afm_mlx.tokenizer import save_tokenizer, train_sentencepiece
+
+    if cfg.tokenizer:
+        path = Path(cfg.tokenizer)
+        if not (path / "tokenizer.json").is_file():
+            raise UserError(f"--tokenizer {path}: no tokenizer.json in that folder")
+        return path
+    if cfg.init:
+        from afm_mlx.model import resolve_model_path
+
+        return resolve_model_path(cfg.init)
+    tok_dir = out / "tokenizer"
+    if not (tok_dir / "tokenizer.json").is_file():
+        vocab = PRESETS[cfg.preset]["vocab_size"]
+        print(f"training a {vocab}-piece SentencePiece BPE tokenizer on {cfg.data} ...", flush=True)
+        save_tokenizer(train_sentencepiece(read_corpus(cfg.data), vocab), tok_dir)
+    return tok_dir
+
+
+def make_optimizer(cfg: TrainConfig) -> optim.Optimizer:
+    """AdamW, decoupled decay on matrices only (norm gains are not decayed), warmup + cosine."""
+    warmup = min(cfg.warmup_steps, cfg.max_steps)
+    decay_steps = max(1, cfg.max_steps - warmup)
+    cosine = optim.cosine_decay(
+        cfg.learning_rate, decay_steps, cfg.learning_rate * cfg.min_lr_ratio
+    )
+    if warmup > 0:
+        schedule = optim.join_schedules(
+            [optim.linear_schedule(cfg.learning_rate / warmup, cfg.learning_rate, warmup), cosine],
+            [warmup],
+        )
+    else:
+        schedule = cosine
+
+    def adamw(wd: float) -> optim.AdamW:
+        return optim.AdamW(schedule, betas=[cfg.beta1, cfg.beta2], weight_decay=wd)
+
+    return optim.MultiOptimizer(
+        [adamw(cfg.weight_decay), adamw(0.0)], [lambda path, w: w.ndim >= 2]
+    )
+
+
+def flops_per_token(model: nn.Module, seq_len: int, config: dict[str, Any]) -> float:
+    """Training FLOPs per token: 6 x matmul parameters (LM head included) + attention scores."""
+    n = sum(p.size for _, p in tree_flatten(model.parameters()))
+    heads_dim = config["num_attention_heads"] * config.get(
+        "head_dim", config["hidden_size"] // config["num_attention_heads"]
+    )
+    return 6 * n + 6 * config["num_hidden_layers"] * seq_len * heads_dim
+
+
+class Trainer:
+    """Owns the model, optimizer, compiled steps and the data position of one run."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: optim.Optimizer,
+        loss_fn: Callable,
+        grad_accum: int,
+        grad_clip: float,
+        extra_state: list | None = None,
+    ):
+        self.model = model
+        self.optimizer = optimizer
+        self.grad_accum = grad_accum
+        self.grad_clip = grad_clip
+        value_and_grad = nn.value_and_grad(model, loss_fn)
+        state = [model.state, optimizer.state, mx.random.state, *(extra_state or [])]
+
+        def update(grads):
+            if grad_clip > 0:
+                grads, norm = optim.clip_grad_norm(grads, grad_clip)
+            else:
+                norm = mx.sqrt(
+                    sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads))
+                )
+            optimizer.update(model, grads)
+            return norm
+
+        @partial(mx.compile, inputs=state, outputs=state)
+        def full_step(inputs, targets):
+            loss, grads = value_and_grad(model, inputs, targets)
+            return loss, update(grads)
+
+        @partial(mx.compile, inputs=state, outputs=state)
+        def accumulate(inputs, targets, acc):
+            loss, grads = value_and_grad(model, inputs, targets)
+            return loss, tree_map(mx.add, acc, grads)
+
+        @partial(mx.compile, inputs=state, outputs=state)
+        def apply(acc):
+            return update(tree_map(lambda g: g / grad_accum, acc))
+
+        self._full_step, self._accumulate, self._apply = full_step, accumulate, apply
+
+    def step(self, micro_batches: list[np.ndarray]) -> tuple[mx.array, mx.array]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns (mean loss, grad norm)."""
+        if self.grad_accum == 1:
+            batch = mx.array(micro_batches[0])
+            return self._full_step(batch[:, :-1], batch[:, 1:])
+        acc = tree_map(mx.zeros_like, self.model.trainable_parameters())
+        total = mx.array(0.0)
+        for b in micro_batches:
+            batch = mx.array(b)
+            loss, acc = self._accumulate(batch[:, :-1], batch[:, 1:], acc)
+            total = total + loss
+        return total / len(micro_batches), self._apply(acc)
+
+    def evaluate(self, batches) -> float:
+        """Mean next-token cross-entropy over ``batches`` (true labels only)."""
+        total = count = 0.0
+        for b in batches:
+            batch = mx.array(b)
+            logits = self.model(batch[:, :-1]).astype(mx.float32)
+            loss = nn.losses.cross_entropy(logits, batch[:, 1:], reduction="sum")
+            total += loss.item()
+            count += batch[:, 1:].size
+        return total / max(count, 1)
+
+
+def _build_model(cfg: TrainConfig, tok_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
+    if cfg.init:
+        model, config, _ = load_model(cfg.init)
+        return model, config
+    from afm_mlx.tokenizer import TextTokenizer
+
+    vocab = TextTokenizer(tok_dir).vocab_size
+    config = preset_config(cfg.preset, vocab_size=max(vocab, PRESETS[cfg.preset]["vocab_size"]))
+    model = build_model(config)
+    init_weights(model, config, cfg.seed)
+    return model, config
+
+
+def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Path:
+    """Run (or resume) training as configured; returns the run folder. ``on_step`` sees each step."""
+    cfg.validate()
+    out = prepare_run_dir(cfg)
+    mx.random.seed(cfg.seed)
+    print(runtime.backend_report(), flush=True)
+    tok_dir = prepare_tokenizer(cfg, out)
+    cache = build_token_cache(cfg.data, tok_dir)
+    train_tokens, valid_tokens = split_train_valid(cache, cfg.valid_fraction, cfg.seed)
+    train_data = PackedDataset(train_tokens, cfg.seq_len, f"--data {cfg.data}")
+    valid_data = PackedDataset(valid_tokens, cfg.seq_len, "validation split")
+
+    ckpt = latest_checkpoint(out) if cfg.resume else None
+    opt_state = None
+    if ckpt is not None:
+        model, model_config, state, opt_state = load_checkpoint(ckpt)
+        print(f"resuming from {ckpt} (step {state['step']})", flush=True)
+    else:
+        if cfg.resume:
+            raise UserError(f"--resume: {out} has no complete checkpoint yet; start it again")
+        model, model_config = _build_model(cfg, tok_dir)
+        state = {"step": 0, "epoch": 0, "index": 0, "history": []}
+    model.set_dtype(_param_dtype(cfg.dtype))
+    if int(train_tokens.max(initial=0)) >= model_config["vocab_size"]:
+        raise UserError(f"--tokenizer {tok_dir}: token ids exceed the model's vocab_size")
+
+    teacher = None
+    if cfg.teacher:
+        teacher, teacher_config, _ = load_model(cfg.teacher)
+        if teacher_config["vocab_size"] != model_config["vocab_size"]:
+            raise UserError(
+                f"--teacher {cfg.teacher}: vocab_size {teacher_config['vocab_size']} differs from "
+                f"the student's {model_config['vocab_size']}; they must share a tokenizer"
+            )
+        teacher.freeze()
+    loss_fn = make_loss(teacher, cfg.distill, cfg.distill_weight, cfg.distill_temperature)
+
+    model.train()
+    optimizer = make_optimizer(cfg)
+    optimizer.init(model.trainable_parameters())
+    if opt_state is not None:
+        restore_optimizer(optimizer, opt_state)
+        optimizer.init(model.trainable_parameters())
+    trainer = Trainer(
+        model,
+        optimizer,
+        loss_fn,
+        cfg.grad_accum,
+        cfg.grad_clip,
+        [teacher.state] if teacher is not None else None,
+    )
+
+    n_params = sum(p.size for _, p in tree_flatten(model.parameters()))
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    peak = runtime.matmul_gflops(n=1024) * 1e9
+    fpt = flops_per_token(model, cfg.seq_len, model_config)
+    print(
+        f"model: {n_params / 1e6:.2f}M parameters; {len(train_data)} train / {len(valid_data)} "
+        f"valid sequences of {cfg.seq_len}; {tokens_per_step} tokens per step",
+        flush=True,
+    )
+
+    history: list[dict] = state.get("history", [])
+    metrics_path = out / "metrics.jsonl"
+    batches = train_batches(
+        train_data,
+        cfg.batch_size,
+        cfg.seed,
+        DataPosition(state.get("epoch", 0), state.get("index", 0)),
+    )
+    position = DataPosition(state.get("epoch", 0), state.get("index", 0))
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(
+            out,
+            step,
+            model,
+            model_config,
+            optimizer,
+            {"epoch": position.epoch, "index": position.index, "history": history},
+            tok_dir,
+            keep=cfg.keep_checkpoints,
+        )
+
+    def log(record: dict) -> None:
+        history.append(record)
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    from tqdm import tqdm
+
+    start_step = state["step"]
+    bar = tqdm(
+        total=cfg.max_steps,
+        initial=start_step,
+        disable=not cfg.progress,
+        dynamic_ncols=True,
+        unit="step",
+    )
+    window_tokens, window_start, losses = 0, time.perf_counter(), []
+    for step in range(start_step + 1, cfg.max_steps + 1):
+        micro = []
+        for _ in range(cfg.grad_accum):
+            batch, position = next(batches)
+            micro.append(batch)
+        loss, grad_norm = trainer.step(micro)
+        mx.eval(loss, grad_norm, model.parameters(), optimizer.state)
+        losses.append(loss.item())
+        window_tokens += tokens_per_step
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            elapsed = time.perf_counter() - window_start
+            tps = window_tokens / elapsed
+            record = {
+                "step": step,
+                "loss": float(np.mean(losses)),
+                "grad_norm": grad_norm.item(),
+                "lr": float(optimizer.learning_rate.item()),
+                "tokens_per_s": tps,
+                "mfu": tps * fpt / peak,
+            }
+            log(record)
+            bar.set_postfix(
+                loss=f"{record['loss']:.3f}", tok_s=f"{tps:.0f}", peak=f"{100 * record['mfu']:.0f}%"
+            )
+            window_tokens, window_start, losses = 0, time.perf_counter(), []
+        if len(valid_data) and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+            model.eval()
+            val = trainer.evaluate(eval_batches(valid_data, cfg.batch_size, cfg.eval_batches))
+            model.train()
+            log({"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50))})
+            bar.write(f"step {step}: validation loss {val:.3f}, perplexity {math.exp(val):.1f}")
+            plot_losses(history, out / "loss.png")
+            window_start = time.perf_counter()
+        if step % cfg.save_every == 0 or step == cfg.max_steps:
+            checkpoint(step)
+            window_start = time.perf_counter()
+        bar.update(1)
+        if on_step is not None:
+            on_step(step)
+    bar.close()
+
+    model.eval()
+    save_model(out, model, model_config, tok_dir)
+    plot_losses(history, out / "loss.png")
+    if cfg.sample_tokens > 0:
+        print("sample:", repr(sample_text(out, cfg.sample_prompt, cfg.sample_tokens, cfg.seed)))
+    print(f"model saved to {out} (load it with afm_mlx.load('{out}') or mlx_lm.load)")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    runtime.ensure_fast_blas(argv)
+
+    def body() -> None:
+        cfg = parse_config(TrainConfig, argv, "python -m afm_mlx.train", __doc__.splitlines()[0])
+        train(cfg)
+
+    run_main(body)
+
+
+if __name__ == "__main__":
+    main()
