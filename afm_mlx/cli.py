@@ -59,19 +59,26 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
             kwargs["help"] = f"{help_text} (default: {default})"
         else:
             kwargs["type"] = tp
-            kwargs["help"] = f"{help_text} (default: {default})"
-            if "choices" in field.metadata:
-                kwargs["choices"] = field.metadata["choices"]
+            choices = field.metadata.get("choices")
+            shown = f"; one of {', '.join(map(str, choices))}" if choices else ""
+            kwargs["help"] = f"{help_text} (default: {default}{shown})"
         parser.add_argument(_flag(field.name), **kwargs)
     return parser
 
 
 def config_from_dict(cls: type[T], values: dict[str, Any], source: str) -> T:
     """Build ``cls`` from a dict, refusing unknown keys (``source`` names where they came from)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
     if unknown:
         raise UserError(f"{source}: unknown option(s) {', '.join(unknown)}")
+    # Choices are checked here rather than by argparse so YAML and flags get the same one-line error.
+    for name, value in values.items():
+        choices = fields[name].metadata.get("choices")
+        if choices and value not in choices:
+            raise UserError(
+                f"{_flag(name)} {value!r} is not valid; choose one of: {', '.join(map(str, choices))}"
+            )
     return cls(**values)
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import sentencepiece as spm
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from afm_mlx.cli import UserError, parse_config, run_main
 from afm_mlx.fileio import atomic_write_json, atomic_write_text
@@ -89,8 +89,11 @@ def _hf_tokenizer_from_sentencepiece(model_proto: bytes) -> Tokenizer:
             fuse_unk=True,
         )
     )
+    # SentencePiece always adds the dummy "▁" prefix (even before a leading space) and splits
+    # before each "▁"; HF's Metaspace would skip the prefix there, so normalize explicitly.
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     tok.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement="▁", prepend_scheme="first", split=True
+        replacement="▁", prepend_scheme="never", split=True
     )
     tok.decoder = decoders.Sequence(
         [

@@ -76,13 +76,13 @@ class TrainConfig:
         default=None, metadata={"help": "tokenizer folder (default: train one on --data)"}
     )
     out: str = field(default="runs/small", metadata={"help": "run folder"})
-    max_steps: int = field(default=600, metadata={"help": "optimizer steps"})
+    max_steps: int = field(default=300, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=16, metadata={"help": "sequences per micro-batch"})
     seq_len: int = field(default=128, metadata={"help": "tokens per sequence"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     learning_rate: float = field(default=2e-3, metadata={"help": "peak learning rate"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr as a fraction of peak"})
-    warmup_steps: int = field(default=50, metadata={"help": "linear warmup steps"})
+    warmup_steps: int = field(default=30, metadata={"help": "linear warmup steps"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW decay (matrices only)"})
     beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
     beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
@@ -95,9 +95,9 @@ class TrainConfig:
         },
     )
     valid_fraction: float = field(default=0.05, metadata={"help": "held-out share of the corpus"})
-    eval_every: int = field(default=100, metadata={"help": "steps between evaluations"})
+    eval_every: int = field(default=50, metadata={"help": "steps between evaluations"})
     eval_batches: int = field(default=20, metadata={"help": "validation batches (0: all)"})
-    save_every: int = field(default=200, metadata={"help": "steps between checkpoints"})
+    save_every: int = field(default=100, metadata={"help": "steps between checkpoints"})
     keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
     log_every: int = field(default=10, metadata={"help": "steps between metric log lines"})
     seed: int = field(default=0, metadata={"help": "seed for init and data order"})
@@ -139,19 +139,17 @@ def _param_dtype(name: str) -> mx.Dtype:
     return getattr(mx, name)
 
 
-def prepare_run_dir(cfg: TrainConfig) -> Path:
-    """Refuse to clobber: a folder holding another run, or anything else, is an error."""
+def check_run_dir(cfg: TrainConfig) -> tuple[Path, Path | None]:
+    """Refuse to clobber another run or foreign files; returns (run folder, checkpoint to resume).
+
+    Writes nothing, so a refused start leaves the folder exactly as it was.
+    """
     out = Path(cfg.out)
     run_file = out / RUN_FILE
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a folder")
     if run_file.is_file():
         previous = read_json(run_file, "run description").get("config", {})
-        if not cfg.resume:
-            raise UserError(
-                f"--out {out}: already holds a training run; pass --resume to continue it "
-                "or choose another --out"
-            )
         current = dataclasses.asdict(cfg)
         diffs = [
             f"{k}: {previous.get(k)!r} -> {v!r}"
@@ -160,18 +158,23 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
         ]
         if diffs:
             raise UserError(f"--out {out}: holds a different run ({'; '.join(diffs)})")
-    elif cfg.resume:
+        ckpt = latest_checkpoint(out)
+        if ckpt is not None and not cfg.resume:
+            raise UserError(
+                f"--out {out}: already holds a training run (at {ckpt.name}); pass --resume to "
+                "continue it or choose another --out"
+            )
+        return out, ckpt
+    if cfg.resume:
         raise UserError(f"--resume: {out} holds no run to resume")
-    elif out.exists() and any(out.iterdir()):
+    if out.exists() and any(out.iterdir()):
         raise UserError(
             f"--out {out}: folder is not empty and holds no afm_mlx run; choose another"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_file, {"afm_mlx_run": 1, "config": dataclasses.asdict(cfg)})
-    return out
+    return out, None
 
 
-def prepare_tokenizer(cfg: TrainConfig, out: Path) -> Path:
+def prepare_tokenizer(cfg: TrainConfig, out: Path, docs: list[str]) -> Path:
     """The tokenizer folder: --tokenizer, the --init checkpoint's, or one trained on --data."""
     from afm_mlx.tokenizer import save_tokenizer, train_sentencepiece
 
@@ -188,7 +191,7 @@ def prepare_tokenizer(cfg: TrainConfig, out: Path) -> Path:
     if not (tok_dir / "tokenizer.json").is_file():
         vocab = PRESETS[cfg.preset]["vocab_size"]
         print(f"training a {vocab}-piece SentencePiece BPE tokenizer on {cfg.data} ...", flush=True)
-        save_tokenizer(train_sentencepiece(read_corpus(cfg.data), vocab), tok_dir)
+        save_tokenizer(train_sentencepiece(docs, vocab), tok_dir)
     return tok_dir
 
 
@@ -294,10 +297,8 @@ class Trainer:
         return total / max(count, 1)
 
 
-def _build_model(cfg: TrainConfig, tok_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
-    if cfg.init:
-        model, config, _ = load_model(cfg.init)
-        return model, config
+def _new_model(cfg: TrainConfig, tok_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """A freshly initialized preset model sized to the tokenizer's vocabulary."""
     from afm_mlx.tokenizer import TextTokenizer
 
     vocab = TextTokenizer(tok_dir).vocab_size
@@ -310,38 +311,40 @@ def _build_model(cfg: TrainConfig, tok_dir: Path) -> tuple[nn.Module, dict[str, 
 def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Path:
     """Run (or resume) training as configured; returns the run folder. ``on_step`` sees each step."""
     cfg.validate()
-    out = prepare_run_dir(cfg)
+    out, ckpt = check_run_dir(cfg)
+    # Validate every input before the run folder is touched.
+    docs = read_corpus(cfg.data)
+    teacher = None
+    if cfg.teacher:
+        teacher, teacher_config, _ = load_model(cfg.teacher)
+        teacher.freeze()
+    init = load_model(cfg.init)[:2] if cfg.init and ckpt is None else None
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / RUN_FILE, {"afm_mlx_run": 1, "config": dataclasses.asdict(cfg)})
     mx.random.seed(cfg.seed)
     print(runtime.backend_report(), flush=True)
-    tok_dir = prepare_tokenizer(cfg, out)
+    tok_dir = prepare_tokenizer(cfg, out, docs)
     cache = build_token_cache(cfg.data, tok_dir)
     train_tokens, valid_tokens = split_train_valid(cache, cfg.valid_fraction, cfg.seed)
     train_data = PackedDataset(train_tokens, cfg.seq_len, f"--data {cfg.data}")
     valid_data = PackedDataset(valid_tokens, cfg.seq_len, "validation split")
 
-    ckpt = latest_checkpoint(out) if cfg.resume else None
     opt_state = None
     if ckpt is not None:
         model, model_config, state, opt_state = load_checkpoint(ckpt)
         print(f"resuming from {ckpt} (step {state['step']})", flush=True)
     else:
-        if cfg.resume:
-            raise UserError(f"--resume: {out} has no complete checkpoint yet; start it again")
-        model, model_config = _build_model(cfg, tok_dir)
+        model, model_config = init or _new_model(cfg, tok_dir)
         state = {"step": 0, "epoch": 0, "index": 0, "history": []}
     model.set_dtype(_param_dtype(cfg.dtype))
     if int(train_tokens.max(initial=0)) >= model_config["vocab_size"]:
         raise UserError(f"--tokenizer {tok_dir}: token ids exceed the model's vocab_size")
-
-    teacher = None
-    if cfg.teacher:
-        teacher, teacher_config, _ = load_model(cfg.teacher)
-        if teacher_config["vocab_size"] != model_config["vocab_size"]:
-            raise UserError(
-                f"--teacher {cfg.teacher}: vocab_size {teacher_config['vocab_size']} differs from "
-                f"the student's {model_config['vocab_size']}; they must share a tokenizer"
-            )
-        teacher.freeze()
+    if teacher is not None and teacher_config["vocab_size"] != model_config["vocab_size"]:
+        raise UserError(
+            f"--teacher {cfg.teacher}: vocab_size {teacher_config['vocab_size']} differs from "
+            f"the student's {model_config['vocab_size']}; they must share a tokenizer"
+        )
     loss_fn = make_loss(teacher, cfg.distill, cfg.distill_weight, cfg.distill_temperature)
 
     model.train()
