@@ -41,6 +41,23 @@ def openblas_active() -> bool:
         return False
 
 
+def preload_openblas() -> bool:
+    """Load OpenBLAS into this process before MLX is imported (for notebooks and test runners).
+
+    MLX resolves its BLAS symbols through the global scope first, so a library loaded here with
+    RTLD_GLOBAL takes the place of the bundled reference BLAS. Returns True if OpenBLAS is active.
+    """
+    if not sys.platform.startswith("linux") or openblas_active():
+        return True
+    lib = find_openblas()
+    if lib is None or "mlx.core" in sys.modules:
+        return False
+    import ctypes
+
+    ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
+    return True
+
+
 def ensure_fast_blas(argv: list[str] | None = None) -> None:
     """On Linux, re-run this process once with OpenBLAS preloaded, or print a one-time hint.
 

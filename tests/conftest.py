@@ -9,6 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from afm_mlx.runtime import preload_openblas
+
+# Must run before anything imports mlx: in-process tests then use OpenBLAS, like the CLIs.
+preload_openblas()
+
 REPO = Path(__file__).resolve().parents[1]
 
 

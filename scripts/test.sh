@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Run afm_mlx's checks: lint, the default test suite, then the slow ones if there is time.
+#   bash scripts/test.sh            lint + default suite (+ slow suite unless AFM_MLX_SKIP_SLOW=1)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+
+# The reference comparison against transformers needs torch (CPU build, test-only dependency).
+"$PYTHON" -c "import torch" 2>/dev/null || "$PYTHON" -m pip install --quiet "torch==2.13.0"
+
+"$PYTHON" -m ruff check afm_mlx converters tests scripts
+"$PYTHON" -m ruff format --check afm_mlx converters tests scripts
+"$PYTHON" -m pytest -q
+if [ "${AFM_MLX_SKIP_SLOW:-0}" != "1" ]; then
+  "$PYTHON" -m pytest -q -m slow || status=$?
+  # pytest exits 5 when no test carries the marker: that is not a failure.
+  if [ "${status:-0}" -ne 0 ] && [ "${status:-0}" -ne 5 ]; then exit "$status"; fi
+fi
