@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import glob
+import hashlib
 import math
 import re
 from pathlib import Path
@@ -172,6 +173,19 @@ def count_parameters(config: dict[str, Any]) -> dict[str, int]:
         if "embed_tokens" in name or name.startswith("lm_head"):
             embedding += p.size
     return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A short hash of the model's stored weights (names, shapes, dtypes, bytes).
+
+    Adapters record the fingerprint of the base they were trained on, so loading them onto a
+    different base (another checkpoint, or the same one palettized differently) is refused.
+    """
+    h = hashlib.sha256()
+    for name, p in sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0]):
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
+        h.update(memoryview(mx.contiguous(p).view(mx.uint8)))  # raw stored bytes, any dtype
+    return h.hexdigest()[:16]
 
 
 def resolve_model_path(path_or_repo: str | Path) -> Path:
