@@ -1,0 +1,294 @@
+"""The training loop shared by ``afm_mlx.recover`` and ``afm_mlx.finetune``: LoRA on a frozen base.
+
+The run folder (``--out``) is the adapter folder: ``adapters.safetensors`` + ``adapter_config.json``
+(float16, mlx-lm's layout) when done, ``checkpoints/step-N/`` meanwhile (adapter in float32,
+optimizer state, step and data position; written under a temporary name and renamed into place,
+``latest`` replaced atomically), ``metrics.jsonl``, ``loss.png`` and ``run.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from afm_mlx.checkpoint import OPTIMIZER_FILE, STATE_FILE, restore_optimizer
+from afm_mlx.cli import UserError
+from afm_mlx.data import DataPosition, eval_batches, train_batches
+from afm_mlx.evaluate import token_nll
+from afm_mlx.fileio import atomic_save_safetensors, atomic_write_json, atomic_write_text
+from afm_mlx.lora import (
+    DEFAULT_KEYS,
+    Adapter,
+    LoRASettings,
+    attach_lora,
+    check_adapter_fits,
+    read_adapter,
+    save_adapter,
+    set_adapter_weights,
+)
+from afm_mlx.report import plot_losses
+from afm_mlx.train import RUN_FILE, Trainer, check_run_dir, make_optimizer
+
+
+@dataclass
+class AdapterTrainConfig:
+    """Options every adapter-training stage shares (each stage's dataclass extends it)."""
+
+    model: str | None = field(
+        default=None, metadata={"help": "base model folder, frozen (required; palettized)"}
+    )
+    out: str | None = field(default=None, metadata={"help": "adapter/run folder (required)"})
+    data: str = field(default="shakespeare", metadata={"help": "training data"})
+    rank: int = field(default=16, metadata={"help": "LoRA rank (Apple: 16)"})
+    scale: float | None = field(
+        default=None, metadata={"help": "LoRA scale as mlx-lm uses it (default 2.0)"}
+    )
+    alpha: float | None = field(
+        default=None, metadata={"help": "PEFT-style alpha (= scale * rank); instead of --scale"}
+    )
+    dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
+    keys: list[str] = field(
+        default_factory=lambda: list(DEFAULT_KEYS), metadata={"help": "layers given adapters"}
+    )
+    num_layers: int = field(default=-1, metadata={"help": "last N blocks get adapters (-1: all)"})
+    max_steps: int = field(default=200, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=8, metadata={"help": "sequences per micro-batch"})
+    seq_len: int = field(default=128, metadata={"help": "tokens per sequence"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    learning_rate: float = field(default=2e-3, metadata={"help": "peak learning rate"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr as a fraction of peak"})
+    warmup_steps: int = field(default=10, metadata={"help": "linear warmup steps"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW decay of the adapters"})
+    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    beta2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
+    grad_clip: float = field(default=1.0, metadata={"help": "global gradient-norm clip (0: off)"})
+    valid_fraction: float = field(default=0.05, metadata={"help": "held-out share of the data"})
+    eval_every: int = field(default=50, metadata={"help": "steps between evaluations"})
+    eval_batches: int = field(default=20, metadata={"help": "validation batches (0: all)"})
+    save_every: int = field(default=50, metadata={"help": "steps between checkpoints"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
+    log_every: int = field(default=10, metadata={"help": "steps between metric log lines"})
+    seed: int = field(default=0, metadata={"help": "seed for adapter init and data order"})
+    resume: bool = field(default=False, metadata={"help": "continue the run in --out"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    def validate(self) -> None:
+        for name in ("model", "out"):
+            if not getattr(self, name):
+                raise UserError(f"--{name} is required")
+        positive = ["max_steps", "batch_size", "seq_len", "grad_accum", "eval_every", "save_every"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive")
+        if self.learning_rate <= 0:
+            raise UserError("--learning-rate must be positive")
+        if not 0 <= self.valid_fraction < 1:
+            raise UserError("--valid-fraction must be in [0, 1)")
+        if not 0 <= self.dropout < 1:
+            raise UserError("--dropout must be in [0, 1)")
+        self.lora_settings()
+
+    def lora_settings(self) -> LoRASettings:
+        return LoRASettings.from_flags(
+            self.rank,
+            self.scale,
+            self.alpha,
+            dropout=self.dropout,
+            keys=list(self.keys),
+            num_layers=self.num_layers,
+        )
+
+
+def prepare_run(cfg: AdapterTrainConfig) -> tuple[Path, Path | None]:
+    """Validate options and the run folder (writing nothing): (folder, checkpoint to resume)."""
+    cfg.validate()
+    return check_run_dir(cfg)  # same rules as afm_mlx.train: never clobber another run
+
+
+def save_adapter_checkpoint(
+    out: Path,
+    step: int,
+    model: nn.Module,
+    settings: LoRASettings,
+    fingerprint: str,
+    optimizer,
+    state: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Write ``checkpoints/step-N`` (float32 adapter, optimizer, state) atomically; prune old ones."""
+    root = out / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:07d}"
+    tmp = root / f".tmp-{os.getpid()}-step-{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    # float32 so that a resumed run continues from exactly the values it stopped at.
+    save_adapter(tmp, model, settings, fingerprint, dtype=mx.float32)
+    atomic_save_safetensors(tmp / OPTIMIZER_FILE, dict(tree_flatten(optimizer.state)))
+    atomic_write_json(tmp / STATE_FILE, {**state, "step": step})
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    atomic_write_text(root / "latest", final.name + "\n")
+    steps = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for old in steps[:-keep] if keep > 0 else []:
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def train_adapter(
+    cfg: AdapterTrainConfig,
+    out: Path,
+    ckpt: Path | None,
+    model: nn.Module,
+    fingerprint: str,
+    loss_fn: Callable[[nn.Module, mx.array, mx.array], mx.array],
+    train_data,
+    valid_data,
+    extra_state: list | None = None,
+    init_adapter: Adapter | None = None,
+    info: dict[str, Any] | None = None,
+    settings: LoRASettings | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Attach LoRA to the frozen ``model`` and train it (or resume ``ckpt``); save the adapter.
+
+    ``settings`` (default: from ``cfg``) shape the adapter; ``init_adapter`` gives its starting values (else mlx-lm's init: random A, zero B).
+    ``train_data``/``valid_data`` offer ``PackedDataset``'s interface. Returns a summary with the
+    history and the measured training tokens/s.
+    """
+    settings = settings or cfg.lora_settings()
+    attach_lora(model, settings, seed=cfg.seed)
+    state: dict[str, Any] = {"step": 0, "epoch": 0, "index": 0, "history": []}
+    opt_state = None
+    if ckpt is not None:
+        saved = read_adapter(ckpt)
+        check_adapter_fits(model, saved)
+        set_adapter_weights(model, saved, mx.float32)
+        state = json.loads((ckpt / STATE_FILE).read_text())
+        from afm_mlx.fileio import load_safetensors
+
+        opt_state = load_safetensors(ckpt / OPTIMIZER_FILE)
+        print(f"resuming from {ckpt} (step {state['step']})", flush=True)
+    elif init_adapter is not None:
+        check_adapter_fits(model, init_adapter)
+        set_adapter_weights(model, init_adapter, mx.float32)
+    mx.eval(model.parameters())
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / RUN_FILE, {"afm_mlx_run": 1, "config": dataclasses.asdict(cfg)})
+    mx.random.seed(cfg.seed)
+    model.train()
+    optimizer = make_optimizer(cfg)
+    optimizer.init(model.trainable_parameters())
+    if opt_state is not None:
+        restore_optimizer(optimizer, opt_state)
+        optimizer.init(model.trainable_parameters())  # as afm_mlx.train does after restoring
+    trainer = Trainer(model, optimizer, loss_fn, cfg.grad_accum, cfg.grad_clip, extra_state)
+
+    n_train = sum(p.size for _, p in tree_flatten(model.trainable_parameters()))
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    print(
+        f"adapter: rank {settings.rank}, scale {settings.scale:g} (alpha {settings.alpha:g}), "
+        f"{n_train / 1e6:.3f}M trainable parameters; {len(train_data)} train / "
+        f"{len(valid_data)} valid sequences; {tokens_per_step} tokens per step",
+        flush=True,
+    )
+    history: list[dict] = state.get("history", [])
+    metrics_path = out / "metrics.jsonl"
+    position = DataPosition(state.get("epoch", 0), state.get("index", 0))
+    batches = train_batches(train_data, cfg.batch_size, cfg.seed, position)
+
+    def log(record: dict) -> None:
+        history.append(record)
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    from tqdm import tqdm
+
+    start_step = state["step"]
+    bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not cfg.progress, unit="step")
+    window_tokens, window_start, losses = 0, time.perf_counter(), []
+    train_time, train_tokens = 0.0, 0
+    for step in range(start_step + 1, cfg.max_steps + 1):
+        t0 = time.perf_counter()
+        micro = []
+        for _ in range(cfg.grad_accum):
+            batch, position = next(batches)
+            micro.append(batch)
+        loss, grad_norm = trainer.step(micro)
+        mx.eval(loss, grad_norm, model.trainable_parameters(), optimizer.state)
+        train_time += time.perf_counter() - t0
+        train_tokens += tokens_per_step
+        losses.append(loss.item())
+        window_tokens += tokens_per_step
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            tps = window_tokens / (time.perf_counter() - window_start)
+            record = {
+                "step": step,
+                "loss": float(np.mean(losses)),
+                "grad_norm": grad_norm.item(),
+                "lr": float(optimizer.learning_rate.item()),
+                "tokens_per_s": tps,
+            }
+            log(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tps:.0f}")
+            window_tokens, window_start, losses = 0, time.perf_counter(), []
+        if len(valid_data) and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+            model.eval()
+            total, count = token_nll(
+                model, eval_batches(valid_data, cfg.batch_size, cfg.eval_batches)
+            )
+            model.train()
+            val = total / max(count, 1)
+            log({"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50))})
+            bar.write(f"step {step}: validation loss {val:.4f}, perplexity {math.exp(val):.2f}")
+            plot_losses(history, out / "loss.png")
+            window_start = time.perf_counter()
+        if step % cfg.save_every == 0 or step == cfg.max_steps:
+            save_adapter_checkpoint(
+                out,
+                step,
+                model,
+                settings,
+                fingerprint,
+                optimizer,
+                {"epoch": position.epoch, "index": position.index, "history": history},
+                cfg.keep_checkpoints,
+            )
+            window_start = time.perf_counter()
+        bar.update(1)
+        if on_step is not None:
+            on_step(step)
+    bar.close()
+    model.eval()
+    save_adapter(
+        out,
+        model,
+        settings,
+        fingerprint,
+        base_model=str(cfg.model),
+        steps=cfg.max_steps,
+        **(info or {}),
+    )
+    plot_losses(history, out / "loss.png")
+    return {
+        "out": out,
+        "history": history,
+        "tokens_per_s": train_tokens / train_time if train_time else float("nan"),
+    }

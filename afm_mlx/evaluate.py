@@ -1,0 +1,141 @@
+"""Perplexity of a model, bare and with adapters: ``python -m afm_mlx.evaluate``.
+
+``--data`` is a corpus (``shakespeare``, a text file or folder: its held-out documents, split as
+training splits them) or a task ``.jsonl`` (every record; loss on answer tokens only, as
+``afm_mlx.finetune`` trains). Every ``--adapter`` is evaluated on the one loaded base.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from afm_mlx import runtime
+from afm_mlx.cli import UserError, parse_config, run_main
+from afm_mlx.data import PackedDataset, build_token_cache, eval_batches, split_train_valid
+from afm_mlx.task_data import decode_masked, task_datasets
+
+
+def token_nll(model: nn.Module, batches: Iterable[np.ndarray]) -> tuple[float, int]:
+    """(summed next-token NLL, number of target tokens) over windows of ``seq_len + 1`` tokens.
+
+    Windows may carry a loss mask (``afm_mlx.task_data.encode_masked``); plain token windows count
+    every token.
+    """
+    total, count = 0.0, 0
+    for b in batches:
+        ids, mask = decode_masked(mx.array(b))
+        logits = model(ids[:, :-1]).astype(mx.float32)
+        nll = nn.losses.cross_entropy(logits, ids[:, 1:]) * mask[:, 1:]
+        total += nll.sum().item()
+        count += int(mask[:, 1:].sum().item())
+    return total, count
+
+
+def perplexity(model: nn.Module, batches: Iterable[np.ndarray]) -> float:
+    """exp(mean NLL per target token)."""
+    total, count = token_nll(model, batches)
+    if count == 0:
+        raise UserError("no target tokens to evaluate")
+    return math.exp(min(total / count, 50.0))
+
+
+def corpus_splits(
+    data: str, tokenizer_dir: str | Path, seq_len: int, valid_fraction: float, seed: int
+) -> tuple[PackedDataset, PackedDataset]:
+    """(train, held-out) packed windows of a corpus, split exactly as ``afm_mlx.train`` splits."""
+    cache = build_token_cache(data, tokenizer_dir)
+    train_tokens, valid_tokens = split_train_valid(cache, valid_fraction, seed)
+    return (
+        PackedDataset(train_tokens, seq_len, f"--data {data}"),
+        PackedDataset(valid_tokens, seq_len, "validation split"),
+    )
+
+
+@dataclass
+class EvaluateConfig:
+    model: str | None = field(default=None, metadata={"help": "model folder (required)"})
+    adapter: list[str] = field(
+        default_factory=list, metadata={"help": "adapter folder(s); each is evaluated"}
+    )
+    data: str = field(
+        default="shakespeare",
+        metadata={"help": "corpus (held-out part) or task .jsonl (answer tokens)"},
+    )
+    seq_len: int = field(default=128, metadata={"help": "tokens per window"})
+    batch_size: int = field(default=8, metadata={"help": "windows per batch"})
+    max_batches: int = field(default=0, metadata={"help": "batches evaluated (0: all)"})
+    valid_fraction: float = field(
+        default=0.05, metadata={"help": "held-out share of a corpus (as training split it)"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the held-out split"})
+    skip_base: bool = field(default=False, metadata={"help": "do not evaluate the bare base"})
+    json: bool = field(default=False, metadata={"help": "print one JSON object instead of a table"})
+
+    def validate(self) -> None:
+        if not self.model:
+            raise UserError("--model is required")
+        for name in ("seq_len", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive")
+        if not 0 < self.valid_fraction < 1:
+            raise UserError("--valid-fraction must be in (0, 1)")
+
+
+def evaluate(cfg: EvaluateConfig) -> list[dict]:
+    """Perplexity rows: the base (unless skipped) and each adapter."""
+    from afm_mlx.lora import AdapterCache, load_base, read_adapter
+
+    cfg.validate()
+    adapters = [read_adapter(p) for p in cfg.adapter]  # validate every input first
+    model, tokenizer, _ = load_base(cfg.model)
+    if cfg.data.endswith(".jsonl"):
+        data, _ = task_datasets(cfg.data, tokenizer, cfg.seq_len, 0.0, cfg.seed)
+    else:
+        _, data = corpus_splits(cfg.data, cfg.model, cfg.seq_len, cfg.valid_fraction, cfg.seed)
+    if len(data) == 0:
+        raise UserError(f"--data {cfg.data}: nothing to evaluate at --seq-len {cfg.seq_len}")
+    cache = AdapterCache(model)
+    rows = []
+    for name, adapter in [(None, None)] * (not cfg.skip_base) + [(a.path, a) for a in adapters]:
+        cache.activate(adapter)
+        total, count = token_nll(model, eval_batches(data, cfg.batch_size, cfg.max_batches))
+        rows.append(
+            {
+                "adapter": str(name) if name else None,
+                "nll": total / count,
+                "perplexity": math.exp(min(total / count, 50.0)),
+                "tokens": count,
+            }
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    runtime.ensure_fast_blas(argv)
+
+    def body() -> None:
+        cfg = parse_config(
+            EvaluateConfig, argv, "python -m afm_mlx.evaluate", __doc__.splitlines()[0]
+        )
+        rows = evaluate(cfg)
+        if cfg.json:
+            print(json.dumps({"model": cfg.model, "data": cfg.data, "results": rows}))
+            return
+        print(f"{'adapter':<40} {'perplexity':>11} {'nll':>8} {'tokens':>9}")
+        for r in rows:
+            name = r["adapter"] or "(base)"
+            print(f"{name:<40} {r['perplexity']:>11.3f} {r['nll']:>8.4f} {r['tokens']:>9}")
+
+    run_main(body)
+
+
+if __name__ == "__main__":
+    main()

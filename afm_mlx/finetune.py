@@ -1,0 +1,137 @@
+"""Train a task adapter: ``python -m afm_mlx.finetune --model PALETTIZED --init-adapter RECOVERY``.
+
+Apple's step 4: a task adapter starts from the accuracy-recovery adapter's weights (its rank,
+scale and target layers too) and is fine-tuned on task data with the compressed base frozen and
+shared. ``--init-adapter none`` starts from mlx-lm's zero-output init instead (the baseline).
+``--data`` is a ``.jsonl`` of ``{"text"}``, ``{"prompt","completion"}`` or chat ``{"messages"}``
+records (loss on answer tokens only; see ``afm_mlx.task_data``) or a plain text corpus.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from afm_mlx import runtime
+from afm_mlx.adapter_training import AdapterTrainConfig, prepare_run, train_adapter
+from afm_mlx.cli import UserError, parse_config, run_main
+from afm_mlx.evaluate import corpus_splits
+from afm_mlx.lora import (
+    DEFAULT_KEYS,
+    Adapter,
+    LoRASettings,
+    check_base_fingerprint,
+    load_base,
+    read_adapter,
+)
+from afm_mlx.model import model_fingerprint, resolve_model_path
+from afm_mlx.task_data import masked_cross_entropy, task_datasets
+
+
+@dataclass
+class FinetuneConfig(AdapterTrainConfig):
+    data: str | None = field(
+        default=None, metadata={"help": "task .jsonl (text/prompt-completion/chat) or corpus"}
+    )
+    rank: int | None = field(
+        default=None, metadata={"help": "LoRA rank (default: the init adapter's, else 16)"}
+    )
+    init_adapter: str | None = field(
+        default=None,
+        metadata={"help": "recovery adapter to start from, or 'none' for zero init (required)"},
+    )
+    learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+
+    def validate(self) -> None:
+        if not self.data:
+            raise UserError("--data is required (a task .jsonl)")
+        if not self.init_adapter:
+            raise UserError("--init-adapter is required: a recovery adapter folder, or 'none'")
+        super().validate()
+
+    def lora_settings(self) -> LoRASettings:
+        return LoRASettings.from_flags(
+            self.rank or 16,
+            self.scale,
+            self.alpha,
+            dropout=self.dropout,
+            keys=list(self.keys),
+            num_layers=self.num_layers,
+        )
+
+
+def task_settings(cfg: FinetuneConfig, init: Adapter | None) -> LoRASettings:
+    """The task adapter's shape: the init adapter's, refusing flags that contradict it."""
+    if init is None:
+        return cfg.lora_settings()
+    s = init.settings
+    clashes = []
+    if cfg.rank is not None and cfg.rank != s.rank:
+        clashes.append(f"--rank {cfg.rank} vs {s.rank}")
+    if cfg.scale is not None and cfg.scale != s.scale:
+        clashes.append(f"--scale {cfg.scale} vs {s.scale}")
+    if cfg.alpha is not None and cfg.alpha != s.alpha:
+        clashes.append(f"--alpha {cfg.alpha} vs {s.alpha}")
+    if list(cfg.keys) != list(DEFAULT_KEYS) and list(cfg.keys) != list(s.keys):
+        clashes.append("--keys differ")
+    if cfg.num_layers != -1 and cfg.num_layers != s.num_layers:
+        clashes.append(f"--num-layers {cfg.num_layers} vs {s.num_layers}")
+    if clashes:
+        raise UserError(
+            f"--init-adapter {init.path}: the task adapter takes its shape from it; "
+            f"drop the contradicting flags ({'; '.join(clashes)})"
+        )
+    return LoRASettings(s.rank, s.scale, cfg.dropout, list(s.keys), s.num_layers)
+
+
+def finetune(cfg: FinetuneConfig, on_step=None) -> dict:
+    """Train (or resume) the task adapter in ``cfg.out``; returns the training summary."""
+    out, ckpt = prepare_run(cfg)
+    init = None if cfg.init_adapter.lower() == "none" else read_adapter(cfg.init_adapter)
+    settings = task_settings(cfg, init)
+    model, tokenizer, _ = load_base(cfg.model)
+    fingerprint = model_fingerprint(model)
+    if init is not None:
+        check_base_fingerprint(init, fingerprint)
+    if cfg.data.endswith(".jsonl"):
+        train_data, valid_data = task_datasets(
+            cfg.data, tokenizer, cfg.seq_len, cfg.valid_fraction, cfg.seed
+        )
+        if train_data.truncated:
+            print(f"note: {train_data.truncated} records cut to --seq-len {cfg.seq_len} tokens")
+    else:
+        train_data, valid_data = corpus_splits(
+            cfg.data, resolve_model_path(cfg.model), cfg.seq_len, cfg.valid_fraction, cfg.seed
+        )
+    print(runtime.backend_report(), flush=True)
+    summary = train_adapter(
+        cfg,
+        out,
+        ckpt,
+        model,
+        fingerprint,
+        masked_cross_entropy,
+        train_data,
+        valid_data,
+        init_adapter=init,
+        info={"kind": "task", "init_adapter": str(cfg.init_adapter)},
+        settings=settings,
+        on_step=on_step,
+    )
+    print(f"task adapter saved to {out} (use it with --adapter {out})")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    runtime.ensure_fast_blas(argv)
+
+    def body() -> None:
+        cfg = parse_config(
+            FinetuneConfig, argv, "python -m afm_mlx.finetune", __doc__.splitlines()[0]
+        )
+        finetune(cfg)
+
+    run_main(body)
+
+
+if __name__ == "__main__":
+    main()

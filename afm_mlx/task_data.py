@@ -1,0 +1,204 @@
+"""Task data for adapters: jsonl records with the loss on the answer tokens only.
+
+Each line of a ``.jsonl`` file is one of:
+
+* ``{"text": ...}``: every token is a target (plain language modelling);
+* ``{"prompt": ..., "completion": ...}``: only the completion (and the closing EOS) is a target;
+* ``{"messages": [{"role": ..., "content": ...}, ...]}``: only assistant turns are targets. The
+  tokenizer's own chat template is used when it has one; otherwise the built-in template::
+
+      ### System:\\n{content}\\n\\n      (optional)
+      ### User:\\n{content}\\n\\n
+      ### Assistant:\\n{content}</s>\\n\\n
+
+Token ids and their loss mask travel together in one int32 array (``encode_masked``): a token
+that is not a target is stored as ``-(id + 1)``. That keeps the trainer's ``(inputs, targets)``
+step unchanged; the loss (``masked_cross_entropy``) decodes both.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from afm_mlx.cli import UserError
+
+ROLES = ("system", "user", "assistant")
+BUILTIN_HEADERS = {
+    "system": "### System:\n",
+    "user": "### User:\n",
+    "assistant": "### Assistant:\n",
+}
+
+
+def read_task_records(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a task ``.jsonl`` file, each checked to be one of the three formats."""
+    path = Path(path)
+    if path.suffix != ".jsonl" or not path.is_file():
+        raise UserError(
+            f"--data {path}: expected a .jsonl file of text/prompt-completion/chat records"
+        )
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+            problem = _format_problem(record)
+            if problem:
+                raise UserError(f"{path}:{n}: {problem}")
+            records.append(record)
+    if not records:
+        raise UserError(f"--data {path}: no records")
+    return records
+
+
+def _format_problem(record: Any) -> str | None:
+    if not isinstance(record, dict):
+        return "expected a JSON object"
+    if "messages" in record:
+        msgs = record["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            return '"messages" must be a non-empty list'
+        for m in msgs:
+            if not isinstance(m, dict) or m.get("role") not in ROLES:
+                return f"each message needs a role in {ROLES}"
+            if not isinstance(m.get("content"), str):
+                return 'each message needs a "content" string'
+        if not any(m["role"] == "assistant" for m in msgs):
+            return "a chat record needs at least one assistant message (the loss is on those)"
+        return None
+    if "prompt" in record or "completion" in record:
+        if not isinstance(record.get("prompt"), str) or not isinstance(
+            record.get("completion"), str
+        ):
+            return '"prompt" and "completion" must both be strings'
+        return None
+    if isinstance(record.get("text"), str):
+        return None
+    return 'expected {"text"}, {"prompt", "completion"} or {"messages"}'
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _chat_segments(tokenizer, messages: list[dict]) -> list[tuple[list[int], bool]]:
+    """(ids, is_target) segments of a conversation."""
+    eos = tokenizer.eos_token_id
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        segments = []
+        for m in messages:
+            header = _encode(tokenizer, BUILTIN_HEADERS[m["role"]])
+            if m["role"] == "assistant":
+                segments += [(header, False), (_encode(tokenizer, m["content"]) + [eos], True)]
+                segments.append((_encode(tokenizer, "\n\n"), False))
+            else:
+                segments.append((header + _encode(tokenizer, m["content"] + "\n\n"), False))
+        return segments
+    # With a real template: each assistant turn's tokens are what the full rendering adds past
+    # the rendering of the conversation before it with the generation prompt.
+    segments, done = [], []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt = list(tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True))
+        full = list(tokenizer.apply_chat_template(messages[: i + 1]))
+        if full[: len(prompt)] != prompt or prompt[: len(done)] != done:
+            raise UserError("the tokenizer's chat template does not render turns as prefixes")
+        segments += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
+        done = full
+    return segments
+
+
+def encode_record(record: dict[str, Any], tokenizer) -> tuple[list[int], list[bool]]:
+    """Token ids of one record and, per token, whether it is a loss target."""
+    eos = tokenizer.eos_token_id
+    if "messages" in record:
+        segments = _chat_segments(tokenizer, record["messages"])
+    elif "prompt" in record:
+        segments = [
+            (_encode(tokenizer, record["prompt"]), False),
+            (_encode(tokenizer, record["completion"]) + [eos], True),
+        ]
+    else:
+        segments = [(_encode(tokenizer, record["text"]) + [eos], True)]
+    ids = [t for seg, _ in segments for t in seg]
+    mask = [target for seg, target in segments for _ in seg]
+    return ids, mask
+
+
+def encode_masked(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """One int32 array: target tokens as their id, the others as ``-(id + 1)``."""
+    ids = np.asarray(ids, dtype=np.int32)
+    return np.where(np.asarray(mask, dtype=bool), ids, -ids - 1).astype(np.int32)
+
+
+def decode_masked(x: mx.array) -> tuple[mx.array, mx.array]:
+    """Inverse of ``encode_masked`` (works on numpy-encoded windows): (ids, target mask)."""
+    mask = x >= 0
+    return mx.where(mask, x, -x - 1), mask
+
+
+def masked_cross_entropy(model: nn.Module, inputs: mx.array, targets: mx.array) -> mx.array:
+    """Mean next-token loss over target tokens only (inputs/targets as ``encode_masked``)."""
+    inputs, _ = decode_masked(inputs)
+    targets, mask = decode_masked(targets)
+    logits = model(inputs).astype(mx.float32)
+    loss = nn.losses.cross_entropy(logits, targets) * mask
+    return loss.sum() / mx.maximum(mask.sum(), 1)
+
+
+class MaskedDataset:
+    """One window of ``seq_len + 1`` tokens per example (truncated / padded, padding masked).
+
+    Offers ``PackedDataset``'s interface (``len``, ``batch``, ``name``), so ``train_batches`` and
+    its resumable ``DataPosition`` work unchanged.
+    """
+
+    def __init__(
+        self, examples: list[tuple[list[int], list[bool]]], seq_len: int, pad_id: int, name: str
+    ):
+        self.seq_len = seq_len
+        self.name = name
+        width = seq_len + 1
+        self.windows = np.full((len(examples), width), -pad_id - 1, dtype=np.int32)
+        self.truncated = 0
+        for i, (ids, mask) in enumerate(examples):
+            self.truncated += len(ids) > width
+            ids, mask = ids[:width], mask[:width]
+            self.windows[i, : len(ids)] = encode_masked(ids, mask)
+        self.targets = int((self.windows[:, 1:] >= 0).sum())
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def batch(self, indices: np.ndarray) -> np.ndarray:
+        return self.windows[np.asarray(indices, dtype=np.int64)]
+
+
+def task_datasets(
+    path: str | Path, tokenizer, seq_len: int, valid_fraction: float, seed: int
+) -> tuple[MaskedDataset, MaskedDataset]:
+    """(train, held-out) datasets of a task file; whole records are held out (seeded)."""
+    records = read_task_records(path)
+    examples = [encode_record(r, tokenizer) for r in records]
+    n_valid = round(valid_fraction * len(examples)) if len(examples) >= 2 else 0
+    order = np.random.default_rng(seed).permutation(len(examples))
+    held = set(order[:n_valid].tolist())
+    pad = tokenizer.eos_token_id
+    train = [e for i, e in enumerate(examples) if i not in held]
+    valid = [e for i, e in enumerate(examples) if i in held]
+    train_set = MaskedDataset(train, seq_len, pad, f"--data {path}")
+    if train_set.targets == 0:
+        raise UserError(f"--data {path}: no answer tokens within --seq-len {seq_len} to train on")
+    return train_set, MaskedDataset(valid, seq_len, pad, "validation split")
