@@ -1,0 +1,448 @@
+"""Grouped 1-D k-means for lookup-table (LUT) palettization, vectorized over all groups of a layer.
+
+A weight matrix is cut into groups (``group_size`` output rows with ``axis=0``, Apple's and coremltools'
+"per_grouped_channel"; ``group_size`` input columns with ``axis=1``); each group gets its own LUT of
+``2**bits`` fp16 values and every weight stores the index of its nearest LUT entry.
+
+The LUT is stored in fp16, so clustering runs on the fp16-rounded weights. Each group's data becomes a
+sorted "layout" with prefix sums of mass and mass*value, which give any cluster's mean and cost in
+O(1); a cluster is a range of positions [a, b). Two layouts, chosen by density:
+
+* histogram: one bin per fp16 code in the layer's value range (dense groups, e.g. 16 rows x 3072).
+  A value's position is bit arithmetic on its fp16 code, and the whole build is one scatter-add.
+* sorted: the group's values sorted (sparse groups, e.g. one 3072-wide embedding row, and small
+  groups); a value's position is a vectorized binary search.
+
+Every solver step is an MLX op over all groups at once:
+
+1. ``bits <= 4``: an exact dynamic program over a grid of boundary candidates (mass quantiles and
+   value-uniform points; *every* position when a group has < 256 values, which makes it the exact
+   optimum), then windowed Viterbi refinement: all boundaries jointly pick the best of ``W`` nearby
+   positions, the window narrowing until nothing moves. On gaussian and heavy-tailed data this lands
+   within ~1e-5 of the exact optimum that coremltools computes with kmeans1d.
+2. ``bits >= 6``: too many levels for the grid DP. Start from the high-resolution optimal spacing,
+   run Lloyd to its fixed point, then the same Viterbi refinement when the layer is small enough.
+
+The objective is ``sum(importance * (w - lut[idx])**2)``; indices pick the nearest fp16 LUT entry.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+
+SUPPORTED_BITS = (1, 2, 3, 4, 6, 8)
+
+# Groups x positions handled at once; bounds the prefix arrays to a few hundred MB.
+_MAX_POSITIONS_PER_CHUNK = 1 << 24
+# Groups with fewer values get every position as a DP candidate (exact), and the sorted layout.
+_EXACT_MAX_VALUES = 255
+_COARSE_CANDIDATES = 64
+_VITERBI_WINDOW = 8
+_VITERBI_START_SCALE = 2.0 / _VITERBI_WINDOW  # the first window spans the neighbouring levels
+_VITERBI_SHRINK = 0.5
+_VITERBI_STOP_SCALE = 1e-3  # a step of 1/1000 of a level gap: finer moves change nothing measurable
+_VITERBI_MAX_PASSES = 60
+# Refinement for 6/8-bit costs groups x levels x W^2 per pass; above this (a 49k-row per-channel
+# embedding) it would take minutes, and Lloyd alone is within a few % of the optimum there.
+_MAX_REFINED_BOUNDARIES = 1 << 17
+_LLOYD_MAX_ITERS = 300
+
+
+def check_palettization_settings(
+    shape: tuple[int, ...], bits: int, group_size: int, axis: int
+) -> int:
+    """Validate settings for a 2-D weight of ``shape``; return the number of groups (LUTs)."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(
+            f"bits={bits} is not supported; use one of {', '.join(map(str, SUPPORTED_BITS))}"
+        )
+    if axis not in (0, 1):
+        raise ValueError(f"axis={axis} is not supported; use 0 (output channels) or 1 (inputs)")
+    if len(shape) != 2:
+        raise ValueError(f"palettization needs a 2-D weight, got shape {tuple(shape)}")
+    channels = shape[axis]
+    if not isinstance(group_size, int) or group_size < 1 or channels % group_size != 0:
+        what = "output channels (axis=0)" if axis == 0 else "input columns (axis=1)"
+        raise ValueError(
+            f"group_size={group_size} does not divide the {channels} {what} of a "
+            f"{shape[0]}x{shape[1]} weight; pick a divisor of {channels}"
+        )
+    return channels // group_size
+
+
+# --- fp16 codes: an order-preserving integer key for every fp16 value -------------------------------
+
+_KEY_FINITE_MIN, _KEY_FINITE_MAX = 0x0400, 0xFBFF  # keys of -65504 and +65504
+
+
+def _fp16_keys(x16: mx.array) -> mx.array:
+    """uint16 key that sorts like the fp16 value (-0 and +0 are adjacent)."""
+    s = x16.view(mx.int16)
+    # Negative values get all bits flipped, positive ones only the sign bit. Shifts and xor are
+    # fast elementwise ops on the CPU backend; ``where`` is ~7x slower there.
+    return (s ^ ((s >> 15) | mx.array(-32768, mx.int16))).view(mx.uint16)
+
+
+def _key_values(keys: mx.array) -> mx.array:
+    """Inverse of ``_fp16_keys`` for int32 keys, as float32."""
+    u = mx.where(keys >= 0x8000, keys - 0x8000, 0xFFFF - keys)
+    return u.astype(mx.uint16).view(mx.float16).astype(mx.float32)
+
+
+def _ceil_keys(x: mx.array) -> mx.array:
+    """int32 key of the smallest fp16 value >= x."""
+    h = x.astype(mx.float16)
+    k = _fp16_keys(h).astype(mx.int32)
+    return mx.where(h.astype(x.dtype) < x, k + 1, k)
+
+
+# --- grouping ----------------------------------------------------------------------------------------
+
+
+def _grouped(w: mx.array, group_size: int, axis: int) -> mx.array:
+    """(n_groups, values_per_group) view of ``w``; rows of the result are the LUT groups."""
+    if axis == 1:
+        w = w.T
+    return w.reshape(w.shape[0] // group_size, -1)
+
+
+def _ungrouped(x: mx.array, shape: tuple[int, int], axis: int) -> mx.array:
+    if axis == 1:
+        return x.reshape(shape[1], shape[0]).T
+    return x.reshape(shape)
+
+
+def lut_to_dense(lut: mx.array, indices: mx.array, group_size: int, axis: int = 0) -> mx.array:
+    """Dense (out, in) weight from ``lut`` (n_groups, 2**bits) and unpacked ``indices`` (out, in)."""
+    idx = indices.T if axis == 1 else indices
+    table = mx.repeat(lut, group_size, axis=0)  # one LUT row per row of ``idx``
+    dense = mx.take_along_axis(table, idx.astype(mx.int32), axis=-1)
+    return dense.T if axis == 1 else dense
+
+
+# --- layouts: positions <-> values ---------------------------------------------------------------
+# A layout is (v, index). Histogram: v (nb,) the value of each bin, index the first bin's fp16 key.
+# Sorted: v (G, n) each group's sorted values, index the flattened sorted keys tagged with their group
+# (g * 2**16 + key, ascending), so one ``mx.searchsorted`` finds positions for all groups.
+# Positions run over [0, N] with N = M.shape[1] - 1.
+
+
+def _search_prefix(prefix: mx.array, targets: mx.array) -> mx.array:
+    """Smallest position p with prefix[g, p] >= targets[g, ...] (prefix non-decreasing on axis -1).
+
+    Returns the last position when no entry qualifies.
+    """
+    n = prefix.shape[-1]
+    flat = targets.reshape(targets.shape[0], -1)
+    lo = mx.zeros(flat.shape, mx.int32)
+    hi = mx.full(flat.shape, n - 1, mx.int32)
+    for _ in range(max(1, math.ceil(math.log2(n)))):
+        mid = (lo + hi) // 2
+        ok = mx.take_along_axis(prefix, mid, axis=-1) >= flat
+        hi = mx.where(ok, mid, hi)
+        lo = mx.where(ok, lo, mid + 1)
+    return hi.reshape(targets.shape)
+
+
+def _value_at(v: mx.array, p: mx.array) -> mx.array:
+    """Value of the element at position ``p`` (clamped to the last element)."""
+    if v.ndim == 1:
+        return v[mx.minimum(p, v.shape[0] - 1)]
+    flat = mx.minimum(p.reshape(p.shape[0], -1), v.shape[1] - 1)
+    return mx.take_along_axis(v, flat, axis=-1).reshape(p.shape)
+
+
+def _position_of(v: mx.array, index: mx.array, x: mx.array, n: int) -> mx.array:
+    """Position of the first element >= x (x: (G, ...))."""
+    if v.ndim == 1:
+        return mx.clip(_ceil_keys(x) - index, 0, n)
+    tag = mx.arange(x.shape[0], dtype=mx.uint32).reshape((-1,) + (1,) * (x.ndim - 1))
+    pos = mx.searchsorted(index, (tag << 16) + _ceil_keys(x).astype(mx.uint32))
+    return (pos - tag * n).astype(mx.int32)
+
+
+def _gain(m: mx.array, s: mx.array) -> mx.array:
+    """Between-cluster term s^2/m; SSE = sum(mass*w^2) - sum over clusters of s^2/m."""
+    return mx.where(m > 0, s * s / mx.maximum(m, 1e-30), 0.0)
+
+
+def _centroids(p, M, S, v):
+    """Cluster means for interior boundaries ``p`` (G, k-1); an empty cluster sits at its start."""
+    G, n = M.shape[0], M.shape[1] - 1
+    full = mx.concatenate([mx.zeros((G, 1), mx.int32), p, mx.full((G, 1), n, mx.int32)], axis=-1)
+    mp = mx.take_along_axis(M, full, axis=-1)
+    sp = mx.take_along_axis(S, full, axis=-1)
+    mass, sums = mp[:, 1:] - mp[:, :-1], sp[:, 1:] - sp[:, :-1]
+    return mx.where(mass > 0, sums / mx.maximum(mass, 1e-30), _value_at(v, full[:, :-1]))
+
+
+# --- solvers -----------------------------------------------------------------------------------------
+
+
+def _chain_dp(Mc, Sc, cand, M, S, trans_gain):
+    """Best boundaries when boundary j picks one of ``cand[:, j]`` (G, k-1, C), jointly (Viterbi).
+
+    ``trans_gain(j)`` is the (G, C, C) gain of the cluster between boundary j-1 (rows) and j.
+    Returns the chosen positions (G, k-1).
+    """
+    V = _gain(Mc[:, 0], Sc[:, 0])  # first cluster: [0, boundary 0)
+    back = []
+    for j in range(1, cand.shape[1]):
+        valid = cand[:, j - 1, :, None] <= cand[:, j, None, :]
+        total = mx.where(valid, V[..., None] + trans_gain(j), -mx.inf)
+        back.append(mx.argmax(total, axis=1))
+        V = mx.max(total, axis=1)
+    V = V + _gain(M[:, -1:] - Mc[:, -1], S[:, -1:] - Sc[:, -1])  # last cluster: [boundary, end)
+    b = mx.argmax(V, axis=-1)[:, None]
+    choice = [b]
+    for bp in reversed(back):
+        b = mx.take_along_axis(bp, b, axis=-1)
+        choice.append(b)
+    choice = mx.concatenate(choice[::-1], axis=-1)
+    return mx.take_along_axis(cand, choice[..., None], axis=-1)[..., 0]
+
+
+def _grid_dp(cand: mx.array, M: mx.array, S: mx.array, k: int) -> mx.array:
+    """Exact optimum over partitions whose k-1 boundaries lie in the sorted grid ``cand`` (G, B)."""
+    Mc = mx.take_along_axis(M, cand, axis=-1)
+    Sc = mx.take_along_axis(S, cand, axis=-1)
+    # One (G, B, B) table serves every level of the chain: [a, b] is the cluster cand_a..cand_b.
+    table = _gain(Mc[:, None, :] - Mc[:, :, None], Sc[:, None, :] - Sc[:, :, None])
+    shape = (cand.shape[0], k - 1, cand.shape[1])
+    return _chain_dp(
+        mx.broadcast_to(Mc[:, None, :], shape),
+        mx.broadcast_to(Sc[:, None, :], shape),
+        mx.broadcast_to(cand[:, None, :], shape),
+        M,
+        S,
+        lambda j: table,
+    )
+
+
+def _viterbi_round(p, scale, M, S, v, lo):
+    """Move all boundaries jointly to the best of W candidates around each (never worse); a group
+    whose boundaries all stayed halves its window ``scale`` (G, 1)."""
+    W, n = _VITERBI_WINDOW, M.shape[1] - 1
+    c = _centroids(p, M, S, v)
+    step = (c[:, 1:] - c[:, :-1]) * scale  # window spacing follows each boundary's level gap
+    offsets = mx.arange(-(W // 2), W // 2, dtype=M.dtype)
+    cand = _position_of(v, lo, _value_at(v, p)[..., None] + step[..., None] * offsets, n)
+    cand = mx.where(offsets == 0, p[..., None], cand)  # keep the current solution reachable
+    flat = cand.reshape(cand.shape[0], -1)
+    Mc = mx.take_along_axis(M, flat, axis=-1).reshape(cand.shape)
+    Sc = mx.take_along_axis(S, flat, axis=-1).reshape(cand.shape)
+
+    def trans(j):
+        return _gain(Mc[:, j, None] - Mc[:, j - 1, :, None], Sc[:, j, None] - Sc[:, j - 1, :, None])
+
+    new_p = _chain_dp(Mc, Sc, cand, M, S, trans)
+    moved = mx.any(new_p != p, axis=-1, keepdims=True)
+    scale = mx.where(moved, scale, scale * _VITERBI_SHRINK)
+    return new_p, scale, mx.max(scale)
+
+
+def _lloyd_step(p, M, S, v, lo):
+    """Move each boundary to the midpoint between its two cluster means."""
+    c = _centroids(p, M, S, v)
+    return _position_of(v, lo, (c[:, 1:] + c[:, :-1]) * 0.5, M.shape[1] - 1)
+
+
+_grid_dp_c = mx.compile(_grid_dp)
+_viterbi_round_c = mx.compile(_viterbi_round)
+_lloyd_step_c = mx.compile(_lloyd_step)
+
+
+def _refine(p, M, S, v, lo):
+    scale = mx.full((p.shape[0], 1), _VITERBI_START_SCALE, M.dtype)
+    for _ in range(_VITERBI_MAX_PASSES):
+        p, scale, coarsest = _viterbi_round_c(p, scale, M, S, v, lo)
+        if coarsest.item() < _VITERBI_STOP_SCALE:
+            break
+    return p
+
+
+def _total_gain(p, M, S):
+    G, n = M.shape[0], M.shape[1] - 1
+    full = mx.concatenate([mx.zeros((G, 1), mx.int32), p, mx.full((G, 1), n, mx.int32)], axis=-1)
+    mp, sp = mx.take_along_axis(M, full, axis=-1), mx.take_along_axis(S, full, axis=-1)
+    return _gain(mp[:, 1:] - mp[:, :-1], sp[:, 1:] - sp[:, :-1]).sum()
+
+
+def _lloyd(p, M, S, v, lo, energy):
+    """Lloyd until the chunk's error improves by < 1e-4 over 4 steps (its last moves are slow
+    creeps worth nothing; ``energy`` is sum(mass * w^2), so error = energy - total gain)."""
+    best = math.inf
+    for it in range(_LLOYD_MAX_ITERS):
+        p = _lloyd_step_c(p, M, S, v, lo)
+        if it % 4 == 3:  # a sync per step would cost more than small steps themselves
+            err = energy - _total_gain(p, M, S).item()
+            if best - err <= 1e-4 * err:
+                break
+            best = err
+    return p
+
+
+def _coarse_candidates(M, v, lo, first, last):
+    """Sorted boundary grid (G, B): mass quantiles plus value-uniform points."""
+    n = M.shape[1] - 1
+    half = _COARSE_CANDIDATES // 2
+    frac = mx.arange(1, half + 1, dtype=M.dtype) / (half + 1)
+    by_mass = _search_prefix(M, M[:, -1:] * frac)
+    vmin, vmax = _value_at(v, first), _value_at(v, last)
+    by_value = _position_of(v, lo, vmin + (vmax - vmin) * frac, n)
+    return mx.sort(mx.concatenate([by_mass, by_value], axis=-1), axis=-1)
+
+
+def _companded_start(M, v, lo, first, last, k, stretches=64):
+    """Boundaries spaced like the high-resolution optimal quantizer: a stretch of values gets levels
+    in proportion to (its mass)^(1/3), over ``stretches`` value-uniform stretches."""
+    G, n = M.shape[0], M.shape[1] - 1
+    vmin, vmax = _value_at(v, first), _value_at(v, last)
+    width = (vmax - vmin) / stretches
+    pos = _position_of(v, lo, vmin + width * mx.arange(stretches, dtype=M.dtype), n)
+    pos = mx.concatenate([pos, last + 1], axis=-1)
+    mass = mx.diff(mx.take_along_axis(M, pos, axis=-1), axis=-1)
+    levels = mx.cumsum(mx.power(mass, 1.0 / 3.0), axis=-1)
+    levels = mx.concatenate([mx.zeros((G, 1), M.dtype), levels * (k / levels[:, -1:])], axis=-1)
+    # Boundary j sits where the cumulative level count reaches j, linearly inside its stretch.
+    j = mx.broadcast_to(mx.arange(1, k, dtype=M.dtype), (G, k - 1))
+    i = mx.clip(_search_prefix(levels, j) - 1, 0, stretches - 1)
+    at, nxt = mx.take_along_axis(levels, i, axis=-1), mx.take_along_axis(levels, i + 1, axis=-1)
+    frac = mx.clip((j - at) / mx.maximum(nxt - at, 1e-12), 0.0, 1.0)
+    return _position_of(v, lo, vmin + (i.astype(M.dtype) + frac) * width, n)
+
+
+# --- driver ------------------------------------------------------------------------------------------
+
+
+def _prefix_dtype() -> mx.Dtype:
+    """float64 where the backend has it (CPU): a cluster sum is a difference of two prefix sums of
+    ~n/2 values, and in fp32 that is too coarse to rank candidates for 6- and 8-bit LUTs. Elsewhere
+    fp32, which still places 1- to 4-bit LUTs within ~1e-5 of the optimum."""
+    return mx.float64 if mx.default_device() == mx.cpu else mx.float32
+
+
+def _marks(q: mx.array, length: int) -> mx.array:
+    """(G, length) labels: for each position, how many of the boundaries ``q`` (G, k-1) are <= it."""
+    G = q.shape[0]
+    flat = (mx.arange(G, dtype=mx.int32)[:, None] * length + q).reshape(-1)
+    marks = mx.zeros((G * length,), mx.int32).at[flat].add(1).reshape(G, length)
+    return mx.cumsum(marks, axis=-1).astype(mx.uint8)
+
+
+def _solve_chunk(
+    keys: mx.array, mass: mx.array | None, bits: int, span: int
+) -> tuple[mx.array, mx.array]:
+    """k-means for groups of fp16 keys (G, n) with optional mass; returns (lut fp16, indices)."""
+    G, n = keys.shape
+    k = 1 << bits
+    dtype = _prefix_dtype()
+    sorted_layout = n <= _EXACT_MAX_VALUES or 4 * n < span
+    if sorted_layout:
+        order = mx.argsort(keys, axis=-1)
+        sorted_keys = mx.take_along_axis(keys, order, axis=-1)
+        v = _key_values(sorted_keys.astype(mx.int32))
+        xs = v.astype(dtype)
+        w = None if mass is None else mx.take_along_axis(mass, order, axis=-1).astype(dtype)
+        tag = mx.arange(G, dtype=mx.uint32)[:, None] << 16
+        lo = (tag + sorted_keys.astype(mx.uint32)).reshape(-1)
+        first, last = mx.zeros((G, 1), mx.int32), mx.full((G, 1), n - 1, mx.int32)
+    else:
+        lo = mx.min(keys)
+        rel = keys - lo
+        first = mx.min(rel, axis=-1, keepdims=True).astype(mx.int32)
+        last = mx.max(rel, axis=-1, keepdims=True).astype(mx.int32)
+        nb = mx.max(last).item() + 1
+        offsets = mx.arange(G, dtype=mx.int32)[:, None] * nb
+        flat = (rel.astype(mx.int32) + offsets).reshape(-1)
+        add = mx.array(1.0, mx.float32) if mass is None else mass.reshape(-1)
+        w = mx.zeros((G * nb,), mx.float32).at[flat].add(add).reshape(G, nb).astype(dtype)
+        v = _key_values(mx.arange(nb, dtype=mx.int32) + lo.astype(mx.int32))
+        xs = v.astype(dtype)
+        lo = lo.astype(mx.int32)
+    zero = mx.zeros((G, 1), dtype)
+    M = mx.concatenate(
+        [zero, mx.ones(xs.shape, dtype).cumsum(-1) if w is None else w.cumsum(-1)], -1
+    )
+    S = mx.concatenate([zero, xs.cumsum(-1) if w is None else (w * xs).cumsum(-1)], -1)
+    mx.eval(M, S, v)
+    N = M.shape[1] - 1
+
+    if k == 1 or n <= 1:
+        p = mx.zeros((G, k - 1), mx.int32)
+    elif k <= 16 and n <= _EXACT_MAX_VALUES:
+        # Every position is a candidate: the grid DP is the exact optimum.
+        p = _grid_dp_c(mx.broadcast_to(mx.arange(N + 1, dtype=mx.int32), (G, N + 1)), M, S, k)
+    elif k <= 16:
+        p = _grid_dp_c(_coarse_candidates(M, v, lo, first, last), M, S, k)
+        p = _refine(p, M, S, v, lo)
+    else:
+        energy = mx.sum(xs * xs if w is None else w * xs * xs).item()
+        p = _lloyd(_companded_start(M, v, lo, first, last, k), M, S, v, lo, energy)
+        if G * (k - 1) <= _MAX_REFINED_BOUNDARIES:
+            p = _refine(p, M, S, v, lo)
+
+    lut = _centroids(p, M, S, v).astype(mx.float16)
+    # Final assignment: the nearest fp16 LUT entry (ties go up), via per-position labels.
+    lut_hi = lut.astype(dtype)
+    q = _position_of(v, lo, (lut_hi[:, 1:] + lut_hi[:, :-1]) * 0.5, N)
+    labels = _marks(q, N + 1)
+    if sorted_layout:
+        indices = mx.put_along_axis(mx.zeros((G, n), mx.uint8), order, labels[:, :n], axis=-1)
+    else:
+        indices = mx.take_along_axis(labels, rel, axis=-1)
+    mx.eval(lut, indices)
+    return lut, indices
+
+
+def kmeans_lut(
+    weight: mx.array,
+    bits: int,
+    group_size: int = 16,
+    axis: int = 0,
+    weights: mx.array | None = None,
+) -> tuple[mx.array, mx.array]:
+    """Grouped k-means palettization of a 2-D ``weight`` (out, in).
+
+    Args:
+        bits: index width; each LUT has ``2**bits`` entries.
+        group_size: channels sharing one LUT (rows with ``axis=0``, columns with ``axis=1``).
+        weights: optional non-negative per-weight importance (same shape) for weighted k-means.
+
+    Returns:
+        ``(lut, indices)``: lut fp16 (n_groups, 2**bits), ascending per group; indices uint8
+        (out, in), the nearest LUT entry of every weight.
+    """
+    n_groups = check_palettization_settings(tuple(weight.shape), bits, group_size, axis)
+    shape = (weight.shape[0], weight.shape[1])
+    w16 = weight if weight.dtype == mx.float16 else weight.astype(mx.float16)
+    keys = _fp16_keys(_grouped(w16, group_size, axis))
+    lo_key, hi_key = mx.min(keys).item(), mx.max(keys).item()
+    if lo_key < _KEY_FINITE_MIN or hi_key > _KEY_FINITE_MAX:
+        raise ValueError("weight has values that are NaN, infinite or beyond the fp16 range")
+    mass = None
+    if weights is not None:
+        if tuple(weights.shape) != shape:
+            raise ValueError(f"importance shape {tuple(weights.shape)} != weight shape {shape}")
+        imp = weights.astype(mx.float32)
+        if not mx.all(imp >= 0).item():
+            raise ValueError("importance weights must be non-negative")
+        # A small floor keeps every weight (and group) in play where importances are all zero.
+        floor = mx.maximum(mx.mean(imp), 1e-30) * 1e-6
+        mass = _grouped(imp + floor, group_size, axis)
+
+    span = hi_key - lo_key + 1
+    per_group = min(span, keys.shape[1]) + 1
+    # At most 2**16 groups per chunk: the sorted layout tags keys with their group in 32 bits.
+    chunk = max(1, min(1 << 16, _MAX_POSITIONS_PER_CHUNK // per_group))
+    luts, idxs = [], []
+    for start in range(0, n_groups, chunk):
+        part = slice(start, min(n_groups, start + chunk))
+        lut, idx = _solve_chunk(keys[part], None if mass is None else mass[part], bits, span)
+        luts.append(lut)
+        idxs.append(idx)
+    lut = mx.concatenate(luts, axis=0) if len(luts) > 1 else luts[0]
+    idx = mx.concatenate(idxs, axis=0) if len(idxs) > 1 else idxs[0]
+    return lut, _ungrouped(idx, shape, axis)
