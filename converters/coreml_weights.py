@@ -1,0 +1,302 @@
+"""MLX model -> a plain NumPy description of its weights, the input of the Core ML program builder.
+
+Reading the model once into fp16 arrays (or, for palettized layers, the exact uint8 indices and fp16
+LUTs) keeps the MIL builder free of MLX, and makes the bit-exactness claim easy to state: whatever
+is in ``LutMatrix`` is what lands in the package, with no arithmetic in between.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from afm_mlx.cli import UserError
+from afm_mlx.fileio import load_safetensors, read_json
+
+# Architectures whose mlx-lm classes share the layout converted here: pre-norm decoder blocks with
+# q/k/v/o projections (optional per-head q/k RMSNorm) and a SwiGLU MLP.
+CONVERTIBLE_MODEL_TYPES = ("qwen3", "llama", "qwen2", "mistral")
+PROJECTIONS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+FP16_MAX = float(np.finfo(np.float16).max)
+
+
+@dataclass
+class LutMatrix:
+    """A palettized (rows, cols) matrix: every ``group_size`` rows share one LUT of 2**bits values."""
+
+    indices: np.ndarray  # (rows, cols) uint8, each < 2**bits
+    lut: np.ndarray  # (rows // group_size, 2**bits) float16
+    bits: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.indices.shape)  # type: ignore[return-value]
+
+    @property
+    def group_size(self) -> int:
+        return self.indices.shape[0] // self.lut.shape[0]
+
+
+@dataclass
+class Projection:
+    """One linear layer, (out, in) weight plus optional bias; ``path`` is its mlx module path."""
+
+    path: str
+    weight: np.ndarray | LutMatrix
+    bias: np.ndarray | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.weight.shape)  # type: ignore[return-value]
+
+
+@dataclass
+class Layer:
+    input_norm: np.ndarray
+    post_norm: np.ndarray
+    q_norm: np.ndarray | None
+    k_norm: np.ndarray | None
+    proj: dict[str, Projection]  # keyed by PROJECTIONS
+
+
+@dataclass
+class ModelWeights:
+    """Everything the program builder needs, as NumPy arrays."""
+
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    eps: float
+    attn_scale: float
+    embedding: np.ndarray | LutMatrix  # (vocab, hidden)
+    lm_head: np.ndarray | LutMatrix | None  # None: tied to the embedding
+    final_norm: np.ndarray
+    layers: list[Layer]
+    rope_cos: np.ndarray  # (max_context, head_dim) float32, half-rotation layout
+    rope_sin: np.ndarray  # same, sign folded in: x*cos + swap_halves(x)*sin == RoPE(x)
+
+    def projections(self) -> dict[str, Projection]:
+        return {p.path: p for layer in self.layers for p in layer.proj.values()}
+
+
+@dataclass
+class LoraWeights:
+    """One adapter, unfused: per projection path, A (rank, in) and B (out, rank) with scale folded."""
+
+    name: str
+    folder: Path
+    pairs: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes + b.nbytes for a, b in self.pairs.values())
+
+
+def check_convertible(config: dict[str, Any], source: str) -> None:
+    """Refuse architectures the converter does not handle, before any weights are read."""
+    model_type = config.get("model_type")
+    if model_type not in CONVERTIBLE_MODEL_TYPES:
+        raise UserError(
+            f"{source}: model_type {model_type!r} cannot be converted to Core ML "
+            f"(supported: {', '.join(CONVERTIBLE_MODEL_TYPES)})"
+        )
+    if config.get("hidden_act", "silu") != "silu":
+        raise UserError(f"{source}: hidden_act {config['hidden_act']!r} is not supported (silu)")
+
+
+def _fp16(a: mx.array, what: str) -> np.ndarray:
+    """fp16 copy of an MLX array; values beyond fp16 range are a user error, not silent infs."""
+    x = np.array(a.astype(mx.float32))
+    if not np.all(np.isfinite(x)) or np.abs(x).max(initial=0.0) > FP16_MAX:
+        raise UserError(f"{what}: values are not finite in float16 (|w| > {FP16_MAX:g})")
+    return x.astype(np.float16)
+
+
+def _palettized_matrix(layer: nn.Module, what: str) -> LutMatrix:
+    """The stored indices and LUTs of a palettized layer, unpacked but otherwise untouched."""
+    from afm_mlx.packing import unpack_indices
+
+    bits, group_size = int(layer.bits), int(layer.group_size)
+    rows = layer.lut.shape[0] * group_size
+    cols = int(layer.packed.shape[1]) * 8 // bits
+    indices = np.array(unpack_indices(layer.packed, bits, cols))
+    lut = np.array(layer.lut)
+    if lut.dtype != np.float16 or indices.shape != (rows, cols):
+        raise UserError(f"{what}: unexpected palettized layout {lut.dtype} {indices.shape}")
+    return LutMatrix(indices=indices, lut=lut, bits=bits)
+
+
+def _matrix(module: nn.Module, what: str) -> np.ndarray | LutMatrix:
+    if isinstance(module, nn.QuantizedLinear | nn.QuantizedEmbedding):
+        raise UserError(
+            f"{what}: mlx affine-quantized layers are not supported; convert the float model "
+            "or a palettized one (python -m afm_mlx.palettize)"
+        )
+    if hasattr(module, "lut") and hasattr(module, "packed"):
+        return _palettized_matrix(module, what)
+    if isinstance(module, nn.Linear | nn.Embedding):
+        return _fp16(module.weight, what)
+    raise UserError(f"{what}: layer type {type(module).__name__} is not supported")
+
+
+def _projection(module: nn.Module, path: str) -> Projection:
+    bias = module["bias"] if "bias" in module else None
+    return Projection(
+        path=path,
+        weight=_matrix(module, path),
+        bias=None if bias is None else _fp16(bias, path + ".bias"),
+    )
+
+
+def _rope_tables(rope: nn.Module, head_dim: int, max_context: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin tables read off the model's own RoPE module, so any scaling variant is matched.
+
+    Feeding ``[1]*half + [0]*half`` through a half-rotation RoPE returns ``[cos, sin]`` per position.
+    A probe with random data then checks the module really is that rotation (not interleaved).
+    """
+    half = head_dim // 2
+    if getattr(rope, "traditional", False):
+        raise UserError("RoPE with traditional=True (interleaved pairs) is not supported")
+    unit = mx.concatenate([mx.ones((half,)), mx.zeros((half,))])
+    out = rope(mx.broadcast_to(unit, (1, 1, max_context, head_dim)), offset=0)
+    out = np.array(out.astype(mx.float32))[0, 0]
+    cos = np.concatenate([out[:, :half], out[:, :half]], axis=1)
+    sin = np.concatenate([-out[:, half:], out[:, half:]], axis=1)
+    probe = mx.random.normal((1, 1, max_context, head_dim), key=mx.random.key(0))
+    want = np.array(rope(probe, offset=0))[0, 0]
+    x = np.array(probe)[0, 0]
+    got = x * cos + np.concatenate([x[:, half:], x[:, :half]], axis=1) * sin
+    if not np.allclose(got, want, atol=1e-3, rtol=1e-3):
+        raise UserError(f"RoPE variant {type(rope).__name__} is not a half-rotation RoPE")
+    return cos.astype(np.float32), sin.astype(np.float32)
+
+
+def extract_weights(model: nn.Module, config: dict[str, Any], max_context: int) -> ModelWeights:
+    """Read an mlx-lm qwen3/llama-family model into ``ModelWeights`` (RoPE up to ``max_context``)."""
+    inner = model.model
+    attn0 = inner.layers[0].self_attn
+    heads, kv_heads = int(attn0.n_heads), int(attn0.n_kv_heads)
+    layers = []
+    for i, block in enumerate(inner.layers):
+        attn = block.self_attn
+        proj = {}
+        for rel in PROJECTIONS:
+            owner, name = rel.split(".")
+            module = getattr(getattr(block, owner), name, None)
+            if module is None:
+                raise UserError(f"model.layers.{i}.{rel}: missing; architecture not supported")
+            proj[rel] = _projection(module, f"model.layers.{i}.{rel}")
+        has_qk_norm = hasattr(attn, "q_norm")
+        layers.append(
+            Layer(
+                input_norm=_fp16(block.input_layernorm.weight, f"layer {i} input_layernorm"),
+                post_norm=_fp16(block.post_attention_layernorm.weight, f"layer {i} post norm"),
+                q_norm=_fp16(attn.q_norm.weight, f"layer {i} q_norm") if has_qk_norm else None,
+                k_norm=_fp16(attn.k_norm.weight, f"layer {i} k_norm") if has_qk_norm else None,
+                proj=proj,
+            )
+        )
+    q_out = layers[0].proj["self_attn.q_proj"].shape[0]
+    head_dim = q_out // heads
+    cos, sin = _rope_tables(attn0.rope, head_dim, max_context)
+    tied = config.get("tie_word_embeddings", True) or not hasattr(model, "lm_head")
+    embedding = _matrix(inner.embed_tokens, "model.embed_tokens")
+    return ModelWeights(
+        hidden=embedding.shape[1],
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        vocab=embedding.shape[0],
+        eps=float(inner.norm.eps),
+        attn_scale=float(attn0.scale),
+        embedding=embedding,
+        lm_head=None if tied else _matrix(model.lm_head, "lm_head"),
+        final_norm=_fp16(inner.norm.weight, "model.norm"),
+        layers=layers,
+        rope_cos=cos,
+        rope_sin=sin,
+    )
+
+
+ADAPTER_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+
+
+def parse_adapter_spec(spec: str) -> tuple[str, Path]:
+    """``NAME=DIR`` -> (name, folder); the name becomes part of Core ML function names."""
+    name, sep, folder = spec.partition("=")
+    if not sep or not folder:
+        raise UserError(f"--adapter {spec!r}: expected NAME=DIR")
+    if not ADAPTER_NAME.fullmatch(name):
+        raise UserError(
+            f"--adapter {spec!r}: name {name!r} must start with a letter and use only "
+            "letters, digits and _ (it names the functions decode_NAME and prefill_NAME)"
+        )
+    return name, Path(folder)
+
+
+def read_lora(name: str, folder: Path, weights: ModelWeights, fingerprint: str) -> LoraWeights:
+    """Read an mlx-lm layout adapter, refusing it unless it was trained on this exact base."""
+    flag = f"--adapter {name}={folder}"
+    if not folder.is_dir():
+        raise UserError(f"{flag}: no such adapter folder")
+    config = read_json(folder / "adapter_config.json", "adapter config")
+    if config.get("fine_tune_type", "lora") != "lora":
+        raise UserError(f"{flag}: fine_tune_type {config['fine_tune_type']!r} is not supported")
+    theirs = config.get("base_fingerprint")
+    if theirs != fingerprint:
+        if theirs is None:
+            raise UserError(
+                f"{flag}: adapter_config.json has no base_fingerprint, so its base is unknown "
+                f"(this model's is {fingerprint}); retrain it with afm_mlx or record the base's"
+            )
+        raise UserError(
+            f"{flag}: trained on base {theirs}, but the model's fingerprint is {fingerprint}; "
+            "convert it with the base it was trained on"
+        )
+    params = config.get("lora_parameters") or {}
+    scale = params.get("scale")
+    if scale is None and params.get("alpha") is not None and params.get("rank"):
+        scale = params["alpha"] / params["rank"]
+    if scale is None:
+        raise UserError(f"{flag}: lora_parameters has neither scale nor alpha")
+    tensors = load_safetensors(folder / "adapters.safetensors")
+    projections = weights.projections()
+    lora = LoraWeights(name=name, folder=folder)
+    problems = []
+    paths = sorted({k.rsplit(".", 1)[0] for k in tensors})
+    for path in paths:
+        a, b = tensors.get(path + ".lora_a"), tensors.get(path + ".lora_b")
+        proj = projections.get(path)
+        if proj is None or a is None or b is None:
+            problems.append(f"{path}: not a LoRA pair on a projection of this model")
+            continue
+        out_dim, in_dim = proj.shape
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != in_dim or b.shape[1] != out_dim:
+            problems.append(f"{path}: lora_a {a.shape} / lora_b {b.shape} vs weight {proj.shape}")
+            continue
+        a32 = np.array(a.astype(mx.float32))
+        b32 = np.array(b.astype(mx.float32)) * float(scale)
+        # Stored as conv weights: A (rank, in), B (out, rank); the scale rides on B.
+        lora.pairs[path] = (
+            _fp16(mx.array(a32.T), f"{flag} {path}.lora_a"),
+            _fp16(mx.array(b32.T), f"{flag} {path}.lora_b"),
+        )
+    if problems or not lora.pairs:
+        shown = "; ".join(problems[:4]) or "no lora_a/lora_b weights"
+        raise UserError(f"{flag}: does not fit the model: {shown}")
+    return lora
