@@ -1,0 +1,119 @@
+"""Generation with adapters (mlx-lm sampling and KV cache), and task-data loss masks."""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import one_line_error, run_cli
+
+from afm_mlx.cli import UserError
+from afm_mlx.generate import Generator
+from afm_mlx.lora import LoRASettings, attach_lora, lora_layers, save_adapter
+from afm_mlx.model import (
+    build_model,
+    init_weights,
+    load_model,
+    model_fingerprint,
+    preset_config,
+    save_model,
+)
+from afm_mlx.task_data import MaskedDataset, decode_masked, encode_record, read_task_records
+
+
+def _strong_adapter(model_dir, out, seed):
+    model, _, _ = load_model(model_dir)
+    fp = model_fingerprint(model)
+    settings = LoRASettings(rank=4, scale=1.0)
+    attach_lora(model, settings, seed=seed)
+    for i, (_, m) in enumerate(lora_layers(model)):
+        m.lora_b = mx.random.normal(m.lora_b.shape, key=mx.random.key(seed * 10 + i)) * 2.0
+    return save_adapter(out, model, settings, fp)
+
+
+@pytest.fixture(scope="module")
+def wide_head_model(tiny_tokenizer, tmp_path_factory):
+    """The tiny preset with head_dim 64, so an 8-bit KV cache (groups of 64) applies."""
+    config = preset_config("tiny", head_dim=64)
+    model = build_model(config)
+    init_weights(model, config, seed=3)
+    return save_model(tmp_path_factory.mktemp("wide"), model, config, tiny_tokenizer)
+
+
+def test_generation_differs_with_adapter_and_repeats_per_seed(tiny_model_dir, tmp_path):
+    adapter = _strong_adapter(tiny_model_dir, tmp_path / "a", seed=1)
+    gen = Generator(tiny_model_dir)
+    opts = dict(max_tokens=24, temp=1.0, top_p=0.95)
+    base = gen.use(None).generate("ROMEO.\n", seed=7, **opts)
+    tuned = gen.use(adapter).generate("ROMEO.\n", seed=7, **opts)
+    assert tuned != base
+    assert gen.generate("ROMEO.\n", seed=7, **opts) == tuned
+    assert gen.generate("ROMEO.\n", seed=8, **opts) != tuned
+    assert gen.use(None).generate("ROMEO.\n", seed=7, **opts) == base
+    # Greedy decoding equals argmax of the full-sequence logits (mlx-lm's cache path is consistent).
+    gen.use(adapter)
+    prompt = list(gen.tokenizer.encode("ROMEO.\n", add_special_tokens=False))
+    text = gen.generate("ROMEO.\n", max_tokens=1, temp=0.0)
+    expected = int(mx.argmax(gen.model(mx.array([prompt]))[0, -1]).item())
+    assert text == gen.tokenizer.decode([expected])
+
+
+def test_kv_cache_8bit(wide_head_model):
+    gen = Generator(wide_head_model)
+    full = gen.generate("KING.\n", max_tokens=12, temp=0.0)
+    quantized = gen.generate("KING.\n", max_tokens=12, temp=0.0, kv_bits=8)
+    assert len(quantized) > 0 and quantized[:4] == full[:4]
+    with pytest.raises(UserError, match="head_dim 64"):
+        gen.generate("KING.\n", max_tokens=2, kv_bits=8, kv_group_size=128)
+
+
+def test_cli_answers_with_each_adapter(tiny_model_dir, tmp_path):
+    a = _strong_adapter(tiny_model_dir, tmp_path / "a", seed=1)
+    b = _strong_adapter(tiny_model_dir, tmp_path / "b", seed=2)
+    args = ["--model", tiny_model_dir, "--prompt", "ROMEO.\n", "--max-tokens", "8", "--seed", "3"]
+    proc = run_cli("afm_mlx.generate", *args, "--adapter", "none", a, b)
+    assert proc.returncode == 0, proc.stderr
+    assert [line for line in proc.stdout.splitlines() if line.startswith("===")] == [
+        "=== base ===",
+        f"=== {a} ===",
+        f"=== {b} ===",
+    ]
+    err = one_line_error(run_cli("afm_mlx.generate", *args, "--top-p", "0"))
+    assert "--top-p" in err
+
+
+class _Tok:
+    """Whitespace tokenizer: one id per character, so masks are easy to read."""
+
+    eos_token_id = 2
+    chat_template = None
+
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) for c in text]
+
+
+def test_loss_is_on_answer_tokens_only(tmp_path):
+    tok = _Tok()
+    ids, mask = encode_record({"prompt": "ab", "completion": "cd"}, tok)
+    assert ids == [97, 98, 99, 100, 2] and mask == [False, False, True, True, True]
+    ids, mask = encode_record(
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+        tok,
+    )
+    answer = [chr(i) for i, m in zip(ids, mask) if m and i != 2]
+    assert "".join(answer) == "yo" and sum(mask) == 3  # "yo" + EOS
+    ids, mask = encode_record({"text": "xyz"}, tok)
+    assert all(mask)
+
+    data = MaskedDataset([encode_record({"prompt": "ab", "completion": "c"}, tok)], 6, 2, "t")
+    window = mx.array(data.batch(np.array([0])))
+    got_ids, got_mask = decode_masked(window)
+    assert got_ids[0].tolist() == [97, 98, 99, 2, 2, 2, 2]  # padded with EOS...
+    assert got_mask[0].tolist() == [False, False, True, True, False, False, False]  # ...masked
+
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "x"}]}) + "\n")
+    with pytest.raises(UserError, match=r"t.jsonl:1: .*assistant"):
+        read_task_records(path)
