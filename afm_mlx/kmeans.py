@@ -370,8 +370,8 @@ def _solve_chunk(
     mx.eval(M, S, v)
     N = M.shape[1] - 1
 
-    if k == 1 or n <= 1:
-        p = mx.zeros((G, k - 1), mx.int32)
+    if sorted_layout and n <= k:  # every value its own level: exact, nothing to search
+        p = mx.broadcast_to(mx.minimum(mx.arange(1, k, dtype=mx.int32), n), (G, k - 1))
     elif k <= 16 and n <= _EXACT_MAX_VALUES:
         # Every position is a candidate: the grid DP is the exact optimum.
         p = _grid_dp_c(mx.broadcast_to(mx.arange(N + 1, dtype=mx.int32), (G, N + 1)), M, S, k)

@@ -1,0 +1,421 @@
+"""Palettized (LUT-quantized) layers and the model transform that creates them.
+
+A palettized weight stores, per group of ``group_size`` channels, a LUT of ``2**bits`` fp16 values
+(``lut``: (n_groups, 2**bits)) and for every weight the index of its LUT entry, bit-packed along the
+input dimension (``packed``: uint8, see ``afm_mlx.packing``). ``axis=0`` groups output channels
+(rows), Apple's and coremltools' "per_grouped_channel"; ``axis=1`` groups input columns.
+
+Forward is ``x @ dequantize().T`` (+ bias) on every backend: the LUT values are exact in fp16 and the
+product runs in ``compute_dtype`` (float32 by default: the CPU backend's fast matmul type). On Metal,
+small batches (decode) use a LUT-matmul kernel instead; ``cache_dense_weight()`` keeps the dense
+weight instead, for speed where memory allows (never saved: it is not a parameter).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from afm_mlx.kmeans import check_palettization_settings, kmeans_lut, lut_to_dense
+from afm_mlx.packing import pack_indices, packed_length, unpack_indices
+
+SETTING_KEYS = ("bits", "group_size", "axis")
+# AFM's embedding: 8-bit, every row (token) its own 256-entry LUT.
+AFM_EMBEDDING_SETTINGS = {"bits": 8, "group_size": 1, "axis": 0}
+# Batches up to this many rows use the Metal LUT kernel; larger ones dequantize and use a GEMM.
+_KERNEL_MAX_ROWS = 8
+
+_METAL_SOURCE = """
+    const uint lane = thread_position_in_grid.x;
+    const uint n = thread_position_in_grid.y;
+    const uint m = thread_position_in_grid.z;
+    const device uint8_t* row = packed + n * (K * BITS / 8);
+    const device T* xr = x + m * K;
+    float acc = 0.0f;
+    for (uint blk = lane; blk < K / 8; blk += 32) {
+        // 8 indices live in BITS consecutive bytes, LSB first.
+        ulong word = 0;
+        for (uint b = 0; b < BITS; ++b) {
+            word |= ((ulong)row[blk * BITS + b]) << (8 * b);
+        }
+        for (uint j = 0; j < 8; ++j) {
+            uint k = blk * 8 + j;
+            uint idx = (uint)((word >> (j * BITS)) & ((1ul << BITS) - 1));
+            uint g = AXIS == 0 ? n / GS : k / GS;
+            acc += float(xr[k]) * float(lut[g * LUT_SIZE + idx]);
+        }
+    }
+    acc = simd_sum(acc);
+    if (lane == 0) {
+        out[m * N + n] = T(acc);
+    }
+"""
+_metal_kernel = None
+
+
+def _kernel_usable(x: mx.array, in_dims: int) -> bool:
+    """The Metal LUT kernel: only on a Metal GPU, for small batches and 8-aligned rows."""
+    if in_dims % 8 or not mx.metal.is_available() or mx.default_device() != mx.gpu:
+        return False
+    rows = x.size // max(1, x.shape[-1])
+    return rows <= _KERNEL_MAX_ROWS
+
+
+def lut_matmul_metal(
+    x: mx.array, packed: mx.array, lut: mx.array, bits: int, group_size: int, axis: int
+) -> mx.array:
+    """``x @ W.T`` straight from packed indices and LUTs with a Metal kernel (Metal only).
+
+    One simdgroup per output element; each lane decodes 8-index blocks and accumulates in fp32.
+    """
+    global _metal_kernel
+    if _metal_kernel is None:
+        _metal_kernel = mx.fast.metal_kernel(
+            name="afm_lut_matmul",
+            input_names=["x", "packed", "lut"],
+            output_names=["out"],
+            source=_METAL_SOURCE,
+        )
+    in_dims, out_dims = x.shape[-1], packed.shape[0]
+    x2 = x.reshape(-1, in_dims)
+    rows = x2.shape[0]
+    (out,) = _metal_kernel(
+        inputs=[x2, packed, lut],
+        template=[
+            ("T", x.dtype),
+            ("BITS", bits),
+            ("GS", group_size),
+            ("AXIS", axis),
+            ("K", in_dims),
+            ("N", out_dims),
+            ("LUT_SIZE", lut.shape[1]),
+        ],
+        grid=(32, out_dims, rows),
+        threadgroup=(32, 1, 1),
+        output_shapes=[(rows, out_dims)],
+        output_dtypes=[x.dtype],
+    )
+    return out.reshape(*x.shape[:-1], out_dims)
+
+
+class _Palettized(nn.Module):
+    """Storage and dequantization shared by the palettized layers."""
+
+    def __init__(self, rows: int, cols: int, bits: int, group_size: int, axis: int):
+        super().__init__()
+        n_groups = check_palettization_settings((rows, cols), bits, group_size, axis)
+        self.bits, self.group_size, self.axis = bits, group_size, axis
+        self.packed = mx.zeros((rows, packed_length(cols, bits)), mx.uint8)
+        self.lut = mx.zeros((n_groups, 1 << bits), mx.float16)
+        self.compute_dtype = mx.float32
+        self._set_dense(None)
+        # Like nn.QuantizedLinear: the stored codes are not trainable.
+        self.freeze()
+
+    def _set_dense(self, dense: mx.array | None) -> None:
+        # A plain instance attribute, not a dict entry: invisible to parameters(), update() and
+        # saving, so the cache can never be written to a checkpoint.
+        object.__setattr__(self, "_dense", dense)
+
+    @property
+    def settings(self) -> dict[str, int]:
+        """The per-layer choice recorded in config.json."""
+        return {"bits": self.bits, "group_size": self.group_size, "axis": self.axis}
+
+    def _fill(self, weight: mx.array, importance: mx.array | None) -> None:
+        lut, indices = kmeans_lut(weight, self.bits, self.group_size, self.axis, importance)
+        self.lut = lut
+        self.packed = pack_indices(indices, self.bits)
+        mx.eval(self.lut, self.packed)
+
+    def indices(self) -> mx.array:
+        """Unpacked uint8 indices, (rows, cols)."""
+        return unpack_indices(self.packed, self.bits, self._cols)
+
+    def dequantize(self, dtype: mx.Dtype | None = None) -> mx.array:
+        """Dense (rows, cols) weight exactly as forward uses it: fp16 LUT values in ``dtype``
+        (default ``compute_dtype``)."""
+        dense = lut_to_dense(self.lut, self.indices(), self.group_size, self.axis)
+        return dense.astype(dtype or self.compute_dtype)
+
+    def cache_dense_weight(self, dtype: mx.Dtype | None = None) -> None:
+        """Keep the dense weight for fast forward passes (memory of a dense layer; not saved)."""
+        if dtype is not None:
+            self.compute_dtype = dtype
+        self._set_dense(self.dequantize())
+        mx.eval(self._dense)
+
+    def clear_dense_cache(self) -> None:
+        self._set_dense(None)
+
+    def _dense_weight(self) -> mx.array:
+        if self._dense is not None and self._dense.dtype == self.compute_dtype:
+            return self._dense
+        return self.dequantize()
+
+    def _matmul(self, x: mx.array) -> mx.array:
+        """``x @ W.T`` in ``compute_dtype``, returned in x's dtype."""
+        if self._dense is None and _kernel_usable(x, self._cols):
+            return lut_matmul_metal(x, self.packed, self.lut, self.bits, self.group_size, self.axis)
+        w = self._dense_weight()
+        return (x.astype(w.dtype) @ w.T).astype(x.dtype)
+
+    def unfreeze(self, *args, **kwargs) -> nn.Module:
+        # Keep the codes frozen even when a whole model is unfrozen (as nn.QuantizedLinear does).
+        super().unfreeze(*args, **kwargs)
+        self.freeze(recurse=False)
+        return self
+
+    def _extra_repr(self) -> str:
+        return f"bits={self.bits}, group_size={self.group_size}, axis={self.axis}"
+
+
+class PalettizedLinear(_Palettized):
+    """A linear layer whose (out, in) weight is stored as packed LUT indices plus fp16 LUTs."""
+
+    def __init__(
+        self,
+        input_dims: int,
+        output_dims: int,
+        bias: bool = True,
+        bits: int = 4,
+        group_size: int = 16,
+        axis: int = 0,
+    ):
+        super().__init__(output_dims, input_dims, bits, group_size, axis)
+        self.input_dims, self.output_dims = input_dims, output_dims
+        if bias:
+            self.bias = mx.zeros((output_dims,))
+
+    @property
+    def _cols(self) -> int:
+        return self.input_dims
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        bits: int = 4,
+        group_size: int = 16,
+        axis: int = 0,
+        importance: mx.array | None = None,
+    ) -> PalettizedLinear:
+        """Palettize ``linear`` with grouped k-means (``importance``: optional per-weight weights)."""
+        output_dims, input_dims = linear.weight.shape
+        layer = cls(input_dims, output_dims, "bias" in linear, bits, group_size, axis)
+        layer._fill(linear.weight, importance)
+        if "bias" in linear:
+            layer.bias = linear.bias
+        return layer
+
+    def recompress(self, linear: nn.Linear) -> PalettizedLinear:
+        """Palettize another linear layer (e.g. a LoRA-fused one) with this layer's settings."""
+        return PalettizedLinear.from_linear(linear, self.bits, self.group_size, self.axis)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self._matmul(x)
+        if "bias" in self:
+            y = y + self.bias.astype(y.dtype)
+        return y
+
+    def _extra_repr(self) -> str:
+        return (
+            f"input_dims={self.input_dims}, output_dims={self.output_dims}, "
+            f"bias={'bias' in self}, {super()._extra_repr()}"
+        )
+
+
+class PalettizedEmbedding(_Palettized):
+    """An embedding whose (num_embeddings, dims) table is palettized (AFM: 8-bit, per row)."""
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        dims: int,
+        bits: int = 8,
+        group_size: int = 1,
+        axis: int = 0,
+    ):
+        super().__init__(num_embeddings, dims, bits, group_size, axis)
+        self.num_embeddings, self.dims = num_embeddings, dims
+
+    @property
+    def _cols(self) -> int:
+        return self.dims
+
+    @classmethod
+    def from_embedding(
+        cls,
+        embedding: nn.Embedding,
+        bits: int = 8,
+        group_size: int = 1,
+        axis: int = 0,
+        importance: mx.array | None = None,
+    ) -> PalettizedEmbedding:
+        """Palettize ``embedding`` (default: AFM's 8-bit per-channel LUTs)."""
+        num_embeddings, dims = embedding.weight.shape
+        layer = cls(num_embeddings, dims, bits, group_size, axis)
+        layer._fill(embedding.weight, importance)
+        return layer
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        if self._dense is not None or self.axis != 0:
+            return self._dense_weight()[ids]
+        # Only the requested rows are decoded: their packed codes and their groups' LUTs.
+        codes = unpack_indices(self.packed[ids], self.bits, self.dims)
+        luts = self.lut[ids // self.group_size]
+        return mx.take_along_axis(luts, codes.astype(mx.int32), axis=-1).astype(self.compute_dtype)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        """``x @ table.T``: the tied output head, with the same dequantized table."""
+        return self._matmul(x)
+
+    def _extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.dims}, {super()._extra_repr()}"
+
+
+# --- model transforms --------------------------------------------------------------------------
+
+
+def _default_predicate(path: str, module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear)
+
+
+def _settings(choice: Any, defaults: dict[str, int], path: str) -> dict[str, int]:
+    if choice is True:
+        return dict(defaults)
+    if isinstance(choice, Mapping):
+        unknown = set(choice) - set(SETTING_KEYS)
+        if unknown:
+            raise ValueError(f"{path}: unknown palettization settings {sorted(unknown)}")
+        return {**defaults, **{k: int(v) for k, v in choice.items()}}
+    raise ValueError(f"{path}: class_predicate must return a bool or a dict of settings")
+
+
+def palettize_model(
+    model: nn.Module,
+    class_predicate: Callable[[str, nn.Module], bool | dict] | None = None,
+    bits: int = 4,
+    group_size: int = 16,
+    axis: int = 0,
+    importance: Mapping[str, mx.array] | Callable[[str, nn.Module], mx.array | None] | None = None,
+) -> dict[str, dict[str, int]]:
+    """Replace ``nn.Linear`` (and, if the predicate accepts them, ``nn.Embedding``) layers in place.
+
+    ``class_predicate(path, module)`` returns False, True (use ``bits``/``group_size``/``axis``) or a
+    dict of per-layer settings; the default palettizes every ``nn.Linear``. ``importance`` maps a path
+    (or a callable maps ``(path, module)``) to per-weight importance for weighted k-means.
+    Layers are palettized one at a time, each replaced right away so its dense weight can be freed.
+
+    Returns ``{path: {"bits", "group_size", "axis"}}`` for every palettized layer, the record that
+    ``apply_palettization_config`` rebuilds the layers from.
+    """
+    predicate = class_predicate or _default_predicate
+    chosen = _choose(model, predicate, {"bits": bits, "group_size": group_size, "axis": axis})
+    for path, settings in chosen.items():
+        module = _module_at(model, path)
+        if callable(importance):
+            imp = importance(path, module)
+        else:
+            imp = None if importance is None else importance.get(path)
+        if isinstance(module, nn.Embedding):
+            new = PalettizedEmbedding.from_embedding(module, importance=imp, **settings)
+        else:
+            new = PalettizedLinear.from_linear(module, importance=imp, **settings)
+        del module, imp
+        model.update_modules(tree_unflatten([(path, new)]))
+    return chosen
+
+
+def _choose(model: nn.Module, predicate: Callable, defaults: dict) -> dict[str, dict[str, int]]:
+    """Validated settings for every layer the predicate accepts (before anything changes)."""
+    chosen = {}
+    for path, module in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
+        if not isinstance(module, (nn.Linear, nn.Embedding)):
+            continue
+        choice = predicate(path, module)
+        if choice is False or choice is None:
+            continue
+        settings = _settings(choice, defaults, path)
+        try:
+            check_palettization_settings(tuple(module.weight.shape), **settings)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+        chosen[path] = settings
+    return chosen
+
+
+def _module_at(model: nn.Module, path: str) -> nn.Module:
+    node: Any = model
+    for part in path.split("."):
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    return node
+
+
+def apply_palettization_config(model: nn.Module, config: Mapping[str, Any]) -> None:
+    """Swap in empty palettized layers, shaped as recorded, so that saved weights can be loaded.
+
+    ``config`` is the ``"palettization"`` entry of config.json (``{"layers": {path: settings}}``)
+    or the bare ``{path: settings}`` returned by ``palettize_model``. Every problem is reported in
+    one ValueError before anything changes.
+    """
+    layers = config.get("layers", config)
+    modules = dict(tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module))
+    problems, replacements = [], {}
+    for path, raw in layers.items():
+        module = modules.get(path)
+        if not isinstance(module, (nn.Linear, nn.Embedding)):
+            found = "missing" if module is None else type(module).__name__
+            problems.append(f"{path}: expected a Linear or Embedding layer, found {found}")
+            continue
+        try:
+            settings = _settings(dict(raw), {}, path)
+            if set(settings) != set(SETTING_KEYS):
+                raise ValueError(f"{path}: settings need {', '.join(SETTING_KEYS)}, got {raw}")
+            check_palettization_settings(tuple(module.weight.shape), **settings)
+        except (ValueError, TypeError) as err:
+            problems.append(f"{path}: {err}" if not str(err).startswith(path) else str(err))
+            continue
+        rows, cols = module.weight.shape
+        if isinstance(module, nn.Embedding):
+            replacements[path] = PalettizedEmbedding(rows, cols, **settings)
+        else:
+            replacements[path] = PalettizedLinear(cols, rows, "bias" in module, **settings)
+    if problems:
+        raise ValueError("palettization config does not fit the model: " + "; ".join(problems))
+    for path, new in replacements.items():
+        model.update_modules(tree_unflatten([(path, new)]))
+
+
+def palettized_layers(model: nn.Module) -> list[tuple[str, _Palettized]]:
+    """(path, layer) for every palettized layer in ``model`` (path "" for the model itself)."""
+    return sorted((p, m) for p, m in model.named_modules() if isinstance(m, _Palettized))
+
+
+def bits_per_weight(model: nn.Module) -> dict[str, float]:
+    """Storage per weight, counting every stored byte.
+
+    ``palettized``: (packed indices + LUTs + biases of the palettized layers) / their weight count.
+    ``model``: all stored parameter bytes / all weights, where a palettized layer counts as its
+    dense rows * cols (+ bias) and every other parameter as its size.
+    """
+    layers = palettized_layers(model)
+    pal_bits = sum(8 * a.nbytes for _, m in layers for _, a in tree_flatten(m.parameters()))
+    pal_weights = sum(m.packed.shape[0] * m._cols for _, m in layers)
+    total_bits = total_weights = 0
+    inside = tuple(f"{p}." if p else "" for p, _ in layers)
+    for name, a in tree_flatten(model.parameters()):
+        total_bits += 8 * a.nbytes
+        if not (inside and name.startswith(inside)):
+            total_weights += a.size
+    total_weights += pal_weights + sum(m.bias.size for _, m in layers if "bias" in m)
+    return {
+        "palettized": pal_bits / pal_weights if pal_weights else 0.0,
+        "model": total_bits / total_weights if total_weights else 0.0,
+        "palettized_weights": pal_weights,
+        "model_weights": total_weights,
+    }
