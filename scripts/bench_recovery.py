@@ -1,0 +1,298 @@
+"""Accuracy recovery side by side: held-out perplexity of fp, LUT 4-bit and mixed ~3.7 bpw (each with
+rank 8/16/32 recovery adapters) and mlx-lm affine q4 g64; a task adapter from recovery init vs zero
+init; LoRA training tokens/s over the LUT base vs mlx-lm QLoRA over its q4 base. One run, same data.
+
+    python scripts/bench_recovery.py [--model runs/small] [--steps 300]
+    python scripts/bench_recovery.py --quick          # minutes; trains a tiny model if none given
+
+Compressed variants palettize/quantize the projection (nn.Linear) layers only; the embedding stays
+fp in every variant, so bits per weight (bpw) are over projection weights, storage counted in full
+(indices + LUTs, or weights + scales + biases).
+"""
+
+# ruff: noqa: E402  (OpenBLAS must be loaded before mlx is imported)
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+from afm_mlx.runtime import preload_openblas
+
+preload_openblas()
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+
+from afm_mlx.adapter_training import AdapterTrainConfig, train_adapter
+from afm_mlx.data import DataPosition, eval_batches, read_corpus, train_batches
+from afm_mlx.evaluate import corpus_splits, token_nll
+from afm_mlx.lora import (
+    DEFAULT_KEYS,
+    LoRASettings,
+    attach_lora,
+    load_base,
+    read_adapter,
+    remove_lora,
+)
+from afm_mlx.losses import make_loss
+from afm_mlx.model import model_fingerprint
+from afm_mlx.palettized import palettize_model, palettized_layers
+from afm_mlx.runtime import backend_report
+from afm_mlx.task_data import masked_cross_entropy, task_datasets
+from afm_mlx.train import Trainer, make_optimizer
+
+
+def is_projection(path: str, module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) and "embed" not in path and "lm_head" not in path
+
+
+def bpw(model: nn.Module) -> float:
+    """Stored bits per projection weight (everything the layer stores)."""
+    bits = weights = 0
+    for _, m in model.named_modules():
+        if type(m).__name__ == "PalettizedLinear":
+            bits += 8 * (m.packed.nbytes + m.lut.nbytes)
+            weights += m.input_dims * m.output_dims
+        elif isinstance(m, nn.QuantizedLinear):
+            bits += 8 * (m.weight.nbytes + m.scales.nbytes + m.biases.nbytes)
+            weights += m.weight.shape[0] * m.weight.shape[1] * 32 // m.bits
+        elif isinstance(m, nn.Linear):
+            bits += 8 * m.weight.nbytes
+            weights += m.weight.size
+    return bits / weights
+
+
+def mixed_predicate(model: nn.Module, budget: float):
+    """4-bit everywhere, then up_proj/gate_proj to 2-bit from the last layer back until the
+    projection weights average <= ``budget`` bpw (LUT overhead counted). A fixed rule, not the
+    sensitivity search of ``afm_mlx.palettize``; good enough to place a mixed model beside q4."""
+    sizes = {p: m.weight.size for p, m in model.named_modules() if is_projection(p, m)}
+    shapes = {p: m.weight.shape for p, m in model.named_modules() if is_projection(p, m)}
+
+    def cost(p, bits):  # indices + one fp16 LUT per 16 rows
+        return sizes[p] * bits + (shapes[p][0] // 16) * (1 << bits) * 16
+
+    choice = {p: 4 for p in sizes}
+    candidates = sorted(
+        (p for p in sizes if p.endswith(("up_proj", "gate_proj"))),
+        key=lambda p: -int(p.split(".")[2]),
+    )
+    total = sum(sizes.values())
+    for p in candidates:
+        if sum(cost(q, b) for q, b in choice.items()) / total <= budget:
+            break
+        choice[p] = 2
+    return lambda path, m: {"bits": choice[path]} if path in choice else False
+
+
+def perplexity(model, valid, args) -> float:
+    total, count = token_nll(model, eval_batches(valid, args.batch_size, args.eval_batches))
+    return math.exp(total / count)
+
+
+def quick_teacher(tmp: Path) -> Path:
+    from afm_mlx.train import TrainConfig, train
+
+    corpus = tmp / "corpus"
+    corpus.mkdir()
+    for i, doc in enumerate(read_corpus("shakespeare")[:12]):
+        (corpus / f"play{i:02d}.txt").write_text(doc[:40_000])
+    cfg = TrainConfig(
+        preset="tiny", data=str(corpus), out=str(tmp / "fp"), max_steps=150, batch_size=8,
+        seq_len=64, learning_rate=1e-2, eval_every=1000, save_every=1000, sample_tokens=0,
+        progress=False,
+    )  # fmt: skip
+    return train(cfg)
+
+
+def adapter_cfg(args, out: Path, rank: int, steps: int, lr: float) -> AdapterTrainConfig:
+    return AdapterTrainConfig(
+        model="(in memory)", out=str(out), rank=rank, max_steps=steps, batch_size=args.batch_size,
+        seq_len=args.seq_len, learning_rate=lr, eval_every=10**9, save_every=10**9,
+        log_every=max(1, steps // 5), progress=False,
+    )  # fmt: skip
+
+
+def task_file(tmp: Path, n: int = 400) -> Path:
+    """A continuation task from the corpus: prompt = a line of verse, completion = the next one."""
+    lines = [
+        ln.strip() for ln in read_corpus("shakespeare")[-1].splitlines() if len(ln.strip()) > 20
+    ]
+    path = tmp / "task.jsonl"
+    with path.open("w") as f:
+        for a, b in list(zip(lines, lines[1:]))[:n]:
+            f.write(json.dumps({"prompt": a + "\n", "completion": b}) + "\n")
+    return path
+
+
+def lora_tokens_per_s(model, data, args, steps: int) -> float:
+    """Our Trainer on a LoRA-wrapped frozen base (rank 16, next-token loss)."""
+    attach_lora(model, LoRASettings(rank=16))
+    model.train()
+    cfg = adapter_cfg(args, Path("/nonexistent"), 16, steps + 3, 1e-3)
+    opt = make_optimizer(cfg)
+    opt.init(model.trainable_parameters())
+    trainer = Trainer(model, opt, make_loss(), 1, 1.0)
+    batches = train_batches(data, args.batch_size, 0, DataPosition())
+    for i in range(steps + 3):
+        if i == 3:  # after compilation
+            start = time.perf_counter()
+        loss, norm = trainer.step([next(batches)[0]])
+        mx.eval(loss, norm, model.trainable_parameters(), opt.state)
+    tps = steps * args.batch_size * args.seq_len / (time.perf_counter() - start)
+    remove_lora(model)
+    model.eval()
+    return tps
+
+
+def mlx_lm_qlora_tokens_per_s(model, data, args, steps: int) -> float:
+    """mlx-lm's own trainer, LoRA rank 16 on the same keys over its q4 model (QLoRA)."""
+    from mlx_lm.tuner.trainer import TrainingArgs, TrainingCallback
+    from mlx_lm.tuner.trainer import train as mlx_lm_train
+    from mlx_lm.tuner.utils import linear_to_lora_layers, remove_lora_layers
+
+    class Reports(TrainingCallback):
+        reports: list = []
+
+        def on_train_loss_report(self, info):
+            self.reports.append(info)
+
+    model.freeze()
+    lora = {"rank": 16, "scale": 2.0, "dropout": 0.0, "keys": list(DEFAULT_KEYS)}
+    linear_to_lora_layers(model, len(model.layers), lora)
+    n = args.seq_len + 1
+    dataset = [(data.window(i).astype(np.int64).tolist(), 0) for i in range(min(len(data), 512))]
+    reports = Reports()
+    with tempfile.TemporaryDirectory() as tmp:
+        targs = TrainingArgs(
+            batch_size=args.batch_size, iters=3 + steps, steps_per_report=3 if steps % 3 == 0 else 1,
+            steps_per_eval=10**9, steps_per_save=10**9, max_seq_length=n,
+            adapter_file=str(Path(tmp) / "adapters.safetensors"),
+        )  # fmt: skip
+        mlx_lm_train(model, optim.Adam(1e-3), dataset, None, args=targs, training_callback=reports)
+    remove_lora_layers(model)
+    steady = [r["tokens_per_second"] for r in reports.reports if r["iteration"] > 3]
+    return float(np.mean(steady))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="runs/small", help="fp demo model (the teacher)")
+    ap.add_argument("--quick", action="store_true", help="small, fast settings")
+    ap.add_argument("--steps", type=int, default=300, help="recovery steps")
+    ap.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 32])
+    ap.add_argument("--task-steps", type=int, default=100)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--eval-batches", type=int, default=40)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench_recovery_"))
+    if args.quick:
+        args.steps, args.task_steps, args.seq_len, args.eval_batches = 40, 30, 64, 10
+    model_dir = Path(args.model)
+    if not (model_dir / "config.json").is_file():
+        if not args.quick:
+            raise SystemExit(
+                f"{model_dir}: no model; train one (python -m afm_mlx.train) or use --quick"
+            )
+        print("no --model found: training a tiny fp model for the quick run ...", flush=True)
+        model_dir = quick_teacher(tmp)
+    print(backend_report())
+    teacher, tokenizer, _ = load_base(model_dir)
+    teacher.freeze()
+    train, valid = corpus_splits("shakespeare", model_dir, args.seq_len, 0.05, 0)
+    print(
+        f"model {model_dir}; {len(train)} train / {len(valid)} held-out windows of {args.seq_len}"
+    )
+    ppl_fp = perplexity(teacher, valid, args)
+    rows = [("fp32", 32.0, ppl_fp, {})]
+
+    def compressed(kind: str):
+        model, _, _ = load_base(model_dir)
+        if kind == "lut4":
+            palettize_model(model, class_predicate=is_projection, bits=4, group_size=16)
+        elif kind == "mixed":
+            palettize_model(model, class_predicate=mixed_predicate(model, 3.7), group_size=16)
+        else:
+            nn.quantize(model, group_size=64, bits=4, class_predicate=is_projection)
+        mx.eval(model.parameters())
+        return model
+
+    recovery_dirs, bases = {}, {}
+    for kind in ("lut4", "mixed", "q4"):
+        model = bases[kind] = compressed(kind)
+        ppl = perplexity(model, valid, args)
+        recovered = {}
+        for rank in args.ranks if kind != "q4" else []:
+            out = tmp / f"{kind}-r{rank}"
+            summary = train_adapter(
+                adapter_cfg(args, out, rank, args.steps, args.lr), out, None, model,
+                model_fingerprint(model), make_loss(teacher, "kl", 1.0, 1.0), train, valid,
+                extra_state=[teacher.state],
+            )  # fmt: skip
+            recovered[rank] = (perplexity(model, valid, args), summary["tokens_per_s"])
+            recovery_dirs[(kind, rank)] = out
+            remove_lora(model)
+        rows.append((kind, bpw(model), ppl, recovered))
+
+    print("\nheld-out perplexity (same data, same run)")
+    print(
+        f"{'variant':<8} {'bpw':>6} {'bare':>9}"
+        + "".join(f" {'+r' + str(r):>16}" for r in args.ranks)
+    )
+    for kind, bits, ppl, rec in rows:
+        cells = "".join(
+            f" {rec[r][0]:>8.3f} ({100 * (ppl - rec[r][0]) / (ppl - ppl_fp):>4.0f}%)"
+            if r in rec and ppl > ppl_fp else f" {'':>16}"
+            for r in args.ranks
+        )  # fmt: skip
+        print(f"{kind:<8} {bits:>6.2f} {ppl:>9.3f}{cells}")
+    print("(% = share of the gap to fp32 closed by the adapter)")
+
+    # Task adapter on the LUT-4 base: starting from the rank-16 (or first) recovery adapter vs zero.
+    rank = 16 if 16 in args.ranks else args.ranks[0]
+    task_train, task_valid = task_datasets(task_file(tmp), tokenizer, args.seq_len, 0.1, 0)
+    base = bases["lut4"]
+    fp = model_fingerprint(base)
+    task_loss = {}
+    for init in ("recovery", "zero"):
+        out = tmp / f"task-{init}"
+        init_adapter = read_adapter(recovery_dirs[("lut4", rank)]) if init == "recovery" else None
+        train_adapter(
+            adapter_cfg(args, out, rank, args.task_steps, 1e-3), out, None, base, fp,
+            masked_cross_entropy, task_train, task_valid, init_adapter=init_adapter,
+        )  # fmt: skip
+        total, count = token_nll(base, eval_batches(task_valid, args.batch_size, 0))
+        task_loss[init] = total / count
+        remove_lora(base)
+    print(
+        f"\ntask adapter (rank {rank}, LUT-4 base, {args.task_steps} steps): held-out answer loss "
+        f"recovery init {task_loss['recovery']:.4f} vs zero init {task_loss['zero']:.4f}"
+    )
+
+    steps = 6 if args.quick else 30
+    lut = lora_tokens_per_s(bases["lut4"], train, args, steps)
+    for _, m in palettized_layers(bases["lut4"]):
+        m.cache_dense_weight()
+    lut_cached = lora_tokens_per_s(bases["lut4"], train, args, steps)
+    q4_ours = lora_tokens_per_s(bases["q4"], train, args, steps)
+    q4_mlx_lm = mlx_lm_qlora_tokens_per_s(bases["q4"], train, args, steps)
+    print(
+        f"\nLoRA training tokens/s (rank 16, batch {args.batch_size} x {args.seq_len}, same run):"
+    )
+    print(f"  afm_mlx over LUT-4 base (dequantize per step): {lut:>9,.0f}")
+    print(f"  afm_mlx over LUT-4 base (dense weights cached): {lut_cached:>8,.0f}")
+    print(f"  afm_mlx loop over mlx-lm q4 base:              {q4_ours:>9,.0f}")
+    print(f"  mlx-lm QLoRA trainer over q4 base:              {q4_mlx_lm:>8,.0f}")
+    print(f"  ratio LUT-4 (dequantize) / mlx-lm QLoRA: {lut / q4_mlx_lm:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
