@@ -55,10 +55,12 @@ class _Weights:
             rows, cols = m.shape
             groups, entries = m.lut.shape
             extra = (1, 1) if as_conv else ()
-            # LUT rank = indices rank + 2: (groups, 1, [1, 1,] entries, 1), one LUT per row group.
+            # LUT rank = indices rank + 2: (groups, 1, [1, 1,] entries, 1) for groups of rows,
+            # (1, groups, ...) for groups of columns; the LUT values are the MLX ones, unchanged.
+            blocks = (groups, 1) if m.axis == 0 else (1, groups)
             var = mb.constexpr_lut_to_dense(
                 indices=m.indices.reshape((rows, cols, *extra)).astype(_sub_byte_dtype(m.bits)),
-                lut=m.lut.reshape((groups, 1, *extra, entries, 1)),
+                lut=m.lut.reshape((*blocks, *extra, entries, 1)),
                 name=name,
             )
         else:

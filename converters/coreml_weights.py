@@ -36,19 +36,16 @@ FP16_MAX = float(np.finfo(np.float16).max)
 
 @dataclass
 class LutMatrix:
-    """A palettized (rows, cols) matrix: every ``group_size`` rows share one LUT of 2**bits values."""
+    """A palettized (rows, cols) matrix: each group of rows (or columns) shares one LUT."""
 
     indices: np.ndarray  # (rows, cols) uint8, each < 2**bits
-    lut: np.ndarray  # (rows // group_size, 2**bits) float16
+    lut: np.ndarray  # (n_groups, 2**bits) float16
     bits: int
+    axis: int = 0  # 0: groups of rows (output channels); 1: groups of columns (inputs)
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.indices.shape)  # type: ignore[return-value]
-
-    @property
-    def group_size(self) -> int:
-        return self.indices.shape[0] // self.lut.shape[0]
 
 
 @dataclass
@@ -119,6 +116,37 @@ def check_convertible(config: dict[str, Any], source: str) -> None:
         raise UserError(f"{source}: hidden_act {config['hidden_act']!r} is not supported (silu)")
 
 
+def load_for_conversion(model_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Load an fp checkpoint with ``afm_mlx.model.load_model``, or a palettized one (config.json
+    has a ``palettization`` entry) by first swapping in the recorded palettized layers."""
+    from afm_mlx.model import build_model, check_weights_match, load_model, weight_files
+
+    config = read_json(model_dir / "config.json", "model config (config.json)")
+    if "palettization" not in config:
+        model, config, _ = load_model(model_dir)
+        return model, config
+    from afm_mlx.fileio import safetensors_shapes
+    from afm_mlx.palettized import apply_palettization_config
+
+    model = build_model(config)
+    try:
+        apply_palettization_config(model, config["palettization"])
+    except ValueError as e:
+        raise UserError(f"{model_dir / 'config.json'}: {e}") from e
+    files = weight_files(model_dir)
+    if not files:
+        raise UserError(f"{model_dir}: no model*.safetensors weights found")
+    shapes = {k: v for f in files for k, v in safetensors_shapes(f).items()}
+    shapes = model.sanitize(shapes) if hasattr(model, "sanitize") else shapes
+    check_weights_match(model, shapes, str(model_dir))
+    weights = {k: v for f in files for k, v in load_safetensors(f).items()}
+    weights = model.sanitize(weights) if hasattr(model, "sanitize") else weights
+    model.load_weights(list(weights.items()), strict=True)
+    mx.eval(model.parameters())
+    model.eval()
+    return model, config
+
+
 def _fp16(a: mx.array, what: str) -> np.ndarray:
     """fp16 copy of an MLX array; values beyond fp16 range are a user error, not silent infs."""
     x = np.array(a.astype(mx.float32))
@@ -128,17 +156,12 @@ def _fp16(a: mx.array, what: str) -> np.ndarray:
 
 
 def _palettized_matrix(layer: nn.Module, what: str) -> LutMatrix:
-    """The stored indices and LUTs of a palettized layer, unpacked but otherwise untouched."""
-    from afm_mlx.packing import unpack_indices
-
-    bits, group_size = int(layer.bits), int(layer.group_size)
-    rows = layer.lut.shape[0] * group_size
-    cols = int(layer.packed.shape[1]) * 8 // bits
-    indices = np.array(unpack_indices(layer.packed, bits, cols))
+    """The stored indices and LUTs of an ``afm_mlx.palettized`` layer, unpacked, values untouched."""
+    indices = np.array(layer.indices())
     lut = np.array(layer.lut)
-    if lut.dtype != np.float16 or indices.shape != (rows, cols):
-        raise UserError(f"{what}: unexpected palettized layout {lut.dtype} {indices.shape}")
-    return LutMatrix(indices=indices, lut=lut, bits=bits)
+    if lut.dtype != np.float16 or indices.dtype != np.uint8 or lut.shape[1] != 1 << layer.bits:
+        raise UserError(f"{what}: unexpected palettized layout {lut.dtype} {lut.shape}")
+    return LutMatrix(indices=indices, lut=lut, bits=int(layer.bits), axis=int(layer.axis))
 
 
 def _matrix(module: nn.Module, what: str) -> np.ndarray | LutMatrix:
@@ -147,7 +170,7 @@ def _matrix(module: nn.Module, what: str) -> np.ndarray | LutMatrix:
             f"{what}: mlx affine-quantized layers are not supported; convert the float model "
             "or a palettized one (python -m afm_mlx.palettize)"
         )
-    if hasattr(module, "lut") and hasattr(module, "packed"):
+    if callable(getattr(module, "indices", None)) and "lut" in module:
         return _palettized_matrix(module, what)
     if isinstance(module, nn.Linear | nn.Embedding):
         return _fp16(module.weight, what)
@@ -250,37 +273,28 @@ def parse_adapter_spec(spec: str) -> tuple[str, Path]:
 
 
 def read_lora(name: str, folder: Path, weights: ModelWeights, fingerprint: str) -> LoraWeights:
-    """Read an mlx-lm layout adapter, refusing it unless it was trained on this exact base."""
+    """Read an adapter (mlx-lm layout, via ``afm_mlx.lora.read_adapter``), refusing it unless its
+    ``base_fingerprint`` is this model's: a missing one is refused too, since the package ships."""
+    from afm_mlx.lora import read_adapter
+
     flag = f"--adapter {name}={folder}"
-    if not folder.is_dir():
-        raise UserError(f"{flag}: no such adapter folder")
-    config = read_json(folder / "adapter_config.json", "adapter config")
-    if config.get("fine_tune_type", "lora") != "lora":
-        raise UserError(f"{flag}: fine_tune_type {config['fine_tune_type']!r} is not supported")
-    theirs = config.get("base_fingerprint")
+    adapter = read_adapter(folder)
+    theirs = adapter.base_fingerprint
+    if theirs is None:
+        raise UserError(
+            f"{flag}: adapter_config.json has no base_fingerprint, so its base is unknown "
+            f"(this model's is {fingerprint}); record the base's fingerprint when saving it"
+        )
     if theirs != fingerprint:
-        if theirs is None:
-            raise UserError(
-                f"{flag}: adapter_config.json has no base_fingerprint, so its base is unknown "
-                f"(this model's is {fingerprint}); retrain it with afm_mlx or record the base's"
-            )
         raise UserError(
             f"{flag}: trained on base {theirs}, but the model's fingerprint is {fingerprint}; "
             "convert it with the base it was trained on"
         )
-    params = config.get("lora_parameters") or {}
-    scale = params.get("scale")
-    if scale is None and params.get("alpha") is not None and params.get("rank"):
-        scale = params["alpha"] / params["rank"]
-    if scale is None:
-        raise UserError(f"{flag}: lora_parameters has neither scale nor alpha")
-    tensors = load_safetensors(folder / "adapters.safetensors")
     projections = weights.projections()
     lora = LoraWeights(name=name, folder=folder)
     problems = []
-    paths = sorted({k.rsplit(".", 1)[0] for k in tensors})
-    for path in paths:
-        a, b = tensors.get(path + ".lora_a"), tensors.get(path + ".lora_b")
+    for path in sorted({k.rsplit(".", 1)[0] for k in adapter.weights}):
+        a, b = adapter.weights.get(path + ".lora_a"), adapter.weights.get(path + ".lora_b")
         proj = projections.get(path)
         if proj is None or a is None or b is None:
             problems.append(f"{path}: not a LoRA pair on a projection of this model")
@@ -289,12 +303,11 @@ def read_lora(name: str, folder: Path, weights: ModelWeights, fingerprint: str) 
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != in_dim or b.shape[1] != out_dim:
             problems.append(f"{path}: lora_a {a.shape} / lora_b {b.shape} vs weight {proj.shape}")
             continue
-        a32 = np.array(a.astype(mx.float32))
-        b32 = np.array(b.astype(mx.float32)) * float(scale)
-        # Stored as conv weights: A (rank, in), B (out, rank); the scale rides on B.
+        # Conv weights: A (rank, in), B (out, rank); mlx-lm's scale is folded into B.
+        scaled_b = b.astype(mx.float32) * adapter.settings.scale
         lora.pairs[path] = (
-            _fp16(mx.array(a32.T), f"{flag} {path}.lora_a"),
-            _fp16(mx.array(b32.T), f"{flag} {path}.lora_b"),
+            _fp16(a.astype(mx.float32).T, f"{flag} {path}.lora_a"),
+            _fp16(scaled_b.T, f"{flag} {path}.lora_b"),
         )
     if problems or not lora.pairs:
         shown = "; ".join(problems[:4]) or "no lora_a/lora_b weights"

@@ -3,15 +3,19 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import one_line_error, run_cli
 from coremltools.converters.mil.mil import types
 from mlx.utils import tree_flatten
 from test_coreml_executor import new_states, open_package, run_function
 
+from afm_mlx.cli import UserError
 from afm_mlx.model import load_model
 from converters.coreml import ConvertConfig, convert, package_bytes
 
@@ -47,7 +51,7 @@ ANE_OPS = {
 }
 
 
-def _convert(model_dir: Path, out: Path, **kw) -> Path:
+def convert_tiny(model_dir: Path, out: Path, **kw) -> Path:
     convert(
         ConvertConfig(
             model=str(model_dir), out=str(out), context=CONTEXT, prefill_chunk=CHUNK, **kw
@@ -58,7 +62,7 @@ def _convert(model_dir: Path, out: Path, **kw) -> Path:
 
 @pytest.fixture(scope="module")
 def fp_package(tiny_model_dir, tmp_path_factory) -> Path:
-    return _convert(tiny_model_dir, tmp_path_factory.mktemp("coreml") / "tiny.mlpackage")
+    return convert_tiny(tiny_model_dir, tmp_path_factory.mktemp("coreml") / "tiny.mlpackage")
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +170,7 @@ def test_fp_package_stores_weights_once(tiny_model_dir, fp_package):
 
 
 def test_lm_head_split_into_chunks(tiny_model_dir, tmp_path):
-    out = _convert(tiny_model_dir, tmp_path / "chunked.mlpackage", head_chunk=200)
+    out = convert_tiny(tiny_model_dir, tmp_path / "chunked.mlpackage", head_chunk=200)
     model, spec, prog = open_package(out)
     decode = next(f for f in spec.description.functions if f.name == "decode")
     assert [list(o.type.multiArrayType.shape) for o in decode.output] == [
@@ -178,3 +182,62 @@ def test_lm_head_split_into_chunks(tiny_model_dir, tmp_path):
     assert_logits_close(
         coreml_logits(prog, PROMPT, DECODE[:2]), mlx_logits(model_mlx, PROMPT, DECODE[:2])
     )
+
+
+# --- bad input: one line on stderr, exit 2, nothing left behind ------------------------------------
+
+
+def _nothing_left(folder: Path) -> None:
+    assert list(folder.iterdir()) == [], list(folder.iterdir())
+
+
+def test_context_not_multiple_of_chunk(tiny_model_dir, tmp_path):
+    out = tmp_path / "out" / "m.mlpackage"
+    proc = run_cli(
+        "converters.coreml",
+        "--model",
+        tiny_model_dir,
+        "--out",
+        out,
+        "--context",
+        "30",
+        "--prefill-chunk",
+        "8",
+    )
+    line = one_line_error(proc)
+    assert "--context 30" in line and "--prefill-chunk 8" in line and "multiple" in line
+    assert not out.parent.exists()
+
+
+def test_unsupported_architecture(tiny_model_dir, tmp_path):
+    model_dir = tmp_path / "gpt2"
+    shutil.copytree(tiny_model_dir, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    proc = run_cli("converters.coreml", "--model", model_dir, "--out", out_dir / "m.mlpackage")
+    line = one_line_error(proc)
+    assert "'gpt2'" in line and "qwen3" in line
+    _nothing_left(out_dir)
+
+
+def test_existing_output_needs_overwrite(tiny_model_dir, fp_package):
+    before = sorted(p.name for p in fp_package.parent.iterdir())
+    with pytest.raises(UserError, match="already exists; pass --overwrite"):
+        convert(ConvertConfig(model=str(tiny_model_dir), out=str(fp_package)))
+    assert sorted(p.name for p in fp_package.parent.iterdir()) == before
+
+
+def test_failure_while_writing_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch):
+    import coremltools as ct
+
+    def broken(desc, path):
+        Path(path).mkdir()  # a partial package...
+        (Path(path) / "Manifest.json").write_text("{")
+        raise OSError("disk full")  # ...then the write fails
+
+    monkeypatch.setattr(ct.utils, "save_multifunction", broken)
+    with pytest.raises(OSError, match="disk full"):
+        convert_tiny(tiny_model_dir, tmp_path / "m.mlpackage")
+    _nothing_left(tmp_path)

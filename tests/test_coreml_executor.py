@@ -172,18 +172,22 @@ def new_states(prog, name: str) -> dict[str, np.ndarray]:
     }
 
 
-def blob_bytes(weights_dir: str | Path, op, arg: str) -> tuple[int, bytes]:
-    """(MIL storage dtype code, raw bytes) that argument ``arg`` of spec op ``op`` stores in
-    weight.bin (constexpr ops carry their constant inputs inline, as blob references)."""
+def blob_bytes(weights_dir: str | Path, op, arg: str) -> tuple[str, bytes]:
+    """(where, raw bytes) of the constant argument ``arg`` of spec op ``op``: "blob" when it is
+    stored in weight.bin (read past the blob's metadata record), "immediate" when small enough to
+    sit in the spec itself. Constexpr ops carry their constant inputs inline like this."""
     value = op.inputs[arg].arguments[0].value
-    assert value.WhichOneof("value") == "blobFileValue", f"{arg} is not stored in weight.bin"
+    if value.WhichOneof("value") == "immediateValue":
+        tensor = value.immediateValue.tensor
+        assert tensor.WhichOneof("value") == "bytes", f"{arg}: not a raw-bytes immediate"
+        return "immediate", tensor.bytes.values
     offset = value.blobFileValue.offset
     with open(Path(weights_dir) / "weight.bin", "rb") as f:
         f.seek(offset)
-        sentinel, dtype, size, data_offset = struct.unpack("<IIQQ", f.read(24))
+        sentinel, _dtype, size, data_offset = struct.unpack("<IIQQ", f.read(24))
         assert sentinel == 0xDEADBEEF, "not a blob metadata record"
         f.seek(data_offset)
-        return dtype, f.read(size)
+        return "blob", f.read(size)
 
 
 # --- the executor's own tests ------------------------------------------------------------------------
@@ -295,7 +299,8 @@ def test_lut_bytes_are_lsb_first_rows(tmp_path):
         for o in b.operations
         if o.type == "constexpr_lut_to_dense"
     )
-    _, raw = blob_bytes(model.weights_dir, op, "indices")
+    where, raw = blob_bytes(model.weights_dir, op, "indices")
+    assert where == "blob"
     want = (idx[:, 0::2] | (idx[:, 1::2] << 4)).astype(np.uint8).tobytes()
     assert raw == want
     _, raw_lut = blob_bytes(model.weights_dir, op, "lut")

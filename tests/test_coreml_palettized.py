@@ -1,0 +1,133 @@
+"""Core ML conversion of palettized models: LUTs and indices in the package equal the MLX model's
+byte for byte (mixed bits, column-grouped LUTs, 8-bit embedding), and logits match MLX."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.nn as nn
+import numpy as np
+import pytest
+from coremltools.proto import MIL_pb2
+from mlx.utils import tree_flatten
+from test_coreml import (
+    CONTEXT,
+    DECODE,
+    PROMPT,
+    assert_logits_close,
+    convert_tiny,
+    coreml_logits,
+    mlx_logits,
+)
+from test_coreml_executor import blob_bytes, open_package
+
+from afm_mlx.model import load_model, save_model
+from afm_mlx.palettized import AFM_EMBEDDING_SETTINGS, palettize_model
+from converters.coreml import package_bytes
+from converters.coreml_weights import load_for_conversion
+
+
+def mixed_bits(path: str, module: nn.Module):
+    """Every bit width the converter must carry, plus column-grouped LUTs and AFM's embedding."""
+    if isinstance(module, nn.Embedding):
+        return dict(AFM_EMBEDDING_SETTINGS)
+    if path.endswith("down_proj"):
+        return {"bits": 2}
+    if path == "model.layers.1.self_attn.v_proj":
+        return {"bits": 3}
+    if path == "model.layers.0.mlp.up_proj":
+        return {"bits": 6}
+    if path == "model.layers.1.self_attn.o_proj":
+        return {"bits": 4, "axis": 1}  # LUTs shared by groups of 16 input columns
+    if path == "model.layers.0.self_attn.k_proj":
+        return {"bits": 1, "group_size": 32}
+    return True  # 4-bit, 16 output channels per LUT
+
+
+@pytest.fixture(scope="module")
+def pal_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    model, config, _ = load_model(tiny_model_dir)
+    chosen = palettize_model(model, class_predicate=mixed_bits)
+    out = tmp_path_factory.mktemp("tiny_pal")
+    return save_model(out, model, {**config, "palettization": {"layers": chosen}})
+
+
+@pytest.fixture(scope="module")
+def pal_package(pal_model_dir, tmp_path_factory) -> Path:
+    return convert_tiny(pal_model_dir, tmp_path_factory.mktemp("coreml_pal") / "pal.mlpackage")
+
+
+def _lut_ops(spec, function: str = "decode") -> dict:
+    func = spec.mlProgram.functions[function]
+    return {
+        op.outputs[0].name: op
+        for block in func.block_specializations.values()
+        for op in block.operations
+        if op.type == "constexpr_lut_to_dense"
+    }
+
+
+def _mlx_layer(model, op_name: str):
+    """The MLX module a constexpr op was built from (names: l{i}_{proj}_weight, embed_tokens)."""
+    if op_name == "embed_tokens":
+        return model.model.embed_tokens
+    layer, proj = op_name[1:].removesuffix("_weight").split("_", 1)
+    block = model.model.layers[int(layer)]
+    owner = block.mlp if proj in ("gate_proj", "up_proj", "down_proj") else block.self_attn
+    return getattr(owner, proj)
+
+
+def test_luts_and_indices_bit_exact(pal_model_dir, pal_package):
+    model, _ = load_for_conversion(pal_model_dir)
+    package, spec, _ = open_package(pal_package)
+    ops = _lut_ops(spec)
+    assert len(ops) == 2 * 7 + 1  # every projection and the (tied) embedding
+    seen_bits = set()
+    for name, op in ops.items():
+        layer = _mlx_layer(model, name)
+        where, indices = blob_bytes(package.weights_dir, op, "indices")
+        assert where == "blob", name
+        _, lut = blob_bytes(package.weights_dir, op, "lut")
+        index_type = op.inputs["indices"].arguments[0].value.type.tensorType.dataType
+        assert MIL_pb2.DataType.Name(index_type) == f"UINT{layer.bits}", name
+        assert indices == np.array(layer.packed).tobytes(), name
+        assert lut == np.array(layer.lut).tobytes(), name
+        seen_bits.add(layer.bits)
+    assert seen_bits == {1, 2, 3, 4, 6, 8}
+    emb = ops["embed_tokens"]
+    lut_shape = [
+        d.constant.size for d in emb.inputs["lut"].arguments[0].value.type.tensorType.dimensions
+    ]
+    assert lut_shape == [512, 1, 256, 1]  # 8-bit, one LUT per token row, as in MLX
+
+
+def test_every_function_shares_the_same_blobs(pal_package):
+    """prefill and decode point at the same weight.bin offsets: the base is stored once."""
+    _, spec, _ = open_package(pal_package)
+    offsets = {
+        fn: {
+            name: op.inputs["indices"].arguments[0].value.blobFileValue.offset
+            for name, op in _lut_ops(spec, fn).items()
+        }
+        for fn in ("decode", "prefill")
+    }
+    assert offsets["decode"] == offsets["prefill"]
+
+
+def test_package_size_matches_bits_per_weight(pal_model_dir, pal_package):
+    """weight.bin = packed indices + LUTs + fp16 norms + RoPE tables, within 2%."""
+    model, _ = load_for_conversion(pal_model_dir)
+    expected = 0
+    for name, p in tree_flatten(model.parameters()):
+        expected += p.nbytes if name.endswith(("packed", "lut")) else p.size * 2
+    expected += 2 * CONTEXT * 16 * 2
+    weights = pal_package / "Data" / "com.apple.CoreML" / "weights" / "weight.bin"
+    # Blob records carry 64-byte headers and 64-byte alignment: a few % at this tiny size.
+    assert 1.0 <= weights.stat().st_size / expected < 1.12, (weights.stat().st_size, expected)
+    assert package_bytes(pal_package) > weights.stat().st_size
+
+
+def test_palettized_logits_match_mlx(pal_model_dir, pal_package):
+    model, _ = load_for_conversion(pal_model_dir)
+    _, _, prog = open_package(pal_package)
+    assert_logits_close(coreml_logits(prog, PROMPT, DECODE), mlx_logits(model, PROMPT, DECODE))
