@@ -247,6 +247,13 @@ def load_model(
     config = read_json(path / "config.json", "model config (config.json)")
     validate_config(config, str(path / "config.json"))
     model = build_model(config)
+    if "palettization" in config:
+        from afm_mlx.palettized import apply_palettization_config
+
+        try:
+            apply_palettization_config(model, config["palettization"])
+        except ValueError as e:
+            raise UserError(f"{path / 'config.json'}: {e}") from e
     files = weight_files(path)
     if not files:
         raise UserError(f"{path}: no model*.safetensors weights found")
@@ -307,7 +314,8 @@ def save_model(
         atomic_write_json(index, {"metadata": {"total_size": total}, "weight_map": weight_map})
     else:
         index.unlink(missing_ok=True)
-    dtype = next(iter(weights.values())).dtype if weights else mx.float32
+    floats = [v.dtype for v in weights.values() if mx.issubdtype(v.dtype, mx.floating)]
+    dtype = max(set(floats), key=floats.count) if floats else mx.float32
     saved = copy.deepcopy(config)
     saved["torch_dtype"] = str(dtype).split(".")[-1]
     atomic_write_json(out / "config.json", saved)

@@ -1,0 +1,410 @@
+"""Palettize a model: ``python -m afm_mlx.palettize --model DIR --out DIR [--bits 4 | --target-bpw 3.7]``.
+
+Every projection (attention and FFN ``nn.Linear``) becomes a ``PalettizedLinear`` with grouped
+k-means LUTs; the embedding (and so the tied LM head) becomes an 8-bit ``PalettizedEmbedding``.
+With ``--target-bpw`` each layer gets its own bit width: the damage of every (layer, bits) choice
+is measured as the KL divergence of the model's next-token distribution on calibration batches
+when that layer alone is palettized, and an exact multiple-choice knapsack picks the bits that
+meet the budget with the least summed damage.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from afm_mlx import runtime
+from afm_mlx.cli import UserError, parse_config, run_main
+from afm_mlx.data import PackedDataset, build_token_cache, split_train_valid
+from afm_mlx.kmeans import SUPPORTED_BITS, check_palettization_settings
+from afm_mlx.losses import token_nll
+from afm_mlx.model import load_model, save_model
+from afm_mlx.packing import packed_length
+from afm_mlx.palettized import PalettizedLinear, bits_per_weight, palettize_model
+
+
+@dataclass
+class PalettizeConfig:
+    model: str = field(default="", metadata={"help": "fp checkpoint folder or HF repo id"})
+    out: str = field(default="", metadata={"help": "output folder for the palettized model"})
+    bits: int = field(
+        default=4,
+        metadata={"help": "bits per weight of every projection", "choices": list(SUPPORTED_BITS)},
+    )
+    target_bpw: float | None = field(
+        default=None, metadata={"help": "mixed bits: average bits per projection weight (2-8)"}
+    )
+    bit_choices: list[int] = field(
+        default_factory=lambda: [2, 3, 4, 6, 8],
+        metadata={"help": "bit widths --target-bpw may assign"},
+    )
+    group_size: int = field(default=16, metadata={"help": "channels sharing one LUT"})
+    axis: int = field(
+        default=0,
+        metadata={"help": "0: group output channels, 1: input channels", "choices": [0, 1]},
+    )
+    embedding_bits: int = field(default=8, metadata={"help": "embedding bits (0: keep float)"})
+    embedding_group_size: int = field(
+        default=16, metadata={"help": "embedding rows sharing one LUT (1: AFM's per-channel)"}
+    )
+    calibration: str = field(
+        default="shakespeare", metadata={"help": "calibration corpus (text, folder, .jsonl)"}
+    )
+    calibration_batches: int = field(default=4, metadata={"help": "calibration batches"})
+    calibration_seq_len: int = field(default=128, metadata={"help": "calibration sequence length"})
+    sensitivity: str = field(
+        default="none",
+        metadata={
+            "help": "per-weight importance for k-means",
+            "choices": ["none", "activation", "fisher"],
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "seed for calibration sampling"})
+
+    def validate(self) -> None:
+        if not self.model or not self.out:
+            raise UserError("--model and --out are required")
+        if self.target_bpw is not None and not 2.0 <= self.target_bpw <= 8.0:
+            raise UserError(f"--target-bpw {self.target_bpw}: must be between 2 and 8 bits")
+        bad = [b for b in self.bit_choices if b not in SUPPORTED_BITS]
+        if bad or not self.bit_choices:
+            raise UserError(f"--bit-choices {bad}: supported bits are {list(SUPPORTED_BITS)}")
+        if self.embedding_bits and self.embedding_bits not in SUPPORTED_BITS:
+            raise UserError(f"--embedding-bits {self.embedding_bits}: use 0 or {SUPPORTED_BITS}")
+        if self.group_size <= 0 or self.calibration_batches <= 0:
+            raise UserError("--group-size and --calibration-batches must be positive")
+
+
+# --- calibration -------------------------------------------------------------------------------
+
+
+def calibration_batches(cfg: PalettizeConfig, model_dir: Path, vocab: int) -> list[mx.array]:
+    """Token windows from the training split of the calibration corpus (held-out data untouched)."""
+    cache = build_token_cache(cfg.calibration, model_dir)
+    tokens, _ = split_train_valid(cache, 0.05, seed=0)
+    data = PackedDataset(tokens, cfg.calibration_seq_len, f"--calibration {cfg.calibration}")
+    need = cfg.calibration_batches * 4
+    if len(data) < need:
+        raise UserError(f"--calibration {cfg.calibration}: too little text for {need} sequences")
+    order = np.random.default_rng(cfg.seed).permutation(len(data))[:need]
+    batches = [mx.array(data.batch(order[i : i + 4])) for i in range(0, need, 4)]
+    if max(int(b.max().item()) for b in batches) >= vocab:
+        raise UserError(f"{model_dir}: tokenizer ids exceed the model's vocab_size")
+    return batches
+
+
+class _InputStats(nn.Module):
+    """Wraps a Linear to accumulate the second moment of each input channel."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.sum_sq = mx.zeros((inner.weight.shape[1],))
+        self.count = 0
+
+    def __call__(self, x: mx.array) -> mx.array:
+        flat = x.reshape(-1, x.shape[-1]).astype(mx.float32)
+        self.sum_sq = self.sum_sq + mx.sum(flat * flat, axis=0)
+        self.count += flat.shape[0]
+        return self.inner(x)
+
+
+def linear_paths(model: nn.Module) -> list[str]:
+    """Paths of the projection layers (every nn.Linear, the LM head excepted)."""
+    return [
+        p
+        for p, m in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module)
+        if isinstance(m, nn.Linear) and not p.startswith("lm_head")
+    ]
+
+
+def _swap(model: nn.Module, path: str, module: nn.Module) -> None:
+    model.update_modules(tree_unflatten([(path, module)]))
+
+
+def activation_importance(model: nn.Module, paths: list[str], batches) -> dict[str, mx.array]:
+    """Per-weight importance E[x_j^2] of each layer's input channel j (broadcast over rows)."""
+    modules = dict(tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module))
+    stats = {p: _InputStats(modules[p]) for p in paths}
+    for p, s in stats.items():
+        _swap(model, p, s)
+    for b in batches:
+        mx.eval(model(b[:, :-1]), [s.sum_sq for s in stats.values()])
+    for p, s in stats.items():
+        _swap(model, p, s.inner)
+    return {
+        p: mx.broadcast_to((s.sum_sq / s.count)[None, :], s.inner.weight.shape) + 1e-8
+        for p, s in stats.items()
+    }
+
+
+def fisher_importance(model: nn.Module, paths: list[str], batches) -> dict[str, mx.array]:
+    """Diagonal Fisher (mean squared gradient of the loss) per weight, as in SqueezeLLM."""
+
+    def loss(m, b):
+        return mx.mean(token_nll(m(b[:, :-1]).astype(mx.float32), b[:, 1:]))
+
+    grad_fn = nn.value_and_grad(model, loss)
+    wanted = {f"{p}.weight" for p in paths}
+    acc: dict[str, mx.array] = {}
+    for b in batches:
+        _, grads = grad_fn(model, b)
+        for name, g in tree_flatten(grads):
+            if name in wanted:
+                acc[name] = acc.get(name, 0) + g.astype(mx.float32) ** 2
+        mx.eval(acc)
+    return {p: acc[f"{p}.weight"] / len(batches) + 1e-12 for p in paths}
+
+
+# --- mixed-bit allocation ----------------------------------------------------------------------
+
+
+def layer_storage_bits(shape: tuple[int, int], bits: int, group_size: int, axis: int) -> int:
+    """Stored bits of a palettized (out, in) weight: packed indices + fp16 LUTs."""
+    rows, cols = shape
+    n_groups = (rows if axis == 0 else cols) // group_size
+    return 8 * rows * packed_length(cols, bits) + 16 * n_groups * (1 << bits)
+
+
+def _kl_to_reference(logits: mx.array, ref_logprobs: mx.array) -> float:
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return mx.mean(mx.sum(mx.exp(ref_logprobs) * (ref_logprobs - logprobs), axis=-1)).item()
+
+
+def _logits_from_hidden(model: nn.Module, h: mx.array) -> mx.array:
+    h = model.model.norm(h)
+    head = model.lm_head if "lm_head" in model else model.model.embed_tokens.as_linear
+    return head(h).astype(mx.float32)
+
+
+def measure_sensitivity(
+    model: nn.Module,
+    paths: list[str],
+    choices: list[int],
+    cfg: PalettizeConfig,
+    batches: list[mx.array],
+    importance: dict[str, mx.array] | None,
+    progress=None,
+) -> dict[str, dict[int, float]]:
+    """KL(fp || model with only ``path`` palettized at b bits) for every layer and choice.
+
+    Only the blocks from the changed layer's block onwards are re-run: the fp hidden states
+    entering every block are computed once.
+    """
+    blocks = model.model.layers
+    inputs = [b[:, :-1] for b in batches]
+    hidden = []  # hidden[i][j]: input of block i for batch j
+    h = [model.model.embed_tokens(x) for x in inputs]
+    for block in blocks:
+        hidden.append(h)
+        h = [block(x, mask="causal") for x in h]
+        mx.eval(h)
+    ref = [_logits_from_hidden(model, x) for x in h]
+    ref = [r - mx.logsumexp(r, axis=-1, keepdims=True) for r in ref]
+    mx.eval(ref)
+    modules = dict(tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module))
+    result: dict[str, dict[int, float]] = {}
+    for path in paths:
+        block_index = int(path.split("layers.")[1].split(".")[0])
+        original = modules[path]
+        result[path] = {}
+        for bits in choices:
+            imp = importance.get(path) if importance else None
+            candidate = PalettizedLinear.from_linear(original, bits, cfg.group_size, cfg.axis, imp)
+            _swap(model, path, candidate)
+            kls = []
+            for j in range(len(batches)):
+                x = hidden[block_index][j]
+                for block in blocks[block_index:]:
+                    x = block(x, mask="causal")
+                kls.append(_kl_to_reference(_logits_from_hidden(model, x), ref[j]))
+            result[path][bits] = float(np.mean(kls))
+            _swap(model, path, original)
+            if progress is not None:
+                progress.update(1)
+    return result
+
+
+def allocate_bits(
+    shapes: dict[str, tuple[int, int]],
+    damage: dict[str, dict[int, float]],
+    target_bpw: float,
+    group_size: int,
+    axis: int,
+    resolution: int = 20_000,
+) -> dict[str, int]:
+    """Bits per layer minimizing summed damage with total storage <= target_bpw x weights.
+
+    A multiple-choice knapsack solved exactly by dynamic programming over the budget, cut into
+    ``resolution`` units; costs are rounded up to whole units, so the budget is never exceeded.
+    """
+    paths = list(damage)
+    n_weights = sum(r * c for r, c in shapes.values())
+    budget = target_bpw * n_weights
+    unit = budget / resolution
+    options = []
+    for p in paths:
+        bits = sorted(damage[p])
+        units = [math.ceil(layer_storage_bits(shapes[p], b, group_size, axis) / unit) for b in bits]
+        options.append((bits, units, [damage[p][b] for b in bits]))
+    if sum(min(units) for _, units, _ in options) > resolution:
+        floor = (
+            sum(
+                min(layer_storage_bits(shapes[p], b, group_size, axis) for b in damage[p])
+                for p in paths
+            )
+            / n_weights
+        )
+        raise UserError(
+            f"--target-bpw {target_bpw}: below the smallest achievable {floor:.3f} bits per weight "
+            f"with --bit-choices {sorted(damage[paths[0]])} and --group-size {group_size}"
+        )
+    best = np.zeros(resolution + 1)  # best[c]: least damage of the layers so far within c units
+    picks = []
+    for _, units, dmg in options:
+        new = np.full(resolution + 1, np.inf)
+        pick = np.zeros(resolution + 1, dtype=np.int8)
+        for k, (u, d) in enumerate(zip(units, dmg)):
+            if u > resolution:
+                continue
+            cand = np.full(resolution + 1, np.inf)
+            cand[u:] = best[: resolution + 1 - u] + d
+            better = cand < new
+            new[better], pick[better] = cand[better], k
+        best = new
+        picks.append(pick)
+    choice, c = {}, resolution
+    for p, (bits, units, _), pick in zip(reversed(paths), reversed(options), reversed(picks)):
+        k = int(pick[c])
+        choice[p] = bits[k]
+        c -= units[k]
+    return {p: choice[p] for p in paths}
+
+
+# --- the stage ---------------------------------------------------------------------------------
+
+
+def palettize(cfg: PalettizeConfig) -> dict[str, Any]:
+    """Palettize ``cfg.model`` into ``cfg.out``; returns a summary (per-layer table and totals)."""
+    from tqdm import tqdm
+
+    cfg.validate()
+    out = Path(cfg.out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--out {out}: folder is not empty; choose another")
+    start = time.perf_counter()
+    model, config, model_dir = load_model(cfg.model)
+    paths = linear_paths(model)
+    if not paths:
+        already = " (it is already palettized)" if "palettization" in config else ""
+        raise UserError(f"--model {cfg.model}: has no float linear layers to palettize{already}")
+    modules = dict(tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module))
+    shapes = {p: tuple(modules[p].weight.shape) for p in paths}
+    originals = {p: modules[p].weight for p in paths}
+    # Refuse impossible settings before any slow work.
+    checks = [(p, shapes[p], cfg.group_size, cfg.axis, "--group-size") for p in paths]
+    if cfg.embedding_bits:
+        emb = model.model.embed_tokens.weight.shape
+        checks.append(
+            ("model.embed_tokens", emb, cfg.embedding_group_size, 0, "--embedding-group-size")
+        )
+    for p, shape, group, axis, flag in checks:
+        try:
+            check_palettization_settings(tuple(shape), cfg.bits, group, axis)
+        except ValueError as e:
+            raise UserError(f"{flag} {group}: {p}: {e}") from e
+    need_calibration = cfg.target_bpw is not None or cfg.sensitivity != "none"
+    batches = calibration_batches(cfg, model_dir, config["vocab_size"]) if need_calibration else []
+
+    importance = None
+    if cfg.sensitivity == "activation":
+        importance = activation_importance(model, paths, batches)
+    elif cfg.sensitivity == "fisher":
+        importance = fisher_importance(model, paths, batches)
+
+    if cfg.target_bpw is None:
+        bits = {p: cfg.bits for p in paths}
+    else:
+        choices = sorted(set(cfg.bit_choices))
+        with tqdm(total=len(paths) * len(choices), desc="sensitivity", unit="trial") as bar:
+            damage = measure_sensitivity(model, paths, choices, cfg, batches, importance, bar)
+        bits = allocate_bits(shapes, damage, cfg.target_bpw, cfg.group_size, cfg.axis)
+
+    def predicate(path: str, module: nn.Module):
+        if path in bits:
+            return {"bits": bits[path], "group_size": cfg.group_size, "axis": cfg.axis}
+        if isinstance(module, nn.Embedding) and cfg.embedding_bits:
+            return {"bits": cfg.embedding_bits, "group_size": cfg.embedding_group_size, "axis": 0}
+        return False
+
+    with tqdm(total=1, desc="palettizing", unit="model") as bar:
+        try:
+            chosen = palettize_model(model, predicate, importance=importance)
+        except ValueError as e:
+            raise UserError(f"--group-size/--bits: {e}") from e
+        bar.update(1)
+
+    modules = dict(tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module))
+    table = []
+    for p in paths:
+        w, q = originals[p].astype(mx.float32), modules[p].dequantize(mx.float32)
+        rel = (mx.sum((w - q) ** 2) / mx.sum(w * w)).item()
+        table.append({"layer": p, "bits": bits[p], "shape": list(shapes[p]), "rel_mse": rel})
+    del originals
+    new_config = dict(config)
+    new_config["palettization"] = {
+        "method": "grouped-kmeans-lut",
+        "sensitivity": cfg.sensitivity,
+        "target_bpw": cfg.target_bpw,
+        "layers": chosen,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(out, model, new_config, model_dir)
+    bpw = bits_per_weight(model)
+    size = sum(f.stat().st_size for f in out.glob("model*.safetensors"))
+    proj_bits = sum(layer_storage_bits(shapes[p], bits[p], cfg.group_size, cfg.axis) for p in paths)
+    proj_weights = sum(r * c for r, c in shapes.values())
+    return {
+        "layers": table,
+        "projection_bpw": proj_bits / proj_weights,
+        "model_bpw": bpw["model"],
+        "size_bytes": size,
+        "seconds": time.perf_counter() - start,
+        "out": str(out),
+    }
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    print(f"{'layer':<44} {'bits':>4} {'shape':>14} {'rel. error':>11}")
+    for row in summary["layers"]:
+        shape = "x".join(map(str, row["shape"]))
+        print(f"{row['layer']:<44} {row['bits']:>4} {shape:>14} {row['rel_mse']:>11.3e}")
+    print(
+        f"projections {summary['projection_bpw']:.3f} bpw; whole model {summary['model_bpw']:.3f} "
+        f"bpw; weights on disk {summary['size_bytes'] / 2**20:.2f} MiB; "
+        f"{summary['seconds']:.1f} s; saved to {summary['out']}"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    runtime.ensure_fast_blas(argv)
+
+    def body() -> None:
+        cfg = parse_config(
+            PalettizeConfig, argv, "python -m afm_mlx.palettize", __doc__.splitlines()[0]
+        )
+        print_summary(palettize(cfg))
+
+    run_main(body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""The palettize stage: CLI, mixed bits to a budget, saved files, reload, bad input."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import struct
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import one_line_error, run_cli
+from mlx.utils import tree_flatten
+
+from afm_mlx.cli import UserError
+from afm_mlx.model import load, load_model
+from afm_mlx.palettize import PalettizeConfig, allocate_bits, layer_storage_bits, palettize
+from afm_mlx.palettized import PalettizedEmbedding, PalettizedLinear, bits_per_weight
+
+TOKENS = mx.array([[5, 17, 300, 42, 9, 77, 123, 4, 250, 8]])
+
+
+@pytest.fixture(scope="module")
+def lut4_dir(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lut4") / "model"
+    proc = run_cli("afm_mlx.palettize", "--model", tiny_model_dir, "--out", out, "--bits", "4")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "bpw" in proc.stdout and "model.layers.1.mlp.down_proj" in proc.stdout
+    return out
+
+
+def test_palettized_checkpoint_reloads_and_matches_its_dequantized_weights(
+    lut4_dir, tiny_model_dir
+):
+    model, config, _ = load_model(lut4_dir)
+    layers = config["palettization"]["layers"]
+    assert layers["model.layers.0.self_attn.q_proj"] == {"bits": 4, "group_size": 16, "axis": 0}
+    assert layers["model.embed_tokens"]["bits"] == 8
+    assert isinstance(model.model.layers[1].mlp.up_proj, PalettizedLinear)
+    assert isinstance(model.model.embed_tokens, PalettizedEmbedding)
+    # The same architecture in float, given the dequantized weights, computes the same logits.
+    dense, _, _ = load_model(tiny_model_dir)
+    replacement = []
+    for name, module in tree_flatten(model.leaf_modules(), is_leaf=lambda m: hasattr(m, "lut")):
+        if hasattr(module, "dequantize"):
+            replacement.append((f"{name}.weight", module.dequantize(mx.float32)))
+    dense.load_weights(replacement, strict=False)
+    np.testing.assert_allclose(np.array(model(TOKENS)), np.array(dense(TOKENS)), atol=1e-5)
+    # ... and differs from the float original by a small, nonzero amount.
+    fp, _, _ = load_model(tiny_model_dir)
+    diff = np.abs(np.array(model(TOKENS)) - np.array(fp(TOKENS))).max()
+    assert 0 < diff < 0.5
+
+
+def test_size_on_disk_is_the_counted_bits(lut4_dir):
+    model, _, _ = load_model(lut4_dir)
+    counted = bits_per_weight(model)
+    path = lut4_dir / "model.safetensors"
+    raw = path.read_bytes()
+    header = struct.unpack("<Q", raw[:8])[0]
+    data_bytes = len(raw) - 8 - header
+    assert data_bytes == pytest.approx(counted["model"] * counted["model_weights"] / 8, rel=1e-9)
+
+
+def test_palettized_model_generates(lut4_dir):
+    from mlx_lm import generate
+
+    model, tokenizer = load(lut4_dir)
+    text = generate(model, tokenizer, "ROMEO.", max_tokens=8)
+    assert len(tokenizer.encode(text)) >= 4
+
+
+def test_target_bpw_is_met_with_mixed_bits(tiny_model_dir, tmp_path):
+    cfg = PalettizeConfig(
+        model=str(tiny_model_dir),
+        out=str(tmp_path / "mix"),
+        target_bpw=3.2,
+        bit_choices=[2, 4],
+        calibration_batches=1,
+        calibration_seq_len=32,
+    )
+    summary = palettize(cfg)
+    assert 3.0 <= summary["projection_bpw"] <= 3.2
+    assert {row["bits"] for row in summary["layers"]} == {2, 4}
+    model, config, _ = load_model(tmp_path / "mix")
+    recorded = config["palettization"]["layers"]
+    assert {recorded[r["layer"]]["bits"] for r in summary["layers"]} == {2, 4}
+    two_bit = [r["rel_mse"] for r in summary["layers"] if r["bits"] == 2]
+    four_bit = [r["rel_mse"] for r in summary["layers"] if r["bits"] == 4]
+    assert min(two_bit) > max(four_bit)  # error follows the assigned bits
+
+
+def test_allocation_matches_brute_force():
+    rng = np.random.default_rng(0)
+    shapes = {f"l{i}": (64, 64 * (1 + i % 3)) for i in range(6)}
+    damage = {
+        p: {
+            2: float(rng.uniform(1, 5)),
+            3: float(rng.uniform(0.3, 1)),
+            4: float(rng.uniform(0, 0.3)),
+        }
+        for p in shapes
+    }
+    for target in (2.5, 3.0, 3.4, 3.9):
+        ours = allocate_bits(shapes, damage, target, 16, 0)
+        budget = target * sum(r * c for r, c in shapes.values())
+
+        def cost(choice):
+            return sum(layer_storage_bits(shapes[p], b, 16, 0) for p, b in choice.items())
+
+        assert cost(ours) <= budget
+        best = min(
+            (
+                dict(zip(shapes, combo))
+                for combo in itertools.product([2, 3, 4], repeat=len(shapes))
+                if cost(dict(zip(shapes, combo))) <= budget
+            ),
+            key=lambda c: sum(damage[p][b] for p, b in c.items()),
+        )
+        ours_damage = sum(damage[p][b] for p, b in ours.items())
+        best_damage = sum(damage[p][b] for p, b in best.items())
+        assert ours_damage <= best_damage * 1.001 + 1e-9, (target, ours, best)
+
+
+@pytest.mark.parametrize("sensitivity", ["activation", "fisher"])
+def test_sensitivity_weighting_runs_and_is_recorded(tiny_model_dir, tmp_path, sensitivity):
+    cfg = PalettizeConfig(
+        model=str(tiny_model_dir),
+        out=str(tmp_path / sensitivity),
+        bits=3,
+        sensitivity=sensitivity,
+        calibration_batches=1,
+        calibration_seq_len=32,
+    )
+    palettize(cfg)
+    config = json.loads((tmp_path / sensitivity / "config.json").read_text())
+    assert config["palettization"]["sensitivity"] == sensitivity
+
+
+def test_budget_below_two_bits_and_below_reach(tiny_model_dir, tmp_path):
+    line = one_line_error(
+        run_cli(
+            "afm_mlx.palettize",
+            "--model",
+            tiny_model_dir,
+            "--out",
+            tmp_path / "x",
+            "--target-bpw",
+            "1.5",
+        )
+    )
+    assert "--target-bpw 1.5: must be between 2 and 8" in line
+    with pytest.raises(UserError, match="below the smallest achievable"):
+        allocate_bits({"a": (16, 16)}, {"a": {2: 1.0, 4: 0.1}}, 2.0, 16, 0)
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--group-size", "7"], "group"),
+        (["--bits", "5"], "--bits 5 is not valid"),
+        (["--bit-choices", "2", "5"], "--bit-choices [5]"),
+        (["--model", "{tmp}/absent"], "no such model folder"),
+    ],
+)
+def test_bad_input(tiny_model_dir, tmp_path, args, match):
+    args = [a.format(tmp=tmp_path) for a in args]
+    base = ["--out", str(tmp_path / "out")]
+    if "--model" not in args:
+        base += ["--model", str(tiny_model_dir)]
+    line = one_line_error(run_cli("afm_mlx.palettize", *base, *args))
+    assert match.format(tmp=tmp_path) in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_already_palettized_model_has_no_linear_layers(lut4_dir, tmp_path):
+    line = one_line_error(
+        run_cli("afm_mlx.palettize", "--model", lut4_dir, "--out", tmp_path / "o")
+    )
+    assert "no float linear layers to palettize (it is already palettized)" in line
+
+
+def test_existing_output_is_not_overwritten(tiny_model_dir, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    line = one_line_error(
+        run_cli("afm_mlx.palettize", "--model", tiny_model_dir, "--out", tmp_path / "out")
+    )
+    assert "not empty" in line and (tmp_path / "out" / "keep.txt").read_text() == "mine"
