@@ -182,6 +182,26 @@ def test_few_distinct_values_are_reproduced_exactly():
     assert mx.array_equal(lut_to_dense(lut, idx, 16), const)
 
 
+def test_sorted_layout_searches_agree():
+    """The CPU's searchsorted and the gathers-only search used on other backends."""
+    from afm_mlx.kmeans import (
+        _fp16_keys,
+        _sorted_layout,
+        _sorted_position_gathers,
+        _sorted_position_searchsorted,
+    )
+
+    rng = np.random.default_rng(6)
+    keys = _fp16_keys(mx.array((rng.normal(size=(5, 300)) * 0.02).astype(np.float16)))
+    _, _, v, index, _, _ = _sorted_layout(keys, None, mx.float32)
+    x = mx.array(rng.normal(size=(5, 40)).astype(np.float32) * 0.03)
+    x = mx.concatenate([x, v[:, :7], mx.full((5, 1), 9.0)], axis=-1)  # ties and beyond the end
+    fast = _sorted_position_searchsorted(index, x, 300)
+    assert mx.array_equal(fast, _sorted_position_gathers(v, x, 300))
+    expected = np.sum(np.array(v)[:, None, :] < np.array(x)[:, :, None], axis=-1)
+    assert np.array_equal(np.array(fast), expected)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
