@@ -20,6 +20,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +55,7 @@ class ConvertResult:
     seconds: float
     bytes: int
     logit_chunks: list[int]
+    phases: dict[str, float]  # seconds: "load" (read + extract), "build" (MIL + serialize), "save"
 
 
 def _merge_repeated_adapter_flags(argv: list[str]) -> list[str]:
@@ -134,8 +136,12 @@ def _set_metadata(package: Path, metadata: dict[str, str]) -> None:
     spec_path.write_bytes(spec.SerializeToString())
 
 
-def convert(cfg: ConvertConfig) -> ConvertResult:
-    """Validate, read the model (and adapters), build every function, write the package atomically."""
+def convert(cfg: ConvertConfig, progress: Callable[[str], None] | None = None) -> ConvertResult:
+    """Validate, read the model (and adapters), build every function, write the package atomically.
+
+    ``progress`` receives one line per finished phase (the CLI prints them: a 3B model takes minutes).
+    """
+    say = progress or (lambda _msg: None)
     model_dir, out, adapter_specs = validate(cfg)
     from afm_mlx.fileio import read_json
     from converters.coreml_weights import check_convertible
@@ -152,6 +158,10 @@ def convert(cfg: ConvertConfig) -> ConvertResult:
     fingerprint = model_fingerprint(model) if adapter_specs else ""
     loras = [read_lora(name, folder, weights, fingerprint) for name, folder in adapter_specs]
     del model  # everything needed is in ``weights`` now
+    phases = {"load": time.perf_counter() - start}
+    say(
+        f"read {model_dir} ({len(weights.layers)} layers, {len(loras)} adapters) in {phases['load']:.1f} s"
+    )
 
     ct = _quiet_coremltools()
     from converters.coreml_program import build_function
@@ -184,34 +194,46 @@ def convert(cfg: ConvertConfig) -> ConvertResult:
             mlmodel.save(str(part))
             del mlmodel, prog
             desc.add_function(str(part), "main", name)
+            say(f"built {name} ({seq} tokens per call) at {time.perf_counter() - start:.1f} s")
         desc.default_function_name = "decode"
+        phases["build"] = time.perf_counter() - start - phases["load"]
+        vocab, names = weights.vocab, [f[0] for f in functions]
+        adapters_meta = {x.name: str(x.folder) for x in loras}
+        # The unpacked indices (1 byte per weight) are no longer needed: free them before
+        # save_multifunction reads every function back (the conversion's memory peak).
+        del weights, loras, lora, functions
         ct.utils.save_multifunction(desc, str(staged))
-        chunks = [
-            min(cfg.head_chunk, weights.vocab - s) for s in range(0, weights.vocab, cfg.head_chunk)
-        ]
+        chunks = [min(cfg.head_chunk, vocab - s) for s in range(0, vocab, cfg.head_chunk)]
         _set_metadata(
             staged,
             {
                 "afm_mlx.context": str(cfg.context),
                 "afm_mlx.prefill_chunk": str(cfg.prefill_chunk),
                 "afm_mlx.logit_chunks": json.dumps(chunks),
-                "afm_mlx.functions": json.dumps([f[0] for f in functions]),
-                "afm_mlx.adapters": json.dumps({x.name: str(x.folder) for x in loras}),
+                "afm_mlx.functions": json.dumps(names),
+                "afm_mlx.adapters": json.dumps(adapters_meta),
                 "afm_mlx.source_model": str(model_dir.resolve()),
                 "afm_mlx.base_fingerprint": fingerprint,
             },
         )
         if out.exists():  # --overwrite: move the old package aside only once the new one is done
             shutil.move(str(out), str(work / "replaced.mlpackage"))
-        os.replace(staged, out)
+            try:
+                os.replace(staged, out)
+            except OSError:
+                shutil.move(str(work / "replaced.mlpackage"), str(out))
+                raise
+        else:
+            os.replace(staged, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return ConvertResult(
         path=out,
-        functions=[f[0] for f in functions],
+        functions=names,
         seconds=time.perf_counter() - start,
         bytes=package_bytes(out),
         logit_chunks=chunks,
+        phases={**phases, "save": time.perf_counter() - start - phases["load"] - phases["build"]},
     )
 
 
@@ -224,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     def body() -> None:
         args = _merge_repeated_adapter_flags(sys.argv[1:] if argv is None else argv)
         cfg = parse_config(ConvertConfig, args, PROG, __doc__.splitlines()[0])
-        result = convert(cfg)
+        result = convert(cfg, progress=print)
         print(
             f"wrote {result.path} ({result.bytes / 1e6:.1f} MB) in {result.seconds:.1f} s; "
             f"functions: {', '.join(result.functions)}; logits chunks {result.logit_chunks}"

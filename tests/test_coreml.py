@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -241,3 +243,38 @@ def test_failure_while_writing_leaves_nothing(tiny_model_dir, tmp_path, monkeypa
     with pytest.raises(OSError, match="disk full"):
         convert_tiny(tiny_model_dir, tmp_path / "m.mlpackage")
     _nothing_left(tmp_path)
+
+
+def test_llama_with_biases_and_untied_head(tmp_path):
+    """The other family layout: no QK-norm, attention biases, a separate lm_head."""
+    from afm_mlx.model import build_model, init_weights, preset_config, save_model
+
+    config = preset_config(
+        "tiny", model_type="llama", attention_bias=True, tie_word_embeddings=False
+    )
+    model = build_model(config)
+    init_weights(model, config, seed=2)
+    key = mx.random.key(5)
+    for layer in model.model.layers:
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            proj = getattr(layer.self_attn, name)
+            key, sub = mx.random.split(key)
+            proj.bias = 0.1 * mx.random.normal(proj.bias.shape, key=sub)
+    model_dir = save_model(tmp_path / "llama", model, config)
+    _, _, prog = open_package(convert_tiny(model_dir, tmp_path / "llama.mlpackage"))
+    ops = {op.op_type for op in prog.functions["decode"].operations}
+    assert ops <= ANE_OPS
+    model, _, _ = load_model(model_dir)
+    assert_logits_close(coreml_logits(prog, PROMPT, DECODE), mlx_logits(model, PROMPT, DECODE))
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="the gate under test is for non-Macs")
+def test_coreml_check_is_gated_off_mac(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "scripts" / "coreml_check.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--package", str(tmp_path / "m.mlpackage"), "--model", "x"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "needs macOS 15" in one_line_error(proc) and "nothing was run" in proc.stderr

@@ -1,0 +1,184 @@
+"""Mac only: run a converted package on the Neural Engine and compare it with MLX token by token.
+
+    python scripts/coreml_check.py --package small.mlpackage --model runs/small
+    python scripts/coreml_check.py --package small.mlpackage --model runs/small-pal \\
+        --adapter chat=runs/chat-adapter --prompt "ROMEO." --steps 64
+
+Prefills the prompt through ``prefill[_NAME]`` in chunks, then decodes greedily with
+``decode[_NAME]`` on one shared ``MLState``. Every step's Core ML logits are compared with MLX's for
+the same tokens (MLX follows Core ML's choices, so one divergence does not cascade), and Core ML's
+time to first token and decode tokens/s are printed next to MLX's on the same machine.
+
+Needs macOS 15+ (Core ML states, iOS18 opset); elsewhere it stops with a one-line message. This
+script has not been run yet (written on Linux, where no Core ML runtime exists): treat its first
+run on a Mac as the check of the check.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from afm_mlx.cli import UserError, parse_config, run_main  # noqa: E402
+
+COMPUTE_UNITS = ("CPU_AND_NE", "CPU_ONLY", "CPU_AND_GPU", "ALL")
+
+
+@dataclass
+class CheckConfig:
+    package: str = field(default="", metadata={"help": "the converted .mlpackage"})
+    model: str = field(default="", metadata={"help": "the MLX model folder it was converted from"})
+    adapter: str = field(default="", metadata={"help": "NAME=DIR: check decode_NAME/prefill_NAME"})
+    prompt: str = field(default="The ", metadata={"help": "prompt text (needs the tokenizer)"})
+    steps: int = field(default=32, metadata={"help": "greedy decode steps"})
+    compute_units: str = field(
+        default="CPU_AND_NE", metadata={"help": "Core ML compute units", "choices": COMPUTE_UNITS}
+    )
+    min_agreement: float = field(
+        default=0.9, metadata={"help": "fail below this fraction of steps with MLX's argmax"}
+    )
+
+
+def require_macos() -> None:
+    """Core ML prediction with states needs macOS 15; say so plainly anywhere else."""
+    if sys.platform != "darwin":
+        raise UserError(
+            f"coreml_check.py runs Core ML models, which needs macOS 15 or later; this is "
+            f"{platform.system()} ({platform.machine()}), so nothing was run"
+        )
+    major = int(platform.mac_ver()[0].split(".")[0] or 0)
+    if major < 15:
+        raise UserError(f"macOS {platform.mac_ver()[0]}: Core ML states need macOS 15 or later")
+
+
+def package_metadata(path: Path) -> dict[str, str]:
+    import coremltools as ct
+
+    spec = ct.utils.load_spec(str(path))
+    meta = dict(spec.description.metadata.userDefined)
+    if "afm_mlx.context" not in meta:
+        raise UserError(f"--package {path}: not made by converters.coreml (no afm_mlx metadata)")
+    return meta
+
+
+def main_body(cfg: CheckConfig) -> None:
+    require_macos()
+    import coremltools as ct
+    import mlx.core as mx
+    import numpy as np
+    from mlx_lm.models.cache import make_prompt_cache
+
+    package = Path(cfg.package)
+    if not package.is_dir():
+        raise UserError(f"--package {package}: no such package")
+    meta = package_metadata(package)
+    context, chunk = int(meta["afm_mlx.context"]), int(meta["afm_mlx.prefill_chunk"])
+    suffix = ""
+    from converters.coreml_weights import load_for_conversion, parse_adapter_spec
+
+    model, config = load_for_conversion(Path(cfg.model))
+    if cfg.adapter:
+        from afm_mlx.lora import load_adapter
+
+        name, folder = parse_adapter_spec(cfg.adapter)
+        suffix = f"_{name}"
+        load_adapter(model, folder)
+    functions = json.loads(meta["afm_mlx.functions"])
+    if f"decode{suffix}" not in functions:
+        raise UserError(f"--package {package}: no function decode{suffix} (has {functions})")
+
+    try:
+        from mlx_lm.utils import load_tokenizer
+
+        tokenizer = load_tokenizer(Path(cfg.model))
+        prompt = tokenizer.encode(cfg.prompt)
+    except Exception as e:  # a bare checkpoint: fall back to fixed token ids
+        print(f"no tokenizer ({e}); using token ids 1..8 as the prompt")
+        tokenizer, prompt = None, list(range(1, 9))
+    if len(prompt) + cfg.steps > context:
+        raise UserError(f"prompt ({len(prompt)}) + --steps ({cfg.steps}) exceed context {context}")
+
+    units = getattr(ct.ComputeUnit, cfg.compute_units)
+    t = time.perf_counter()
+    prefill = ct.models.MLModel(str(package), compute_units=units, function_name=f"prefill{suffix}")
+    decode = ct.models.MLModel(str(package), compute_units=units, function_name=f"decode{suffix}")
+    load_s = time.perf_counter() - t
+    state = decode.make_state()  # one KV cache, shared by both functions
+
+    def logits_of(out: dict) -> np.ndarray:
+        names = sorted(out, key=lambda k: int(k.rsplit("_", 1)[1]))
+        return np.concatenate([np.asarray(out[k]) for k in names], axis=-1)[0].astype(np.float32)
+
+    # Core ML: prefill in chunks (last chunk padded), then greedy decode.
+    t = time.perf_counter()
+    for start in range(0, len(prompt), chunk):
+        ids = prompt[start : start + chunk]
+        out = prefill.predict(
+            {
+                "input_ids": np.array([ids + [0] * (chunk - len(ids))], np.int32),
+                "position": np.array([start], np.int32),
+            },
+            state=state,
+        )
+        last = logits_of(out)[len(ids) - 1]
+    ttft = time.perf_counter() - t
+    coreml_rows, tokens = [last], [int(last.argmax())]
+    t = time.perf_counter()
+    for i in range(cfg.steps - 1):
+        out = decode.predict(
+            {
+                "input_ids": np.array([[tokens[-1]]], np.int32),
+                "position": np.array([len(prompt) + i], np.int32),
+            },
+            state=state,
+        )
+        coreml_rows.append(logits_of(out)[0])
+        tokens.append(int(coreml_rows[-1].argmax()))
+    decode_s = time.perf_counter() - t
+
+    # MLX on the same tokens (teacher-forced with Core ML's choices), timed the same way.
+    cache = make_prompt_cache(model)
+    t = time.perf_counter()
+    mlx_rows = [model(mx.array([prompt]), cache=cache)[0, -1]]
+    mx.eval(mlx_rows[-1])
+    mlx_ttft = time.perf_counter() - t
+    t = time.perf_counter()
+    for tok in tokens[:-1]:
+        mlx_rows.append(model(mx.array([[tok]]), cache=cache)[0, -1])
+        mx.eval(mlx_rows[-1])
+    mlx_decode_s = time.perf_counter() - t
+    mlx_np = [np.array(r.astype(mx.float32)) for r in mlx_rows]
+
+    agree = sum(int(c.argmax() == m.argmax()) for c, m in zip(coreml_rows, mlx_np))
+    worst = max(float(np.abs(c - m).max() / (m.std() + 1e-9)) for c, m in zip(coreml_rows, mlx_np))
+    n_dec = max(1, cfg.steps - 1)
+    print(f"package {package} ({cfg.compute_units}), functions prefill{suffix}/decode{suffix}")
+    print(f"load+compile {load_s:.1f} s; prompt {len(prompt)} tokens, {cfg.steps} steps")
+    print(f"argmax agreement with MLX: {agree}/{len(tokens)}; worst max|diff|/std {worst:.3f}")
+    print(
+        f"time to first token: Core ML {1e3 * ttft:.1f} ms, MLX {1e3 * mlx_ttft:.1f} ms; "
+        f"decode: Core ML {n_dec / decode_s:.1f} tok/s, MLX {n_dec / mlx_decode_s:.1f} tok/s "
+        f"(ratio {mlx_decode_s / decode_s:.2f}x)"
+    )
+    if tokenizer is not None:
+        print("Core ML text:", repr(tokenizer.decode(tokens)))
+    if agree < cfg.min_agreement * len(tokens):
+        raise UserError(f"only {agree}/{len(tokens)} steps agree with MLX's argmax")
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_main(
+        lambda: main_body(
+            parse_config(CheckConfig, argv, "scripts/coreml_check.py", __doc__.splitlines()[0])
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
