@@ -203,9 +203,9 @@ def test_default_cli_run_learns_and_writes_a_model_that_generates(tmp_path):
         "--out",
         out,
         "--max-steps",
-        "16",
+        "12",
         "--eval-every",
-        "8",
+        "6",
         "--sample-tokens",
         "12",
         "--no-progress",
@@ -219,7 +219,7 @@ def test_default_cli_run_learns_and_writes_a_model_that_generates(tmp_path):
     val = [r["val_loss"] for r in records if "val_loss" in r]
     assert train_losses[-1] < train_losses[0] - 1.0 and val[-1] < val[0]
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
-    assert latest_checkpoint(out).name == "step-0000016"
+    assert latest_checkpoint(out).name == "step-0000012"
     from mlx_lm import generate
 
     model, tokenizer = load(out)
