@@ -25,9 +25,11 @@ CONTEXT, CHUNK = 32, 8
 PROMPT = [5, 17, 99, 3, 250, 41, 7, 300, 12, 64, 128]  # 11 tokens: one full chunk + a padded one
 DECODE = [77, 1, 420, 9]
 
-# Ops the Neural Engine executes (Apple's ANE-transformers reference and the Core ML op support
-# tables): elementwise arithmetic, 1x1 conv, matmul, softmax, reductions, layout ops, gather,
-# LUT weights, state access. int32 add/concat/greater/cast only touch positions (a few elements).
+# The ops this converter may emit: those Apple's ANE reference transformer (ml-ane-transformers)
+# and its stateful-LLM Core ML examples run on the Neural Engine (1x1 conv, matmul, softmax,
+# elementwise, reductions, layout ops, gather, LUT-compressed weights, state read/update). The int32
+# add/concat/greater/cast only compute positions and the mask (a few elements) and may run on CPU.
+# There is no public per-op ANE table, so this list is a review gate, not a device measurement.
 ANE_OPS = {
     "const",
     "constexpr_lut_to_dense",
