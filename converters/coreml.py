@@ -150,10 +150,10 @@ def convert(cfg: ConvertConfig, progress: Callable[[str], None] | None = None) -
     check_convertible(config, str(model_dir / "config.json"))
     start = time.perf_counter()
 
-    from afm_mlx.model import model_fingerprint
-    from converters.coreml_weights import extract_weights, load_for_conversion, read_lora
+    from afm_mlx.model import load_model, model_fingerprint
+    from converters.coreml_weights import extract_weights, read_lora
 
-    model, config = load_for_conversion(model_dir)
+    model, config, _ = load_model(model_dir)  # fp or palettized (config.json "palettization")
     weights = extract_weights(model, config, cfg.context)
     fingerprint = model_fingerprint(model) if adapter_specs else ""
     loras = [read_lora(name, folder, weights, fingerprint) for name, folder in adapter_specs]

@@ -17,7 +17,6 @@ import mlx.nn as nn
 import numpy as np
 
 from afm_mlx.cli import UserError
-from afm_mlx.fileio import load_safetensors, read_json
 
 # Architectures whose mlx-lm classes share the layout converted here: pre-norm decoder blocks with
 # q/k/v/o projections (optional per-head q/k RMSNorm) and a SwiGLU MLP.
@@ -114,37 +113,6 @@ def check_convertible(config: dict[str, Any], source: str) -> None:
         )
     if config.get("hidden_act", "silu") != "silu":
         raise UserError(f"{source}: hidden_act {config['hidden_act']!r} is not supported (silu)")
-
-
-def load_for_conversion(model_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Load an fp checkpoint with ``afm_mlx.model.load_model``, or a palettized one (config.json
-    has a ``palettization`` entry) by first swapping in the recorded palettized layers."""
-    from afm_mlx.model import build_model, check_weights_match, load_model, weight_files
-
-    config = read_json(model_dir / "config.json", "model config (config.json)")
-    if "palettization" not in config:
-        model, config, _ = load_model(model_dir)
-        return model, config
-    from afm_mlx.fileio import safetensors_shapes
-    from afm_mlx.palettized import apply_palettization_config
-
-    model = build_model(config)
-    try:
-        apply_palettization_config(model, config["palettization"])
-    except ValueError as e:
-        raise UserError(f"{model_dir / 'config.json'}: {e}") from e
-    files = weight_files(model_dir)
-    if not files:
-        raise UserError(f"{model_dir}: no model*.safetensors weights found")
-    shapes = {k: v for f in files for k, v in safetensors_shapes(f).items()}
-    shapes = model.sanitize(shapes) if hasattr(model, "sanitize") else shapes
-    check_weights_match(model, shapes, str(model_dir))
-    weights = {k: v for f in files for k, v in load_safetensors(f).items()}
-    weights = model.sanitize(weights) if hasattr(model, "sanitize") else weights
-    model.load_weights(list(weights.items()), strict=True)
-    mx.eval(model.parameters())
-    model.eval()
-    return model, config
 
 
 def _fp16(a: mx.array, what: str) -> np.ndarray:

@@ -107,9 +107,8 @@ def random_palettized_afm(out: Path, down_2bit_layers: range) -> Path:
 def make_adapter(base_dir: Path, out: Path, rank: int = 16) -> Path:
     from afm_mlx.lora import LoRASettings, attach_lora, lora_layers, save_adapter
     from afm_mlx.model import model_fingerprint
-    from converters.coreml_weights import load_for_conversion
 
-    model, _ = load_for_conversion(base_dir)
+    model, _, _ = load_model(base_dir)
     fingerprint = model_fingerprint(model)
     settings = LoRASettings(rank=rank, scale=2.0)
     attach_lora(model, settings)
@@ -217,7 +216,7 @@ def main() -> None:
             print(
                 f"  (AFM-3B random palettized checkpoint written in {time.perf_counter() - t:.0f} s)"
             )
-            model, config = load_afm_for_sizes(afm_dir)
+            model, config, _ = load_model(afm_dir)
             sizes = expected_bytes(model, args.context, 128)
             del model
             result = run_convert(afm_dir, "afm3b_pal.mlpackage")
@@ -225,12 +224,6 @@ def main() -> None:
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
-
-
-def load_afm_for_sizes(path: Path):
-    from converters.coreml_weights import load_for_conversion
-
-    return load_for_conversion(path)
 
 
 def peer_palettize(model_dir: Path, work: Path, context: int) -> None:
@@ -247,9 +240,9 @@ def peer_palettize(model_dir: Path, work: Path, context: int) -> None:
         print("peer: ct palettize_weights skipped (needs scikit-learn, not installed)")
         return
     from converters.coreml_program import build_function
-    from converters.coreml_weights import extract_weights, load_for_conversion
+    from converters.coreml_weights import extract_weights
 
-    model, config = load_for_conversion(model_dir)
+    model, config, _ = load_model(model_dir)
     prog = build_function(extract_weights(model, config, context), 1, context)
     fp16 = ct.convert(
         prog,

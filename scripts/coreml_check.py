@@ -80,9 +80,10 @@ def main_body(cfg: CheckConfig) -> None:
     meta = package_metadata(package)
     context, chunk = int(meta["afm_mlx.context"]), int(meta["afm_mlx.prefill_chunk"])
     suffix = ""
-    from converters.coreml_weights import load_for_conversion, parse_adapter_spec
+    from afm_mlx.model import load_model
+    from converters.coreml_weights import parse_adapter_spec
 
-    model, config = load_for_conversion(Path(cfg.model))
+    model, config, _ = load_model(Path(cfg.model))
     if cfg.adapter:
         from afm_mlx.lora import load_adapter
 

@@ -27,7 +27,6 @@ from afm_mlx.lora import LoRASettings, attach_lora, load_adapter, lora_layers, s
 from afm_mlx.model import load_model, model_fingerprint, save_model
 from afm_mlx.palettized import palettize_model
 from converters.coreml import ConvertConfig, convert
-from converters.coreml_weights import load_for_conversion
 
 RANK = 16
 
@@ -35,7 +34,7 @@ RANK = 16
 def make_adapter(base_dir: Path, out: Path, seed: int, fingerprint: str | None = None) -> Path:
     """A saved adapter whose B matrices are non-zero (a fresh LoRA is a no-op, which no test of
     the adapter path could tell apart from the base)."""
-    model, _ = load_for_conversion(base_dir)
+    model, _, _ = load_model(base_dir)
     fp = model_fingerprint(model)
     settings = LoRASettings(rank=RANK, scale=4.0)
     attach_lora(model, settings, seed=seed)
@@ -100,7 +99,7 @@ def test_adapter_functions_listed(packages):
 
 @pytest.mark.parametrize("name", ["chat", "code"])
 def test_adapter_logits_match_mlx(pal_base, adapters, packages, name):
-    model, _ = load_for_conversion(pal_base)
+    model, _, _ = load_model(pal_base)
     load_adapter(model, adapters[name])
     _, _, prog = open_package(packages["both"])
     got = coreml_logits(prog, PROMPT, DECODE, suffix=f"_{name}")
@@ -108,7 +107,7 @@ def test_adapter_logits_match_mlx(pal_base, adapters, packages, name):
 
 
 def test_base_functions_unchanged_by_adapters(pal_base, packages):
-    model, _ = load_for_conversion(pal_base)
+    model, _, _ = load_model(pal_base)
     want = mlx_logits(model, PROMPT, DECODE[:2])
     _, _, prog = open_package(packages["both"])
     got = coreml_logits(prog, PROMPT, DECODE[:2])
@@ -156,7 +155,7 @@ def test_adapter_of_another_base_is_refused(tiny_model_dir, pal_base, adapters, 
         f"chat={adapters['chat']}",
     )
     line = one_line_error(proc)
-    pal_model, _ = load_for_conversion(pal_base)
+    pal_model, _, _ = load_model(pal_base)
     assert model_fingerprint(pal_model) in line and model_fingerprint(fp_model) in line
     assert not out.exists() and list(tmp_path.iterdir()) == []
 

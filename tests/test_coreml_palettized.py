@@ -24,7 +24,6 @@ from test_coreml_executor import blob_bytes, open_package
 from afm_mlx.model import load_model, save_model
 from afm_mlx.palettized import AFM_EMBEDDING_SETTINGS, palettize_model
 from converters.coreml import package_bytes
-from converters.coreml_weights import load_for_conversion
 
 
 def mixed_bits(path: str, module: nn.Module):
@@ -78,7 +77,7 @@ def _mlx_layer(model, op_name: str):
 
 
 def test_luts_and_indices_bit_exact(pal_model_dir, pal_package):
-    model, _ = load_for_conversion(pal_model_dir)
+    model, _, _ = load_model(pal_model_dir)
     package, spec, _ = open_package(pal_package)
     ops = _lut_ops(spec)
     assert len(ops) == 2 * 7 + 1  # every projection and the (tied) embedding
@@ -116,7 +115,7 @@ def test_every_function_shares_the_same_blobs(pal_package):
 
 def test_package_size_matches_bits_per_weight(pal_model_dir, pal_package):
     """weight.bin = packed indices + LUTs + fp16 norms + RoPE tables, within 2%."""
-    model, _ = load_for_conversion(pal_model_dir)
+    model, _, _ = load_model(pal_model_dir)
     expected = 0
     for name, p in tree_flatten(model.parameters()):
         expected += p.nbytes if name.endswith(("packed", "lut")) else p.size * 2
@@ -128,6 +127,6 @@ def test_package_size_matches_bits_per_weight(pal_model_dir, pal_package):
 
 
 def test_palettized_logits_match_mlx(pal_model_dir, pal_package):
-    model, _ = load_for_conversion(pal_model_dir)
+    model, _, _ = load_model(pal_model_dir)
     _, _, prog = open_package(pal_package)
     assert_logits_close(coreml_logits(prog, PROMPT, DECODE), mlx_logits(model, PROMPT, DECODE))
