@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,11 +22,11 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from afm_mlx.checkpoint import OPTIMIZER_FILE, STATE_FILE, restore_optimizer
+from afm_mlx.checkpoint import OPTIMIZER_FILE, STATE_FILE, restore_optimizer, write_checkpoint
 from afm_mlx.cli import UserError
 from afm_mlx.data import DataPosition, eval_batches, train_batches
 from afm_mlx.evaluate import token_nll
-from afm_mlx.fileio import atomic_save_safetensors, atomic_write_json, atomic_write_text
+from afm_mlx.fileio import atomic_write_json
 from afm_mlx.lora import (
     DEFAULT_KEYS,
     Adapter,
@@ -40,11 +38,11 @@ from afm_mlx.lora import (
     set_adapter_weights,
 )
 from afm_mlx.report import plot_losses
-from afm_mlx.train import RUN_FILE, Trainer, check_run_dir, make_optimizer
+from afm_mlx.train import RUN_FILE, OptimConfig, Trainer, check_run_dir, make_optimizer
 
 
 @dataclass
-class AdapterTrainConfig:
+class AdapterTrainConfig(OptimConfig):
     """Options every adapter-training stage shares (each stage's dataclass extends it)."""
 
     model: str | None = field(
@@ -64,39 +62,20 @@ class AdapterTrainConfig:
         default_factory=lambda: list(DEFAULT_KEYS), metadata={"help": "layers given adapters"}
     )
     num_layers: int = field(default=-1, metadata={"help": "last N blocks get adapters (-1: all)"})
+    # Adapter training defaults that differ from full training: fewer, smaller steps, and no
+    # decay or short-memory beta2 on the few, freshly initialized adapter weights.
     max_steps: int = field(default=200, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=8, metadata={"help": "sequences per micro-batch"})
-    seq_len: int = field(default=128, metadata={"help": "tokens per sequence"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    learning_rate: float = field(default=2e-3, metadata={"help": "peak learning rate"})
-    min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr as a fraction of peak"})
     warmup_steps: int = field(default=10, metadata={"help": "linear warmup steps"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW decay of the adapters"})
-    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
     beta2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
-    grad_clip: float = field(default=1.0, metadata={"help": "global gradient-norm clip (0: off)"})
-    valid_fraction: float = field(default=0.05, metadata={"help": "held-out share of the data"})
-    eval_every: int = field(default=50, metadata={"help": "steps between evaluations"})
-    eval_batches: int = field(default=20, metadata={"help": "validation batches (0: all)"})
     save_every: int = field(default=50, metadata={"help": "steps between checkpoints"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
-    log_every: int = field(default=10, metadata={"help": "steps between metric log lines"})
-    seed: int = field(default=0, metadata={"help": "seed for adapter init and data order"})
-    resume: bool = field(default=False, metadata={"help": "continue the run in --out"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def validate(self) -> None:
         for name in ("model", "out"):
             if not getattr(self, name):
                 raise UserError(f"--{name} is required")
-        positive = ["max_steps", "batch_size", "seq_len", "grad_accum", "eval_every", "save_every"]
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be positive")
-        if self.learning_rate <= 0:
-            raise UserError("--learning-rate must be positive")
-        if not 0 <= self.valid_fraction < 1:
-            raise UserError("--valid-fraction must be in [0, 1)")
+        super().validate()
         if not 0 <= self.dropout < 1:
             raise UserError("--dropout must be in [0, 1)")
         self.lora_settings()
@@ -129,26 +108,15 @@ def save_adapter_checkpoint(
     keep: int,
 ) -> Path:
     """Write ``checkpoints/step-N`` (float32 adapter, optimizer, state) atomically; prune old ones."""
-    root = out / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:07d}"
-    tmp = root / f".tmp-{os.getpid()}-step-{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
     # float32 so that a resumed run continues from exactly the values it stopped at.
-    save_adapter(tmp, model, settings, fingerprint, dtype=mx.float32)
-    atomic_save_safetensors(tmp / OPTIMIZER_FILE, dict(tree_flatten(optimizer.state)))
-    atomic_write_json(tmp / STATE_FILE, {**state, "step": step})
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    atomic_write_text(root / "latest", final.name + "\n")
-    steps = sorted(p for p in root.glob("step-*") if p.is_dir())
-    for old in steps[:-keep] if keep > 0 else []:
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    return final
+    return write_checkpoint(
+        out,
+        step,
+        lambda d: save_adapter(d, model, settings, fingerprint, dtype=mx.float32),
+        optimizer,
+        state,
+        keep,
+    )
 
 
 def train_adapter(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,34 @@ def checkpoint_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def write_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    write_weights: Callable[[Path], Any],
+    optimizer: optim.Optimizer,
+    state: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Write ``checkpoints/step-N`` atomically: ``write_weights(folder)`` fills in the weights,
+    then the optimizer state and trainer state are added; ``latest`` is repointed, old ones pruned.
+    """
+    root = checkpoint_root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:07d}"
+    tmp = root / f".tmp-{os.getpid()}-step-{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    write_weights(tmp)
+    atomic_save_safetensors(tmp / OPTIMIZER_FILE, dict(tree_flatten(optimizer.state)))
+    atomic_write_json(tmp / STATE_FILE, {**state, "step": step})
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    atomic_write_text(root / "latest", final.name + "\n")
+    _prune(root, keep, final.name)
+    return final
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -39,22 +68,15 @@ def save_checkpoint(
     tokenizer_dir: str | Path | None,
     keep: int = 2,
 ) -> Path:
-    """Write a complete checkpoint for ``step`` and point ``latest`` at it; prune old ones."""
-    root = checkpoint_root(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:07d}"
-    tmp = root / f".tmp-{os.getpid()}-step-{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(tmp, model, model_config, tokenizer_dir)
-    opt_state = dict(tree_flatten(optimizer.state))
-    atomic_save_safetensors(tmp / OPTIMIZER_FILE, opt_state)
-    atomic_write_json(tmp / STATE_FILE, {**state, "step": step})
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    atomic_write_text(root / "latest", final.name + "\n")
-    _prune(root, keep, final.name)
-    return final
+    """A full-model checkpoint (HF layout, loadable by ``load_model``) for ``step``."""
+    return write_checkpoint(
+        run_dir,
+        step,
+        lambda d: save_model(d, model, model_config, tokenizer_dir),
+        optimizer,
+        state,
+        keep,
+    )
 
 
 def _prune(root: Path, keep: int, newest: str) -> None:

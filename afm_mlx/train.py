@@ -62,7 +62,44 @@ RESUMABLE_CHANGES = {
 
 
 @dataclass
-class TrainConfig:
+class OptimConfig:
+    """Optimization, evaluation and checkpoint options of every training stage (train, recover,
+    finetune); each stage's config extends it and may change the defaults."""
+
+    max_steps: int = field(default=300, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=16, metadata={"help": "sequences per micro-batch"})
+    seq_len: int = field(default=128, metadata={"help": "tokens per sequence"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    learning_rate: float = field(default=2e-3, metadata={"help": "peak learning rate"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr as a fraction of peak"})
+    warmup_steps: int = field(default=30, metadata={"help": "linear warmup steps"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW decay (matrices only)"})
+    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
+    grad_clip: float = field(default=1.0, metadata={"help": "global gradient-norm clip (0: off)"})
+    valid_fraction: float = field(default=0.05, metadata={"help": "held-out share of the data"})
+    eval_every: int = field(default=50, metadata={"help": "steps between evaluations"})
+    eval_batches: int = field(default=20, metadata={"help": "validation batches (0: all)"})
+    save_every: int = field(default=100, metadata={"help": "steps between checkpoints"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
+    log_every: int = field(default=10, metadata={"help": "steps between metric log lines"})
+    seed: int = field(default=0, metadata={"help": "seed for init and data order"})
+    resume: bool = field(default=False, metadata={"help": "continue the run in --out"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    def validate(self) -> None:
+        positive = ["max_steps", "batch_size", "seq_len", "grad_accum", "eval_every", "save_every"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive")
+        if not 0 <= self.valid_fraction < 1:
+            raise UserError("--valid-fraction must be in [0, 1)")
+        if self.learning_rate <= 0:
+            raise UserError("--learning-rate must be positive")
+
+
+@dataclass
+class TrainConfig(OptimConfig):
     preset: str = field(default="small", metadata={"help": "model size", "choices": list(PRESETS)})
     init: str | None = field(
         default=None,
@@ -76,17 +113,6 @@ class TrainConfig:
         default=None, metadata={"help": "tokenizer folder (default: train one on --data)"}
     )
     out: str = field(default="runs/small", metadata={"help": "run folder"})
-    max_steps: int = field(default=300, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=16, metadata={"help": "sequences per micro-batch"})
-    seq_len: int = field(default=128, metadata={"help": "tokens per sequence"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    learning_rate: float = field(default=2e-3, metadata={"help": "peak learning rate"})
-    min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr as a fraction of peak"})
-    warmup_steps: int = field(default=30, metadata={"help": "linear warmup steps"})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW decay (matrices only)"})
-    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
-    beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
-    grad_clip: float = field(default=1.0, metadata={"help": "global gradient-norm clip (0: off)"})
     dtype: str = field(
         default="auto",
         metadata={
@@ -94,14 +120,6 @@ class TrainConfig:
             "choices": ["auto", "float32", "bfloat16"],
         },
     )
-    valid_fraction: float = field(default=0.05, metadata={"help": "held-out share of the corpus"})
-    eval_every: int = field(default=50, metadata={"help": "steps between evaluations"})
-    eval_batches: int = field(default=20, metadata={"help": "validation batches (0: all)"})
-    save_every: int = field(default=100, metadata={"help": "steps between checkpoints"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
-    log_every: int = field(default=10, metadata={"help": "steps between metric log lines"})
-    seed: int = field(default=0, metadata={"help": "seed for init and data order"})
-    resume: bool = field(default=False, metadata={"help": "continue the run in --out"})
     teacher: str | None = field(
         default=None, metadata={"help": "teacher checkpoint for distillation"}
     )
@@ -118,19 +136,11 @@ class TrainConfig:
     sample_tokens: int = field(
         default=80, metadata={"help": "tokens of the final sample (0: none)"}
     )
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def validate(self) -> None:
-        positive = ["max_steps", "batch_size", "seq_len", "grad_accum", "eval_every", "save_every"]
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be positive")
-        if not 0 <= self.valid_fraction < 1:
-            raise UserError("--valid-fraction must be in [0, 1)")
+        super().validate()
         if not 0 <= self.distill_weight <= 1:
             raise UserError("--distill-weight must be in [0, 1]")
-        if self.learning_rate <= 0:
-            raise UserError("--learning-rate must be positive")
 
 
 def _param_dtype(name: str) -> mx.Dtype:
