@@ -42,7 +42,8 @@ from afm_mlx.lora import (
 )
 from afm_mlx.losses import make_loss
 from afm_mlx.model import model_fingerprint
-from afm_mlx.palettized import palettize_model, palettized_layers
+from afm_mlx.palettize import PalettizeConfig, palettize
+from afm_mlx.palettized import palettized_layers
 from afm_mlx.runtime import backend_report
 from afm_mlx.task_data import masked_cross_entropy, task_datasets
 from afm_mlx.train import Trainer, make_optimizer
@@ -66,29 +67,6 @@ def bpw(model: nn.Module) -> float:
             bits += 8 * m.weight.nbytes
             weights += m.weight.size
     return bits / weights
-
-
-def mixed_predicate(model: nn.Module, budget: float):
-    """4-bit everywhere, then up_proj/gate_proj to 2-bit from the last layer back until the
-    projection weights average <= ``budget`` bpw (LUT overhead counted). A fixed rule, not the
-    sensitivity search of ``afm_mlx.palettize``; good enough to place a mixed model beside q4."""
-    sizes = {p: m.weight.size for p, m in model.named_modules() if is_projection(p, m)}
-    shapes = {p: m.weight.shape for p, m in model.named_modules() if is_projection(p, m)}
-
-    def cost(p, bits):  # indices + one fp16 LUT per 16 rows
-        return sizes[p] * bits + (shapes[p][0] // 16) * (1 << bits) * 16
-
-    choice = {p: 4 for p in sizes}
-    candidates = sorted(
-        (p for p in sizes if p.endswith(("up_proj", "gate_proj"))),
-        key=lambda p: -int(p.split(".")[2]),
-    )
-    total = sum(sizes.values())
-    for p in candidates:
-        if sum(cost(q, b) for q, b in choice.items()) / total <= budget:
-            break
-        choice[p] = 2
-    return lambda path, m: {"bits": choice[path]} if path in choice else False
 
 
 def perplexity(model, valid, args) -> float:
@@ -214,20 +192,29 @@ def main() -> None:
     ppl_fp = perplexity(teacher, valid, args)
     rows = [("fp32", 32.0, ppl_fp, {})]
 
-    def compressed(kind: str):
-        model, _, _ = load_base(model_dir)
-        if kind == "lut4":
-            palettize_model(model, class_predicate=is_projection, bits=4, group_size=16)
-        elif kind == "mixed":
-            palettize_model(model, class_predicate=mixed_predicate(model, 3.7), group_size=16)
-        else:
+    def compressed(kind: str) -> tuple[nn.Module, float]:
+        """(model, bits per projection weight): our stage's palettization (fp embedding, like
+        every variant here), or mlx-lm's affine q4 g64 from fp16 weights (fp16 scales: 4.5)."""
+        if kind == "q4":
+            model, _, _ = load_base(model_dir)
+            model.set_dtype(mx.float16)
             nn.quantize(model, group_size=64, bits=4, class_predicate=is_projection)
+            bits = bpw(model)
+            model.set_dtype(mx.float32)  # fp32 compute on the CPU; stored values unchanged
+        else:
+            options = {"bits": 4} if kind == "lut4" else {"target_bpw": 3.7}
+            out = tmp / f"{kind}-model"
+            palettize(PalettizeConfig(model=str(model_dir), out=str(out), embedding_bits=0,
+                                      **options))  # fmt: skip
+            model, _, _ = load_base(out)
+            bits = bpw(model)
         mx.eval(model.parameters())
-        return model
+        return model, bits
 
     recovery_dirs, bases = {}, {}
     for kind in ("lut4", "mixed", "q4"):
-        model = bases[kind] = compressed(kind)
+        model, bits = compressed(kind)
+        bases[kind] = model
         ppl = perplexity(model, valid, args)
         recovered = {}
         for rank in args.ranks if kind != "q4" else []:
@@ -240,7 +227,7 @@ def main() -> None:
             recovered[rank] = (perplexity(model, valid, args), summary["tokens_per_s"])
             recovery_dirs[(kind, rank)] = out
             remove_lora(model)
-        rows.append((kind, bpw(model), ppl, recovered))
+        rows.append((kind, bits, ppl, recovered))
 
     print("\nheld-out perplexity (same data, same run)")
     print(
