@@ -113,8 +113,6 @@ class _Palettized(nn.Module):
         self.lut = mx.zeros((n_groups, 1 << bits), mx.float16)
         self.compute_dtype = mx.float32
         self._set_dense(None)
-        # Like nn.QuantizedLinear: the stored codes are not trainable.
-        self.freeze()
 
     def _set_dense(self, dense: mx.array | None) -> None:
         # A plain instance attribute, not a dict entry: invisible to parameters(), update() and
@@ -190,6 +188,7 @@ class PalettizedLinear(_Palettized):
         self.input_dims, self.output_dims = input_dims, output_dims
         if bias:
             self.bias = mx.zeros((output_dims,))
+        self.freeze()  # like nn.QuantizedLinear: stored codes (and bias) are not trainable
 
     @property
     def _cols(self) -> int:
@@ -242,6 +241,7 @@ class PalettizedEmbedding(_Palettized):
     ):
         super().__init__(num_embeddings, dims, bits, group_size, axis)
         self.num_embeddings, self.dims = num_embeddings, dims
+        self.freeze()
 
     @property
     def _cols(self) -> int:

@@ -193,7 +193,7 @@ def test_sorted_layout_searches_agree():
 
     rng = np.random.default_rng(6)
     keys = _fp16_keys(mx.array((rng.normal(size=(5, 300)) * 0.02).astype(np.float16)))
-    _, _, v, index, _, _ = _sorted_layout(keys, None, mx.float32)
+    _, _, v, index, _ = _sorted_layout(keys, None, mx.float32)
     x = mx.array(rng.normal(size=(5, 40)).astype(np.float32) * 0.03)
     x = mx.concatenate([x, v[:, :7], mx.full((5, 1), 9.0)], axis=-1)  # ties and beyond the end
     fast = _sorted_position_searchsorted(index, x, 300)
