@@ -32,13 +32,18 @@ def find_openblas() -> str | None:
 
 
 def openblas_active() -> bool:
-    """True when an OpenBLAS is mapped into this process (Linux only; elsewhere True)."""
+    """True when the OpenBLAS that replaces MLX's BLAS is mapped into this process (Linux only;
+    elsewhere True). NumPy's own bundled OpenBLAS (renamed symbols) does not count."""
     if not sys.platform.startswith("linux"):
         return True
+    lib = find_openblas()
+    if lib is None:
+        return False
     try:
-        return "openblas" in Path("/proc/self/maps").read_text()
+        maps = Path("/proc/self/maps").read_text()
     except OSError:
         return False
+    return lib in maps or os.path.realpath(lib) in maps
 
 
 def preload_openblas() -> bool:
@@ -116,3 +121,13 @@ def backend_report() -> str:
     else:
         blas = "GPU"
     return f"mlx {mx.__version__} on {device} ({blas}): fp32 matmul {matmul_gflops():.0f} GFLOP/s"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m afm_mlx.runtime``: print the backend, the BLAS in use and its speed."""
+    ensure_fast_blas(argv)
+    print(backend_report())
+
+
+if __name__ == "__main__":
+    main()
