@@ -199,6 +199,8 @@ def _centroids(p, M, S, v):
 
 
 # --- solvers -----------------------------------------------------------------------------------------
+# No mx.compile: array shapes follow the data (histogram length, chunk size), so traces would be
+# rebuilt for nearly every layer, and on warm shapes the measured gain was nil.
 
 
 def _chain_dp(Mc, Sc, cand, M, S, trans_gain):

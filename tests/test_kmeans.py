@@ -83,7 +83,8 @@ def test_small_groups_are_exactly_optimal(bits, weighted):
 
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("layout", ["sorted", "histogram"])
-def test_large_groups_within_0_05_percent_of_optimum(bits, layout):
+@pytest.mark.parametrize("weighted", [False, True])
+def test_large_groups_within_0_05_percent_of_optimum(bits, layout, weighted):
     """The DP-grid + Viterbi path (groups of 1024+ values) on both data layouts."""
     rng = np.random.default_rng(bits)
     if layout == "sorted":  # values spread over ~20k fp16 codes: sparse, sorted layout
@@ -91,9 +92,11 @@ def test_large_groups_within_0_05_percent_of_optimum(bits, layout):
     else:  # a narrow range (~150 codes, many repeats): dense, histogram layout
         weight = 1.0 + rng.normal(size=(32, 512)) * 0.02
     weight = weight.astype(np.float16)
-    ours = ours_sse(weight, bits)
-    for x, err in zip(group_rows(weight, 16), ours, strict=True):
-        ref = sse_with_lut(x, exact_kmeans(x, 2**bits))
+    imp = rng.uniform(0.1, 4.0, size=weight.shape).astype(np.float32) if weighted else None
+    ours = ours_sse(weight, bits, importance=imp)
+    for g, (x, err) in enumerate(zip(group_rows(weight, 16), ours, strict=True)):
+        w = None if imp is None else group_rows(imp, 16)[g]
+        ref = sse_with_lut(x, exact_kmeans(x, 2**bits, w), w)
         assert err <= ref * 1.0005, (err, ref)
 
 
