@@ -2,9 +2,9 @@
 
 Part 1, same matrices and settings in one process (kmeans, per_grouped_channel, group 16): the time of
 coremltools 9's public ``palettize_weights`` on a one-weight MIL program, against ``kmeans_lut``
-(first call, which includes MLX's graph compilation, and a second, warm call), and the relative MSE
-||W - W_hat||^2 / ||W||^2 of both results (coremltools' LUT and indices are read back from its output
-program).
+(a first and a second call on the same matrix), and the relative MSE ||W - W_hat||^2 / ||W||^2 of
+both results (coremltools' LUT and indices are read back from its output program). The matrices are
+trained-LLM-like: gaussian, per-row scales, 0.1% heavy-tailed outliers.
 
 Part 2: palettize an AFM-3B-shaped model (26 qwen3 layers, d_model 3072, 24 q / 8 kv heads of 128,
 FFN 8192, vocab 49152) layer by layer in bounded memory: each random gaussian weight is drawn,
