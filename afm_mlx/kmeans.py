@@ -50,8 +50,8 @@ _VITERBI_SHRINK = 0.5
 _VITERBI_STOP_SCALE = 2e-3  # a step of 1/500 of a level gap: finer moves change < 1e-4 of the error
 _VITERBI_MAX_PASSES = 60
 # Refinement for 6/8-bit costs groups x levels x W^2 per pass; above this (a 49k-row per-channel
-# embedding) it would take minutes. Lloyd alone is then ~3% above the optimum error on gaussian rows
-# (~25% on t3-tailed ones), of an 8-bit error that is ~3e-5 of the weights' energy.
+# embedding) it would take minutes. Lloyd alone is then ~17% above the optimum error on gaussian
+# rows (~50% on t3-tailed ones), of an 8-bit error that is ~3e-5 of the weights' energy.
 _MAX_REFINED_BOUNDARIES = 1 << 17
 _LLOYD_MAX_ITERS = 200
 _LLOYD_SETTLED = 1e-3
