@@ -12,7 +12,6 @@ import pytest
 from mlx.utils import tree_flatten
 
 from afm_mlx.cli import UserError
-from afm_mlx.kmeans import kmeans_lut, lut_to_dense
 from afm_mlx.lora import (
     DEFAULT_KEYS,
     AdapterCache,
@@ -28,52 +27,24 @@ from afm_mlx.lora import (
     save_adapter,
 )
 from afm_mlx.model import load_model, model_fingerprint
+from afm_mlx.palettized import PalettizedLinear
 
 TOKENS = mx.array([[5, 17, 300, 42, 9, 77, 123, 4], [11, 12, 13, 14, 15, 16, 17, 18]])
-
-
-class LutLinear(nn.Module):
-    """A grouped-LUT layer built with our k-means: the ``dequantize()`` protocol that
-    ``PalettizedLinear`` follows, usable before that module lands."""
-
-    def __init__(self, linear: nn.Linear, bits: int = 4):
-        super().__init__()
-        self.lut, self.indices = kmeans_lut(linear.weight, bits, group_size=16)
-        self.bits = bits
-
-    def dequantize(self) -> mx.array:
-        return lut_to_dense(self.lut, self.indices, 16).astype(mx.float32)
-
-    def __call__(self, x):
-        return x @ self.dequantize().T
-
-    def recompress(self, linear: nn.Linear) -> LutLinear:
-        return LutLinear(linear, self.bits)
 
 
 def _bases():
     lin = nn.Linear(64, 96, bias=False)
     mx.eval(lin.parameters())
-    bases = {
+    return {
         "fp": lin,
         "affine_q4": nn.QuantizedLinear.from_linear(lin, group_size=32, bits=4),
-        "lut4": LutLinear(lin),
+        "palettized": PalettizedLinear.from_linear(lin, bits=4),
     }
-    try:  # the real palettized layer, once afm_mlx.palettized exists
-        from afm_mlx.palettized import PalettizedLinear
-
-        bases["palettized"] = PalettizedLinear.from_linear(lin, bits=4)
-    except ImportError:
-        pass
-    return bases
 
 
-@pytest.mark.parametrize("kind", ["fp", "affine_q4", "lut4", "palettized"])
+@pytest.mark.parametrize("kind", ["fp", "affine_q4", "palettized"])
 def test_lora_starts_at_base_output_and_trains_only_adapter_weights(kind):
-    bases = _bases()
-    if kind not in bases:
-        pytest.skip("afm_mlx.palettized not available yet")
-    base = bases[kind]
+    base = _bases()[kind]
     layer = LoRALinear.from_base(base, r=8, scale=2.0, key=mx.random.key(0))
     layer.freeze()
     layer.unfreeze(keys=["lora_a", "lora_b"], recurse=False)
@@ -111,7 +82,7 @@ def test_fuse_is_exact_on_fp_and_refused_then_measured_on_compressed_bases():
         assert type(fused) is type(base)
     # Through the model-level API: the report says how much of the adapter survived.
     model = nn.Sequential()
-    model.layers = [_Block(_bases()["lut4"])]
+    model.layers = [_Block(_bases()["palettized"])]
     attach_lora(model, LoRASettings(rank=4, keys=["proj"]))
     for _, m in lora_layers(model):
         m.lora_b = mx.random.normal(m.lora_b.shape, key=mx.random.key(4)) * 1e-4
