@@ -40,7 +40,7 @@ from afm_mlx.data import (
     split_train_valid,
     train_batches,
 )
-from afm_mlx.fileio import atomic_write_json, read_json
+from afm_mlx.fileio import atomic_write_json, atomic_write_text, read_json
 from afm_mlx.losses import make_loss
 from afm_mlx.model import PRESETS, build_model, init_weights, load_model, preset_config, save_model
 from afm_mlx.report import plot_losses, sample_text
@@ -333,7 +333,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Pat
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / RUN_FILE, {"afm_mlx_run": 1, "config": dataclasses.asdict(cfg)})
     mx.random.seed(cfg.seed)
-    print(runtime.backend_report(), flush=True)
+    peak_gflops = runtime.matmul_gflops(n=1024)
+    print(runtime.backend_report(peak_gflops), flush=True)
     tok_dir = prepare_tokenizer(cfg, out, docs)
     cache = build_token_cache(cfg.data, tok_dir)
     train_tokens, valid_tokens = split_train_valid(cache, cfg.valid_fraction, cfg.seed)
@@ -374,7 +375,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Pat
 
     n_params = sum(p.size for _, p in tree_flatten(model.parameters()))
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
-    peak = runtime.matmul_gflops(n=1024) * 1e9
+    peak = peak_gflops * 1e9
     fpt = flops_per_token(model, cfg.seq_len, model_config)
     print(
         f"model: {n_params / 1e6:.2f}M parameters; {len(train_data)} train / {len(valid_data)} "
@@ -384,6 +385,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Pat
 
     history: list[dict] = state.get("history", [])
     metrics_path = out / "metrics.jsonl"
+    if ckpt is not None:  # drop lines logged after the checkpoint by the interrupted process
+        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
     batches = train_batches(
         train_data,
         cfg.batch_size,

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -59,13 +60,13 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(
 ):
     straight = train(_cfg(tmp_path, tiny_corpus, tiny_tokenizer, "straight"))
 
-    def die_after_first_checkpoint(step):
-        if step == 4:
+    def die_between_checkpoints(step):
+        if step == 6:  # the step-4 checkpoint exists; step 5-6 work is lost, as in a crash
             raise _Killed
 
     cfg = _cfg(tmp_path, tiny_corpus, tiny_tokenizer, "resumed")
     with pytest.raises(_Killed):
-        train(cfg, on_step=die_after_first_checkpoint)
+        train(cfg, on_step=die_between_checkpoints)
     assert latest_checkpoint(cfg.out).name == "step-0000004"
     train(dataclasses.replace(cfg, resume=True))
     a, b = _params(straight), _params(cfg.out)
@@ -77,6 +78,11 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(
         np.abs(a[k] - _params(latest_checkpoint(cfg.out).parent / "step-0000004")[k]).max() > 1e-4
         for k in a
     )
+    logged = [
+        json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()
+    ]
+    steps = [r["step"] for r in logged if "loss" in r]
+    assert steps == sorted(set(steps)) == [2, 4, 6, 8]  # nothing logged twice across the restart
     _, _, state, opt = load_checkpoint(latest_checkpoint(cfg.out))
     assert state["step"] == 8 and int(opt["states.0.step"].item()) == 8
 
