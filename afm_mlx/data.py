@@ -15,6 +15,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -59,19 +60,24 @@ def _read_text(path: Path) -> str:
         raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
 
 
-def _read_jsonl(path: Path) -> list[str]:
-    docs = []
+def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed record) for each non-blank line; bad JSON names the file and line."""
     with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield n, json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from e
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise UserError(f'{path}:{n}: expected an object with a "text" string')
-            docs.append(record["text"])
+
+
+def _read_jsonl(path: Path) -> list[str]:
+    docs = []
+    for n, record in iter_jsonl(path):
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise UserError(f'{path}:{n}: expected an object with a "text" string')
+        docs.append(record["text"])
     return docs
 
 

@@ -18,7 +18,6 @@ step unchanged; the loss (``masked_cross_entropy``) decodes both.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ import mlx.nn as nn
 import numpy as np
 
 from afm_mlx.cli import UserError
+from afm_mlx.data import iter_jsonl
 
 ROLES = ("system", "user", "assistant")
 BUILTIN_HEADERS = {
@@ -44,18 +44,11 @@ def read_task_records(path: str | Path) -> list[dict[str, Any]]:
             f"--data {path}: expected a .jsonl file of text/prompt-completion/chat records"
         )
     records = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from e
-            problem = _format_problem(record)
-            if problem:
-                raise UserError(f"{path}:{n}: {problem}")
-            records.append(record)
+    for n, record in iter_jsonl(path):
+        problem = _format_problem(record)
+        if problem:
+            raise UserError(f"{path}:{n}: {problem}")
+        records.append(record)
     if not records:
         raise UserError(f"--data {path}: no records")
     return records

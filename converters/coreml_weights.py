@@ -17,19 +17,13 @@ import mlx.nn as nn
 import numpy as np
 
 from afm_mlx.cli import UserError
+from afm_mlx.lora import DEFAULT_KEYS
+from afm_mlx.model import SUPPORTED_MODEL_TYPES
 
 # Architectures whose mlx-lm classes share the layout converted here: pre-norm decoder blocks with
 # q/k/v/o projections (optional per-head q/k RMSNorm) and a SwiGLU MLP.
-CONVERTIBLE_MODEL_TYPES = ("qwen3", "llama", "qwen2", "mistral")
-PROJECTIONS = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
+CONVERTIBLE_MODEL_TYPES = SUPPORTED_MODEL_TYPES
+PROJECTIONS = DEFAULT_KEYS  # every attention and FFN projection, as the adapters target
 FP16_MAX = float(np.finfo(np.float16).max)
 
 
