@@ -169,7 +169,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--eval-batches", type=int, default=40)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--speed-only", action="store_true", help="only the LoRA tokens/s comparison")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench_recovery_"))

@@ -18,6 +18,7 @@ from afm_mlx.recover import RecoverConfig, recover
 from afm_mlx.task_data import masked_cross_entropy, task_datasets
 
 SMALL = dict(
+    learning_rate=2e-3,  # a tiny model and few steps: faster than the default
     batch_size=4,
     seq_len=32,
     warmup_steps=2,
