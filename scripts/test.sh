@@ -11,8 +11,9 @@ PYTHON="${PYTHON:-python3}"
 "$PYTHON" -m ruff check afm_mlx converters tests scripts
 "$PYTHON" -m ruff format --check afm_mlx converters tests scripts
 "$PYTHON" -m pytest -q
-if [ "${AFM_MLX_SKIP_SLOW:-0}" != "1" ]; then
-  "$PYTHON" -m pytest -q -m slow || status=$?
-  # pytest exits 5 when no test carries the marker: that is not a failure.
-  if [ "${status:-0}" -ne 0 ] && [ "${status:-0}" -ne 5 ]; then exit "$status"; fi
+# The slow suite runs only when some test carries the marker, so the last runner line of a CI log
+# is never one that executed no test.
+if [ "${AFM_MLX_SKIP_SLOW:-0}" != "1" ] && \
+   "$PYTHON" -m pytest -q -m slow --collect-only 2>/dev/null | grep -q "::"; then
+  "$PYTHON" -m pytest -q -m slow
 fi
