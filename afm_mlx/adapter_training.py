@@ -9,9 +9,6 @@ optimizer state, step and data position; written under a temporary name and rena
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,14 +16,11 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from mlx.utils import tree_flatten
 
-from afm_mlx.checkpoint import OPTIMIZER_FILE, STATE_FILE, restore_optimizer, write_checkpoint
+from afm_mlx.checkpoint import OPTIMIZER_FILE, STATE_FILE, write_checkpoint
 from afm_mlx.cli import UserError
-from afm_mlx.data import DataPosition, eval_batches, train_batches
-from afm_mlx.evaluate import token_nll
-from afm_mlx.fileio import atomic_write_json
+from afm_mlx.fileio import atomic_write_json, load_safetensors, read_json
 from afm_mlx.lora import (
     DEFAULT_KEYS,
     Adapter,
@@ -37,8 +31,7 @@ from afm_mlx.lora import (
     save_adapter,
     set_adapter_weights,
 )
-from afm_mlx.report import plot_losses
-from afm_mlx.train import RUN_FILE, OptimConfig, Trainer, check_run_dir, make_optimizer
+from afm_mlx.train import RUN_FILE, OptimConfig, Trainer, build_optimizer, check_run_dir, run_loop
 
 
 @dataclass
@@ -139,7 +132,8 @@ def train_adapter(
 ) -> dict[str, Any]:
     """Attach LoRA to the frozen ``model`` and train it (or resume ``ckpt``); save the adapter.
 
-    ``settings`` (default: from ``cfg``) shape the adapter; ``init_adapter`` gives its starting values (else mlx-lm's init: random A, zero B).
+    ``settings`` (default: from ``cfg``) shape the adapter; ``init_adapter`` gives its starting
+    values (else mlx-lm's init: random A, zero B).
     ``train_data``/``valid_data`` offer ``PackedDataset``'s interface. Returns a summary with the
     history and the measured training tokens/s.
     """
@@ -151,9 +145,7 @@ def train_adapter(
         saved = read_adapter(ckpt)
         check_adapter_fits(model, saved)
         set_adapter_weights(model, saved, mx.float32)
-        state = json.loads((ckpt / STATE_FILE).read_text())
-        from afm_mlx.fileio import load_safetensors
-
+        state = read_json(ckpt / STATE_FILE, "trainer state")
         opt_state = load_safetensors(ckpt / OPTIMIZER_FILE)
         print(f"resuming from {ckpt} (step {state['step']})", flush=True)
     elif init_adapter is not None:
@@ -165,11 +157,7 @@ def train_adapter(
     atomic_write_json(out / RUN_FILE, {"afm_mlx_run": 1, "config": dataclasses.asdict(cfg)})
     mx.random.seed(cfg.seed)
     model.train()
-    optimizer = make_optimizer(cfg)
-    optimizer.init(model.trainable_parameters())
-    if opt_state is not None:
-        restore_optimizer(optimizer, opt_state)
-        optimizer.init(model.trainable_parameters())  # as afm_mlx.train does after restoring
+    optimizer = build_optimizer(cfg, model, opt_state)
     trainer = Trainer(model, optimizer, loss_fn, cfg.grad_accum, cfg.grad_clip, extra_state)
 
     n_train = sum(p.size for _, p in tree_flatten(model.trainable_parameters()))
@@ -180,74 +168,23 @@ def train_adapter(
         f"{len(valid_data)} valid sequences; {tokens_per_step} tokens per step",
         flush=True,
     )
-    history: list[dict] = state.get("history", [])
-    metrics_path = out / "metrics.jsonl"
-    position = DataPosition(state.get("epoch", 0), state.get("index", 0))
-    batches = train_batches(train_data, cfg.batch_size, cfg.seed, position)
 
-    def log(record: dict) -> None:
-        history.append(record)
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+    def checkpoint(step: int, trainer_state: dict[str, Any]) -> None:
+        save_adapter_checkpoint(
+            out, step, model, settings, fingerprint, optimizer, trainer_state, cfg.keep_checkpoints
+        )
 
-    from tqdm import tqdm
-
-    start_step = state["step"]
-    bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not cfg.progress, unit="step")
-    window_tokens, window_start, losses = 0, time.perf_counter(), []
-    train_time, train_tokens = 0.0, 0
-    for step in range(start_step + 1, cfg.max_steps + 1):
-        t0 = time.perf_counter()
-        micro = []
-        for _ in range(cfg.grad_accum):
-            batch, position = next(batches)
-            micro.append(batch)
-        loss, grad_norm = trainer.step(micro)
-        mx.eval(loss, grad_norm, model.trainable_parameters(), optimizer.state)
-        train_time += time.perf_counter() - t0
-        train_tokens += tokens_per_step
-        losses.append(loss.item())
-        window_tokens += tokens_per_step
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            tps = window_tokens / (time.perf_counter() - window_start)
-            record = {
-                "step": step,
-                "loss": float(np.mean(losses)),
-                "grad_norm": grad_norm.item(),
-                "lr": float(optimizer.learning_rate.item()),
-                "tokens_per_s": tps,
-            }
-            log(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tps:.0f}")
-            window_tokens, window_start, losses = 0, time.perf_counter(), []
-        if len(valid_data) and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-            model.eval()
-            total, count = token_nll(
-                model, eval_batches(valid_data, cfg.batch_size, cfg.eval_batches)
-            )
-            model.train()
-            val = total / max(count, 1)
-            log({"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50))})
-            bar.write(f"step {step}: validation loss {val:.4f}, perplexity {math.exp(val):.2f}")
-            plot_losses(history, out / "loss.png")
-            window_start = time.perf_counter()
-        if step % cfg.save_every == 0 or step == cfg.max_steps:
-            save_adapter_checkpoint(
-                out,
-                step,
-                model,
-                settings,
-                fingerprint,
-                optimizer,
-                {"epoch": position.epoch, "index": position.index, "history": history},
-                cfg.keep_checkpoints,
-            )
-            window_start = time.perf_counter()
-        bar.update(1)
-        if on_step is not None:
-            on_step(step)
-    bar.close()
-    model.eval()
+    summary = run_loop(
+        cfg,
+        out,
+        trainer,
+        train_data,
+        valid_data,
+        state,
+        checkpoint,
+        resumed=ckpt is not None,
+        on_step=on_step,
+    )
     save_adapter(
         out,
         model,
@@ -257,9 +194,4 @@ def train_adapter(
         steps=cfg.max_steps,
         **(info or {}),
     )
-    plot_losses(history, out / "loss.png")
-    return {
-        "out": out,
-        "history": history,
-        "tokens_per_s": train_tokens / train_time if train_time else float("nan"),
-    }
+    return {"out": out, **summary}

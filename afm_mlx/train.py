@@ -40,6 +40,7 @@ from afm_mlx.data import (
     split_train_valid,
     train_batches,
 )
+from afm_mlx.evaluate import token_nll
 from afm_mlx.fileio import atomic_write_json, atomic_write_text, read_json
 from afm_mlx.losses import make_loss
 from afm_mlx.model import PRESETS, build_model, init_weights, load_model, preset_config, save_model
@@ -295,16 +296,116 @@ class Trainer:
             total = total + loss
         return total / len(micro_batches), self._apply(acc)
 
-    def evaluate(self, batches) -> float:
-        """Mean next-token cross-entropy over ``batches`` (true labels only)."""
-        total = count = 0.0
-        for b in batches:
-            batch = mx.array(b)
-            logits = self.model(batch[:, :-1]).astype(mx.float32)
-            loss = nn.losses.cross_entropy(logits, batch[:, 1:], reduction="sum")
-            total += loss.item()
-            count += batch[:, 1:].size
-        return total / max(count, 1)
+
+def build_optimizer(
+    cfg: OptimConfig, model: nn.Module, opt_state: dict[str, mx.array] | None = None
+) -> optim.Optimizer:
+    """``make_optimizer`` initialized on the model's trainable parameters, restored from a
+    checkpoint's flat ``opt_state`` when resuming."""
+    optimizer = make_optimizer(cfg)
+    optimizer.init(model.trainable_parameters())
+    if opt_state is not None:
+        restore_optimizer(optimizer, opt_state)
+        optimizer.init(model.trainable_parameters())  # no-op on a restored state; keeps the tree
+    return optimizer
+
+
+def run_loop(
+    cfg: OptimConfig,
+    out: Path,
+    trainer: Trainer,
+    train_data: PackedDataset,
+    valid_data: PackedDataset,
+    state: dict[str, Any],
+    save: Callable[[int, dict[str, Any]], Any],
+    resumed: bool,
+    on_step: Callable[[int], None] | None = None,
+    extra_metrics: Callable[[float], dict[str, float]] | None = None,
+) -> dict[str, Any]:
+    """The step loop of every training stage (train, recover, finetune).
+
+    Starts after ``state["step"]`` at data position (``epoch``, ``index``); logs to
+    ``out/metrics.jsonl`` (rewritten from ``state["history"]`` on a resume, dropping lines the
+    interrupted process logged after its last checkpoint), evaluates on ``valid_data``, plots
+    ``loss.png`` and calls ``save(step, {"epoch", "index", "history"})`` at each checkpoint.
+    ``extra_metrics(tokens_per_s)`` adds fields to each log record. Returns the history and the
+    measured training tokens/s (optimizer steps only: evaluation and checkpoints excluded).
+    """
+    from tqdm import tqdm
+
+    model, optimizer = trainer.model, trainer.optimizer
+    history: list[dict] = state.get("history", [])
+    metrics_path = out / "metrics.jsonl"
+    if resumed:
+        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+    position = DataPosition(state.get("epoch", 0), state.get("index", 0))
+    batches = train_batches(train_data, cfg.batch_size, cfg.seed, position)
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+
+    def log(record: dict) -> None:
+        history.append(record)
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    start_step = state.get("step", 0)
+    bar = tqdm(
+        total=cfg.max_steps,
+        initial=start_step,
+        disable=not cfg.progress,
+        dynamic_ncols=True,
+        unit="step",
+    )
+    window_tokens, window_start, losses = 0, time.perf_counter(), []
+    train_time, train_tokens = 0.0, 0
+    for step in range(start_step + 1, cfg.max_steps + 1):
+        t0 = time.perf_counter()
+        micro = []
+        for _ in range(cfg.grad_accum):
+            batch, position = next(batches)
+            micro.append(batch)
+        loss, grad_norm = trainer.step(micro)
+        mx.eval(loss, grad_norm, model.trainable_parameters(), optimizer.state)
+        train_time += time.perf_counter() - t0
+        train_tokens += tokens_per_step
+        losses.append(loss.item())
+        window_tokens += tokens_per_step
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            tps = window_tokens / (time.perf_counter() - window_start)
+            record = {
+                "step": step,
+                "loss": float(np.mean(losses)),
+                "grad_norm": grad_norm.item(),
+                "lr": float(optimizer.learning_rate.item()),
+                "tokens_per_s": tps,
+                **(extra_metrics(tps) if extra_metrics else {}),
+            }
+            log(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tps:.0f}")
+            window_tokens, window_start, losses = 0, time.perf_counter(), []
+        if len(valid_data) and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+            model.eval()
+            total, count = token_nll(
+                model, eval_batches(valid_data, cfg.batch_size, cfg.eval_batches)
+            )
+            model.train()
+            val = total / max(count, 1)
+            log({"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50))})
+            bar.write(f"step {step}: validation loss {val:.4f}, perplexity {math.exp(val):.2f}")
+            plot_losses(history, out / "loss.png")
+            window_start = time.perf_counter()
+        if step % cfg.save_every == 0 or step == cfg.max_steps:
+            save(step, {"epoch": position.epoch, "index": position.index, "history": history})
+            window_start = time.perf_counter()
+        bar.update(1)
+        if on_step is not None:
+            on_step(step)
+    bar.close()
+    model.eval()
+    plot_losses(history, out / "loss.png")
+    return {
+        "history": history,
+        "tokens_per_s": train_tokens / train_time if train_time else float("nan"),
+    }
 
 
 def _new_model(cfg: TrainConfig, tok_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -359,11 +460,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Pat
     loss_fn = make_loss(teacher, cfg.distill, cfg.distill_weight, cfg.distill_temperature)
 
     model.train()
-    optimizer = make_optimizer(cfg)
-    optimizer.init(model.trainable_parameters())
-    if opt_state is not None:
-        restore_optimizer(optimizer, opt_state)
-        optimizer.init(model.trainable_parameters())
+    optimizer = build_optimizer(cfg, model, opt_state)
     trainer = Trainer(
         model,
         optimizer,
@@ -383,90 +480,31 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Pat
         flush=True,
     )
 
-    history: list[dict] = state.get("history", [])
-    metrics_path = out / "metrics.jsonl"
-    if ckpt is not None:  # drop lines logged after the checkpoint by the interrupted process
-        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
-    batches = train_batches(
-        train_data,
-        cfg.batch_size,
-        cfg.seed,
-        DataPosition(state.get("epoch", 0), state.get("index", 0)),
-    )
-    position = DataPosition(state.get("epoch", 0), state.get("index", 0))
-
-    def checkpoint(step: int) -> None:
+    def checkpoint(step: int, trainer_state: dict[str, Any]) -> None:
         save_checkpoint(
             out,
             step,
             model,
             model_config,
             optimizer,
-            {"epoch": position.epoch, "index": position.index, "history": history},
+            trainer_state,
             tok_dir,
             keep=cfg.keep_checkpoints,
         )
 
-    def log(record: dict) -> None:
-        history.append(record)
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    from tqdm import tqdm
-
-    start_step = state["step"]
-    bar = tqdm(
-        total=cfg.max_steps,
-        initial=start_step,
-        disable=not cfg.progress,
-        dynamic_ncols=True,
-        unit="step",
+    run_loop(
+        cfg,
+        out,
+        trainer,
+        train_data,
+        valid_data,
+        state,
+        checkpoint,
+        resumed=ckpt is not None,
+        on_step=on_step,
+        extra_metrics=lambda tps: {"mfu": tps * fpt / peak},
     )
-    window_tokens, window_start, losses = 0, time.perf_counter(), []
-    for step in range(start_step + 1, cfg.max_steps + 1):
-        micro = []
-        for _ in range(cfg.grad_accum):
-            batch, position = next(batches)
-            micro.append(batch)
-        loss, grad_norm = trainer.step(micro)
-        mx.eval(loss, grad_norm, model.parameters(), optimizer.state)
-        losses.append(loss.item())
-        window_tokens += tokens_per_step
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            elapsed = time.perf_counter() - window_start
-            tps = window_tokens / elapsed
-            record = {
-                "step": step,
-                "loss": float(np.mean(losses)),
-                "grad_norm": grad_norm.item(),
-                "lr": float(optimizer.learning_rate.item()),
-                "tokens_per_s": tps,
-                "mfu": tps * fpt / peak,
-            }
-            log(record)
-            bar.set_postfix(
-                loss=f"{record['loss']:.3f}", tok_s=f"{tps:.0f}", peak=f"{100 * record['mfu']:.0f}%"
-            )
-            window_tokens, window_start, losses = 0, time.perf_counter(), []
-        if len(valid_data) and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-            model.eval()
-            val = trainer.evaluate(eval_batches(valid_data, cfg.batch_size, cfg.eval_batches))
-            model.train()
-            log({"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50))})
-            bar.write(f"step {step}: validation loss {val:.3f}, perplexity {math.exp(val):.1f}")
-            plot_losses(history, out / "loss.png")
-            window_start = time.perf_counter()
-        if step % cfg.save_every == 0 or step == cfg.max_steps:
-            checkpoint(step)
-            window_start = time.perf_counter()
-        bar.update(1)
-        if on_step is not None:
-            on_step(step)
-    bar.close()
-
-    model.eval()
     save_model(out, model, model_config, tok_dir)
-    plot_losses(history, out / "loss.png")
     if cfg.sample_tokens > 0:
         print("sample:", repr(sample_text(out, cfg.sample_prompt, cfg.sample_tokens, cfg.seed)))
     print(f"model saved to {out} (load it with afm_mlx.load('{out}') or mlx_lm.load)")

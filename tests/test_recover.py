@@ -121,8 +121,8 @@ def test_resumed_recovery_equals_an_uninterrupted_one(
     )
     recover(make("straight"))
 
-    def die(step):
-        if step == 3:
+    def die(step):  # killed after logging step 4, one step past the step-3 checkpoint
+        if step == 4:
             raise _Killed
 
     cfg = make("resumed")
@@ -135,6 +135,19 @@ def test_resumed_recovery_equals_an_uninterrupted_one(
     for k in a:
         np.testing.assert_allclose(np.array(a[k]), np.array(b[k]), rtol=1e-5, atol=1e-7, err_msg=k)
     assert any(np.abs(np.array(a[k])).max() > 0 for k in a if k.endswith("lora_b"))
+    # The log of the resumed run reads as one run: lines logged after the step-3 checkpoint by
+    # the killed process are dropped, none is doubled.
+    logs = {
+        name: [
+            (r["step"], r.get("loss", r.get("val_loss")))
+            for r in map(json.loads, open(f"{tmp_path}/{name}/metrics.jsonl"))
+        ]
+        for name in ("straight", "resumed")
+    }
+    assert [s for s, _ in logs["resumed"]] == [s for s, _ in logs["straight"]]
+    np.testing.assert_allclose(
+        [v for _, v in logs["resumed"]], [v for _, v in logs["straight"]], rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("init", ["recovery", "none"])
