@@ -1,8 +1,9 @@
 """Shared CLI plumbing: one config dataclass per stage is the single source of truth.
 
 ``build_parser`` derives the flags from the dataclass fields (help text from field metadata),
-``parse_config`` merges ``--config file.yaml`` with the flags given on the command line, and
-``run_main`` turns a ``UserError`` into one line on stderr and exit code 2.
+``parse_config`` merges ``--config file.yaml`` with the flags given on the command line,
+``run_main`` turns a ``UserError`` into one line on stderr and exit code 2, and ``stage_main`` is
+the ``main()`` of every pipeline stage (fast BLAS, flags -> config, run).
 """
 
 from __future__ import annotations
@@ -113,3 +114,22 @@ def run_main(fn: Callable[[], Any]) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def stage_main(
+    cls: type[T],
+    run: Callable[[T], Any],
+    prog: str,
+    doc: str | None,
+    argv: list[str] | None = None,
+    fast_blas: bool = True,
+) -> None:
+    """``python -m afm_mlx.<stage>``: re-exec with the fast BLAS (Linux) when ``fast_blas``, parse
+    ``cls`` from the flags / ``--config`` (description: the first line of ``doc``), then
+    ``run(config)``; bad input is one line and exit status 2."""
+    if fast_blas:
+        from afm_mlx import runtime
+
+        runtime.ensure_fast_blas(argv)
+    description = (doc or prog).strip().splitlines()[0]
+    run_main(lambda: run(parse_config(cls, argv, prog, description)))

@@ -17,8 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from afm_mlx import runtime
-from afm_mlx.cli import UserError, parse_config, run_main
+from afm_mlx.cli import UserError, stage_main
 from afm_mlx.data import PackedDataset, build_token_cache, eval_batches, split_train_valid
 from afm_mlx.task_data import decode_masked, task_datasets
 
@@ -118,23 +117,19 @@ def evaluate(cfg: EvaluateConfig) -> list[dict]:
     return rows
 
 
+def _report(cfg: EvaluateConfig) -> None:
+    rows = evaluate(cfg)
+    if cfg.json:
+        print(json.dumps({"model": cfg.model, "data": cfg.data, "results": rows}))
+        return
+    print(f"{'adapter':<40} {'perplexity':>11} {'nll':>8} {'tokens':>9}")
+    for r in rows:
+        name = r["adapter"] or "(base)"
+        print(f"{name:<40} {r['perplexity']:>11.3f} {r['nll']:>8.4f} {r['tokens']:>9}")
+
+
 def main(argv: list[str] | None = None) -> None:
-    runtime.ensure_fast_blas(argv)
-
-    def body() -> None:
-        cfg = parse_config(
-            EvaluateConfig, argv, "python -m afm_mlx.evaluate", __doc__.splitlines()[0]
-        )
-        rows = evaluate(cfg)
-        if cfg.json:
-            print(json.dumps({"model": cfg.model, "data": cfg.data, "results": rows}))
-            return
-        print(f"{'adapter':<40} {'perplexity':>11} {'nll':>8} {'tokens':>9}")
-        for r in rows:
-            name = r["adapter"] or "(base)"
-            print(f"{name:<40} {r['perplexity']:>11.3f} {r['nll']:>8.4f} {r['tokens']:>9}")
-
-    run_main(body)
+    stage_main(EvaluateConfig, _report, "python -m afm_mlx.evaluate", __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from afm_mlx import runtime
 from afm_mlx.adapter_training import AdapterTrainConfig, prepare_run, train_adapter
-from afm_mlx.cli import UserError, parse_config, run_main
+from afm_mlx.cli import UserError, stage_main
 from afm_mlx.evaluate import corpus_splits
 from afm_mlx.lora import (
     DEFAULT_KEYS,
@@ -122,15 +122,7 @@ def finetune(cfg: FinetuneConfig, on_step=None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    runtime.ensure_fast_blas(argv)
-
-    def body() -> None:
-        cfg = parse_config(
-            FinetuneConfig, argv, "python -m afm_mlx.finetune", __doc__.splitlines()[0]
-        )
-        finetune(cfg)
-
-    run_main(body)
+    stage_main(FinetuneConfig, finetune, "python -m afm_mlx.finetune", __doc__, argv)
 
 
 if __name__ == "__main__":

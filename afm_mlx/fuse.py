@@ -16,8 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from afm_mlx import runtime
-from afm_mlx.cli import UserError, parse_config, run_main
+from afm_mlx.cli import UserError, stage_main
 from afm_mlx.data import eval_batches
 from afm_mlx.evaluate import corpus_splits, token_nll
 from afm_mlx.lora import fuse_lora, is_lossless_base, load_adapter, load_base, lora_layers
@@ -84,28 +83,26 @@ def fuse(cfg: FuseConfig) -> dict:
     return report
 
 
-def main(argv: list[str] | None = None) -> None:
-    runtime.ensure_fast_blas(argv)
-
-    def body() -> None:
-        cfg = parse_config(FuseConfig, argv, "python -m afm_mlx.fuse", __doc__.splitlines()[0])
-        r = fuse(cfg)
-        if r["exact"]:
-            print(f"fused {r['layers']} layers exactly into {cfg.out}")
-            return
+def _fuse(cfg: FuseConfig) -> None:
+    r = fuse(cfg)
+    if r["exact"]:
+        print(f"fused {r['layers']} layers exactly into {cfg.out}")
+        return
+    print(
+        f"LOSSY fuse of {r['layers']} layers: adapter error mean {r['adapter_error_mean']:.3f}, "
+        f"max {r['adapter_error_max']:.3f} (1 = erased); {r['layers_adapter_erased']} layers "
+        "lost the adapter entirely"
+    )
+    if "perplexity_fused" in r:
         print(
-            f"LOSSY fuse of {r['layers']} layers: adapter error mean {r['adapter_error_mean']:.3f}, "
-            f"max {r['adapter_error_max']:.3f} (1 = erased); {r['layers_adapter_erased']} layers "
-            "lost the adapter entirely"
+            f"held-out perplexity: with adapter {r['perplexity_unfused']:.3f} -> fused "
+            f"{r['perplexity_fused']:.3f}"
         )
-        if "perplexity_fused" in r:
-            print(
-                f"held-out perplexity: with adapter {r['perplexity_unfused']:.3f} -> fused "
-                f"{r['perplexity_fused']:.3f}"
-            )
-        print(f"saved to {cfg.out}; the unfused adapter over the compressed base is exact")
+    print(f"saved to {cfg.out}; the unfused adapter over the compressed base is exact")
 
-    run_main(body)
+
+def main(argv: list[str] | None = None) -> None:
+    stage_main(FuseConfig, _fuse, "python -m afm_mlx.fuse", __doc__, argv)
 
 
 if __name__ == "__main__":

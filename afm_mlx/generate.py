@@ -17,8 +17,7 @@ import mlx.core as mx
 from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
-from afm_mlx import runtime
-from afm_mlx.cli import UserError, parse_config, run_main
+from afm_mlx.cli import UserError, stage_main
 from afm_mlx.lora import Adapter, AdapterCache, load_base, read_adapter
 
 KV_BITS = (4, 8)
@@ -128,40 +127,36 @@ class GenerateConfig:
             raise UserError("--top-p must be in (0, 1]")
 
 
+def _generate(cfg: GenerateConfig) -> None:
+    cfg.validate()
+    names = cfg.adapter or [None]
+    for name in names:  # validate every adapter folder before generating anything
+        if name is not None and name.lower() != "none":
+            read_adapter(name)
+    gen = Generator(cfg.model)
+    gen.check_kv(cfg.kv_bits, cfg.kv_group_size)
+    for name in names:
+        adapter = None if name is None or name.lower() == "none" else name
+        gen.use(adapter)
+        if len(names) > 1:
+            print(f"=== {adapter or 'base'} ===", flush=True)
+        for piece in gen.stream(
+            cfg.prompt,
+            max_tokens=cfg.max_tokens,
+            temp=cfg.temp,
+            top_p=cfg.top_p,
+            seed=cfg.seed,
+            kv_bits=cfg.kv_bits,
+            kv_group_size=cfg.kv_group_size,
+            chat=cfg.chat,
+        ):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+
+
 def main(argv: list[str] | None = None) -> None:
-    runtime.ensure_fast_blas(argv)
-
-    def body() -> None:
-        cfg = parse_config(
-            GenerateConfig, argv, "python -m afm_mlx.generate", __doc__.splitlines()[0]
-        )
-        cfg.validate()
-        names = cfg.adapter or [None]
-        for name in names:  # validate every adapter folder before generating anything
-            if name is not None and name.lower() != "none":
-                read_adapter(name)
-        gen = Generator(cfg.model)
-        gen.check_kv(cfg.kv_bits, cfg.kv_group_size)
-        for name in names:
-            adapter = None if name is None or name.lower() == "none" else name
-            gen.use(adapter)
-            if len(names) > 1:
-                print(f"=== {adapter or 'base'} ===", flush=True)
-            for piece in gen.stream(
-                cfg.prompt,
-                max_tokens=cfg.max_tokens,
-                temp=cfg.temp,
-                top_p=cfg.top_p,
-                seed=cfg.seed,
-                kv_bits=cfg.kv_bits,
-                kv_group_size=cfg.kv_group_size,
-                chat=cfg.chat,
-            ):
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-            sys.stdout.write("\n")
-
-    run_main(body)
+    stage_main(GenerateConfig, _generate, "python -m afm_mlx.generate", __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from afm_mlx import runtime
-from afm_mlx.cli import UserError, parse_config, run_main
+from afm_mlx.cli import UserError, stage_main
 from afm_mlx.data import PackedDataset, build_token_cache, split_train_valid
 from afm_mlx.kmeans import SUPPORTED_BITS, check_palettization_settings
 from afm_mlx.losses import token_nll
@@ -397,15 +396,13 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    runtime.ensure_fast_blas(argv)
-
-    def body() -> None:
-        cfg = parse_config(
-            PalettizeConfig, argv, "python -m afm_mlx.palettize", __doc__.splitlines()[0]
-        )
-        print_summary(palettize(cfg))
-
-    run_main(body)
+    stage_main(
+        PalettizeConfig,
+        lambda cfg: print_summary(palettize(cfg)),
+        "python -m afm_mlx.palettize",
+        __doc__,
+        argv,
+    )
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from typing import Any
 
 from afm_mlx import runtime
 from afm_mlx.adapter_training import AdapterTrainConfig, prepare_run, train_adapter
-from afm_mlx.cli import UserError, parse_config, run_main
+from afm_mlx.cli import UserError, stage_main
 from afm_mlx.data import eval_batches
 from afm_mlx.evaluate import corpus_splits, token_nll
 from afm_mlx.fileio import atomic_write_json
@@ -102,15 +102,7 @@ def recover(cfg: RecoverConfig, on_step=None) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    runtime.ensure_fast_blas(argv)
-
-    def body() -> None:
-        cfg = parse_config(
-            RecoverConfig, argv, "python -m afm_mlx.recover", __doc__.splitlines()[0]
-        )
-        recover(cfg)
-
-    run_main(body)
+    stage_main(RecoverConfig, recover, "python -m afm_mlx.recover", __doc__, argv)
 
 
 if __name__ == "__main__":

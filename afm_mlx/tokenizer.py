@@ -18,7 +18,7 @@ from pathlib import Path
 import sentencepiece as spm
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-from afm_mlx.cli import UserError, parse_config, run_main
+from afm_mlx.cli import UserError, stage_main
 from afm_mlx.fileio import atomic_write_json, atomic_write_text
 
 SPECIAL_TOKENS = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}
@@ -171,21 +171,23 @@ class TokenizerConfig:
     vocab_size: int = field(default=8192, metadata={"help": "vocabulary size"})
 
 
+def _train_tokenizer(cfg: TokenizerConfig) -> None:
+    from afm_mlx.data import read_corpus
+
+    docs = read_corpus(cfg.data)
+    out = save_tokenizer(train_sentencepiece(docs, cfg.vocab_size), cfg.out)
+    print(f"tokenizer with {cfg.vocab_size} pieces written to {out}")
+
+
 def main(argv: list[str] | None = None) -> None:
-    def body() -> None:
-        from afm_mlx.data import read_corpus
-
-        cfg = parse_config(
-            TokenizerConfig,
-            argv,
-            "python -m afm_mlx.tokenizer",
-            "Train a SentencePiece BPE tokenizer.",
-        )
-        docs = read_corpus(cfg.data)
-        out = save_tokenizer(train_sentencepiece(docs, cfg.vocab_size), cfg.out)
-        print(f"tokenizer with {cfg.vocab_size} pieces written to {out}")
-
-    run_main(body)
+    stage_main(
+        TokenizerConfig,
+        _train_tokenizer,
+        "python -m afm_mlx.tokenizer",
+        "Train a SentencePiece BPE tokenizer.",
+        argv,
+        fast_blas=False,
+    )
 
 
 if __name__ == "__main__":

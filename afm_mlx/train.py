@@ -30,7 +30,7 @@ from afm_mlx.checkpoint import (
     restore_optimizer,
     save_checkpoint,
 )
-from afm_mlx.cli import UserError, parse_config, run_main
+from afm_mlx.cli import UserError, stage_main
 from afm_mlx.data import (
     DataPosition,
     PackedDataset,
@@ -512,13 +512,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Pat
 
 
 def main(argv: list[str] | None = None) -> None:
-    runtime.ensure_fast_blas(argv)
-
-    def body() -> None:
-        cfg = parse_config(TrainConfig, argv, "python -m afm_mlx.train", __doc__.splitlines()[0])
-        train(cfg)
-
-    run_main(body)
+    stage_main(TrainConfig, train, "python -m afm_mlx.train", __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ from afm_mlx.palettize import PalettizeConfig, palettize
 from afm_mlx.palettized import palettized_layers
 from afm_mlx.runtime import backend_report
 from afm_mlx.task_data import masked_cross_entropy, task_datasets
-from afm_mlx.train import Trainer, make_optimizer
+from afm_mlx.train import Trainer, build_optimizer
 
 
 def is_projection(path: str, module: nn.Module) -> bool:
@@ -132,8 +132,7 @@ def lora_tokens_per_s(model, data, args, steps: int) -> float:
     attach_lora(model, LoRASettings(rank=16))
     model.train()
     cfg = adapter_cfg(args, Path("/nonexistent"), 16, steps + 3, 1e-3)
-    opt = make_optimizer(cfg)
-    opt.init(model.trainable_parameters())
+    opt = build_optimizer(cfg, model)
     trainer = Trainer(model, opt, make_loss(), 1, 1.0)
     batches = train_batches(data, args.batch_size, 0, DataPosition())
     for i in range(steps + 3):

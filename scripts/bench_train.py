@@ -29,7 +29,7 @@ from afm_mlx.data import DataPosition, PackedDataset, train_batches  # noqa: E40
 from afm_mlx.losses import make_loss  # noqa: E402
 from afm_mlx.model import build_model, init_weights, preset_config  # noqa: E402
 from afm_mlx.runtime import backend_report  # noqa: E402
-from afm_mlx.train import TrainConfig, Trainer, make_optimizer  # noqa: E402
+from afm_mlx.train import TrainConfig, Trainer, build_optimizer  # noqa: E402
 
 
 def fresh_model(config: dict, seed: int = 0):
@@ -43,8 +43,7 @@ def fresh_model(config: dict, seed: int = 0):
 def bench_ours(config, tokens, args) -> float:
     model = fresh_model(config)
     cfg = TrainConfig(max_steps=args.warmup + args.steps, warmup_steps=5, learning_rate=1e-3)
-    optimizer = make_optimizer(cfg)
-    optimizer.init(model.trainable_parameters())
+    optimizer = build_optimizer(cfg, model)
     trainer = Trainer(model, optimizer, make_loss(), 1, cfg.grad_clip)
     data = PackedDataset(tokens, args.seq_len)
     batches = train_batches(data, args.batch_size, 0, DataPosition())
