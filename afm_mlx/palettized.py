@@ -150,6 +150,11 @@ class _Palettized(nn.Module):
     def clear_dense_cache(self) -> None:
         self._set_dense(None)
 
+    @property
+    def dense_nbytes(self) -> int:
+        """Bytes a dense cache of this weight takes in ``compute_dtype``."""
+        return self.packed.shape[0] * self._cols * self.compute_dtype.size
+
     def _dense_weight(self) -> mx.array:
         if self._dense is not None and self._dense.dtype == self.compute_dtype:
             return self._dense

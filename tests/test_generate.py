@@ -117,3 +117,39 @@ def test_loss_is_on_answer_tokens_only(tmp_path):
     path.write_text(json.dumps({"messages": [{"role": "user", "content": "x"}]}) + "\n")
     with pytest.raises(UserError, match=r"t.jsonl:1: .*assistant"):
         read_task_records(path)
+
+
+@pytest.fixture(scope="module")
+def palettized_dir(tiny_model_dir, tmp_path_factory):
+    from afm_mlx.palettize import PalettizeConfig, palettize
+
+    out = tmp_path_factory.mktemp("pal") / "model"
+    palettize(PalettizeConfig(model=str(tiny_model_dir), out=str(out), bits=4, sensitivity="none"))
+    return out
+
+
+def test_dense_cache_is_an_exact_speed_option(palettized_dir, tmp_path):
+    from afm_mlx.palettized import palettized_layers
+
+    adapter = _strong_adapter(palettized_dir, tmp_path / "a", seed=2)
+    opts = dict(max_tokens=16, temp=1.0, seed=5)
+    texts = {}
+    for mode in ("off", "on", "auto"):
+        gen = Generator(palettized_dir, dense_cache=mode)
+        layers = [m for _, m in palettized_layers(gen.model)]
+        assert layers and all((m._dense is not None) == gen.dense_cached for m in layers)
+        texts[mode] = (gen.use(None).generate("ROMEO.\n", **opts), gen.use(adapter).generate(
+            "ROMEO.\n", **opts
+        ))  # fmt: skip
+    assert texts["on"] == texts["off"] == texts["auto"]
+    assert texts["on"][0] != texts["on"][1]
+    # auto caches on the CPU (this tiny model fits any memory), never on a GPU.
+    assert Generator(palettized_dir).dense_cached == (mx.default_device().type == mx.cpu)
+    with pytest.raises(UserError, match="--dense-cache 'x'"):
+        Generator(palettized_dir, dense_cache="x")
+    err = one_line_error(
+        run_cli(
+            "afm_mlx.generate", "--model", palettized_dir, "--prompt", "Hi", "--dense-cache", "x"
+        )
+    )
+    assert "--dense-cache" in err
