@@ -71,6 +71,7 @@ class Generator:
         self.model, self.tokenizer, self.config = load_base(model_path)
         self.adapters = AdapterCache(self.model)
         self.dense_cached = cache_dense_weights(self.model, dense_cache)
+        self.last_stats: dict[str, float] = {}  # mlx-lm's speed figures of the last completion
 
     def use(self, adapter: str | Path | Adapter | None) -> Generator:
         """Switch to ``adapter`` (a folder, or None for the bare base); cheap after the first time."""
@@ -131,6 +132,13 @@ class Generator:
             kv_group_size=kv_group_size,
             quantized_kv_start=0,  # mlx-lm's default (5000) would leave short chats unquantized
         ):
+            self.last_stats = {
+                "prompt_tokens": response.prompt_tokens,
+                "prompt_tps": response.prompt_tps,
+                "generation_tokens": response.generation_tokens,
+                "generation_tps": response.generation_tps,
+                "peak_memory_gb": response.peak_memory,
+            }
             yield response.text
 
     def generate(self, prompt: str, **kwargs) -> str:
@@ -155,6 +163,9 @@ class GenerateConfig:
     )
     kv_group_size: int = field(default=64, metadata={"help": "KV quantization group size"})
     chat: bool = field(default=False, metadata={"help": "wrap the prompt in the chat template"})
+    verbose: bool = field(
+        default=True, metadata={"help": "print tokens/s and peak memory to stderr (as mlx-lm)"}
+    )
     dense_cache: str = field(
         default="auto",
         metadata={
@@ -203,6 +214,17 @@ def _generate(cfg: GenerateConfig) -> None:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
+        sys.stdout.flush()
+        if cfg.verbose and gen.last_stats:
+            st = gen.last_stats
+            print(
+                f"prompt: {st['prompt_tokens']} tokens, {st['prompt_tps']:.1f} tokens/s | "
+                f"generation: {st['generation_tokens']} tokens, {st['generation_tps']:.1f} "
+                f"tokens/s | peak memory {st['peak_memory_gb']:.3f} GB"
+                + (" | dense weights cached" if gen.dense_cached else ""),
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -142,6 +142,7 @@ def test_dense_cache_is_an_exact_speed_option(palettized_dir, tmp_path):
             "ROMEO.\n", **opts
         ))  # fmt: skip
     assert texts["on"] == texts["off"] == texts["auto"]
+    assert gen.last_stats["generation_tokens"] == 16 and gen.last_stats["generation_tps"] > 0
     assert texts["on"][0] != texts["on"][1]
     # auto caches on the CPU (this tiny model fits any memory), never on a GPU.
     assert Generator(palettized_dir).dense_cached == (mx.default_device().type == mx.cpu)
