@@ -60,7 +60,7 @@ class AdapterTrainConfig(OptimConfig):
     max_steps: int = field(default=200, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=8, metadata={"help": "sequences per micro-batch"})
     # Measured on the demo model: 2e-3 made rank-32 adapters diverge; 5e-4 let a rank-16 adapter
-    # close 91% of a 2-bit base's perplexity gap in 100 steps.
+    # close 93% of a 2-bit base's perplexity gap in 100 steps (scripts/bench_recovery.py).
     learning_rate: float = field(default=5e-4, metadata={"help": "peak learning rate"})
     warmup_steps: int = field(default=10, metadata={"help": "linear warmup steps"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW decay of the adapters"})
