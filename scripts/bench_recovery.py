@@ -196,6 +196,7 @@ def main() -> None:
         help="lutN, mixedX, q4 (the 3.0 / 2-bit rows show recovery where there is a gap)",
     )
     ap.add_argument("--speed-only", action="store_true", help="only the LoRA tokens/s comparison")
+    ap.add_argument("--no-speed", action="store_true", help="skip the LoRA tokens/s comparison")
     args = ap.parse_args()
     for kind in args.variants:
         try:
@@ -306,6 +307,8 @@ def main() -> None:
             f"recovery init {task_loss['recovery']:.4f} vs zero init {task_loss['zero']:.4f}"
         )
 
+    if args.no_speed:
+        return
     steps = 6 if args.quick else 30
     print(
         f"\nLoRA training tokens/s (rank 16, batch {args.batch_size} x {args.seq_len}, same run):"
