@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -198,6 +199,7 @@ def main() -> None:
     ap.add_argument("--speed-only", action="store_true", help="only the LoRA tokens/s comparison")
     ap.add_argument("--no-speed", action="store_true", help="skip the LoRA tokens/s comparison")
     args = ap.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # rows appear as measured, also in a log file
     for kind in args.variants:
         try:
             variant_options(kind)
