@@ -1,7 +1,7 @@
 """Accuracy recovery side by side: held-out perplexity of fp, LUT 4-bit, mixed 3.7 and 3.0 bpw and
 LUT 2-bit (each with rank 8/16/32 recovery adapters) and mlx-lm affine q4 g64; a task adapter from
 recovery init vs zero init; LoRA training tokens/s over the LUT base vs mlx-lm QLoRA over its q4
-base. One run, same data; ~50 minutes on 2 CPU cores with the defaults.
+base. One run, same data; about an hour on 2 CPU cores with the defaults.
 
     python scripts/bench_recovery.py [--model runs/small] [--steps 100]
     python scripts/bench_recovery.py --variants lut4 mixed3.7 q4   # only the issue's rows
@@ -38,6 +38,7 @@ import numpy as np
 from afm_mlx.adapter_training import AdapterTrainConfig, train_adapter
 from afm_mlx.data import DataPosition, eval_batches, read_corpus, train_batches
 from afm_mlx.evaluate import corpus_splits, token_nll
+from afm_mlx.kmeans import SUPPORTED_BITS
 from afm_mlx.lora import (
     DEFAULT_KEYS,
     LoRASettings,
@@ -80,13 +81,15 @@ def variant_options(kind: str) -> dict:
     try:
         if kind == "q4":
             return {}
-        if kind.startswith("lut"):
+        if kind.startswith("lut") and int(kind[3:]) in SUPPORTED_BITS:
             return {"bits": int(kind[3:])}
-        if kind.startswith("mixed"):
+        if kind.startswith("mixed") and 2 <= float(kind[5:]) <= 8:
             return {"target_bpw": float(kind[5:])}
     except ValueError:
         pass
-    raise ValueError(f"--variants {kind}: use lutN (e.g. lut4), mixedX (e.g. mixed3.7) or q4")
+    raise ValueError(
+        f"--variants {kind}: use lutN (N in {list(SUPPORTED_BITS)}), mixedX (2 <= X <= 8) or q4"
+    )
 
 
 def perplexity(model, valid, args) -> float:
