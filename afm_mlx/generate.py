@@ -8,7 +8,6 @@ bare base).
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,48 +19,9 @@ from mlx_lm.sample_utils import make_sampler
 
 from afm_mlx.cli import UserError, stage_main
 from afm_mlx.lora import Adapter, AdapterCache, load_base, read_adapter
+from afm_mlx.palettized import DENSE_CACHE, cache_dense_weights
 
 KV_BITS = (4, 8)
-
-
-DENSE_CACHE = ("auto", "on", "off")
-# "auto" keeps dense copies of palettized weights only up to this share of physical memory.
-_DENSE_CACHE_MEMORY_SHARE = 0.25
-
-
-def _physical_memory() -> int | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def cache_dense_weights(model, mode: str = "auto") -> bool:
-    """Keep dense copies of the palettized weights for decoding (returns whether it did).
-
-    Without them every forward pass dequantizes every layer: on Apple GPUs the Metal LUT kernel
-    makes that cheap for decode, but on the CPU decode runs ~13x slower (measured on the demo
-    model at 2 bits: 13.8 vs 182.8 tokens/s). ``auto`` caches on the CPU when the dense weights fit
-    in a quarter of physical memory; ``on`` always; ``off`` never. Outputs are identical either
-    way (the cache holds exactly what forward would dequantize); files are never changed.
-    """
-    from afm_mlx.palettized import palettized_layers
-
-    if mode not in DENSE_CACHE:
-        raise UserError(f"--dense-cache {mode!r}: choose one of {', '.join(DENSE_CACHE)}")
-    layers = [m for _, m in palettized_layers(model)]
-    if not layers or mode == "off":
-        return False
-    if mode == "auto":
-        if mx.default_device().type != mx.cpu:
-            return False
-        dense_bytes = sum(m.dense_nbytes for m in layers)
-        memory = _physical_memory()
-        if memory is None or dense_bytes > _DENSE_CACHE_MEMORY_SHARE * memory:
-            return False
-    for m in layers:
-        m.cache_dense_weight()
-    return True
 
 
 class Generator:

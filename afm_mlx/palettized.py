@@ -13,6 +13,7 @@ weight instead, for speed where memory allows (never saved: it is not a paramete
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -20,6 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from afm_mlx.cli import UserError
 from afm_mlx.kmeans import check_palettization_settings, kmeans_lut, lut_to_dense
 from afm_mlx.packing import pack_indices, packed_length, unpack_indices
 
@@ -424,3 +426,41 @@ def bits_per_weight(model: nn.Module) -> dict[str, float]:
         "palettized_weights": pal_weights,
         "model_weights": total_weights,
     }
+
+
+DENSE_CACHE = ("auto", "on", "off")
+# "auto" keeps dense copies of palettized weights only up to this share of physical memory.
+_DENSE_CACHE_MEMORY_SHARE = 0.25
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def cache_dense_weights(model, mode: str = "auto") -> bool:
+    """Keep dense copies of the palettized weights for decoding (returns whether it did).
+
+    Without them every forward pass dequantizes every layer: on Apple GPUs the Metal LUT kernel
+    makes that cheap for decode, but on the CPU decode runs ~13x slower (measured on the demo
+    model at 2 bits: 13.8 vs 182.8 tokens/s). ``auto`` caches on the CPU when the dense weights fit
+    in a quarter of physical memory; ``on`` always; ``off`` never. Outputs are identical either
+    way (the cache holds exactly what forward would dequantize); files are never changed.
+    """
+    if mode not in DENSE_CACHE:
+        raise UserError(f"--dense-cache {mode!r}: choose one of {', '.join(DENSE_CACHE)}")
+    layers = [m for _, m in palettized_layers(model)]
+    if not layers or mode == "off":
+        return False
+    if mode == "auto":
+        if mx.default_device().type != mx.cpu:
+            return False
+        dense_bytes = sum(m.dense_nbytes for m in layers)
+        memory = _physical_memory()
+        if memory is None or dense_bytes > _DENSE_CACHE_MEMORY_SHARE * memory:
+            return False
+    for m in layers:
+        m.cache_dense_weight()
+    return True

@@ -36,7 +36,7 @@ from afm_mlx.data import eval_batches
 from afm_mlx.evaluate import corpus_splits, perplexity
 from afm_mlx.model import load, load_model
 from afm_mlx.palettize import PalettizeConfig, palettize
-from afm_mlx.palettized import palettized_layers
+from afm_mlx.palettized import cache_dense_weights
 from afm_mlx.runtime import backend_report
 
 
@@ -141,8 +141,7 @@ def main() -> None:
         q4_model, _, _ = affine_quantized(model_dir, 4)
         decode_tps(lut, tokenizer, prompt, 8)  # warm-up
         per_call = decode_tps(lut, tokenizer, prompt, args.decode_tokens)
-        for _, layer in palettized_layers(lut):
-            layer.cache_dense_weight()
+        cache_dense_weights(lut, "on")
         cached = decode_tps(lut, tokenizer, prompt, args.decode_tokens)
         decode_tps(q4_model, tokenizer, prompt, 8)
         theirs = decode_tps(q4_model, tokenizer, prompt, args.decode_tokens)

@@ -50,7 +50,7 @@ from afm_mlx.lora import (
 from afm_mlx.losses import make_loss
 from afm_mlx.model import model_fingerprint
 from afm_mlx.palettize import PalettizeConfig, palettize
-from afm_mlx.palettized import palettized_layers
+from afm_mlx.palettized import cache_dense_weights
 from afm_mlx.runtime import backend_report
 from afm_mlx.task_data import masked_cross_entropy, task_datasets
 from afm_mlx.train import Trainer, build_optimizer
@@ -321,8 +321,7 @@ def main() -> None:
     # Printed as measured: the q4 rows are slow on the CPU (its quantized matmul has no BLAS).
     lut = lora_tokens_per_s(bases["lut4"], train, args, steps)
     print(f"  afm_mlx over LUT-4 base (dequantize per step): {lut:>9,.0f}", flush=True)
-    for _, m in palettized_layers(bases["lut4"]):
-        m.cache_dense_weight()
+    cache_dense_weights(bases["lut4"], "on")
     lut_cached = lora_tokens_per_s(bases["lut4"], train, args, steps)
     print(f"  afm_mlx over LUT-4 base (dense weights cached): {lut_cached:>8,.0f}", flush=True)
     q4_mlx_lm = mlx_lm_qlora_tokens_per_s(bases["q4"], train, args, steps)
