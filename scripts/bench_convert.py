@@ -240,7 +240,7 @@ def peer_palettize(model_dir: Path, work: Path, context: int) -> None:
         print("peer: ct palettize_weights skipped (needs scikit-learn, not installed)")
         return
     from converters.coreml_program import build_function
-    from converters.coreml_weights import extract_weights
+    from converters.plan import extract_weights
 
     model, config, _ = load_model(model_dir)
     prog = build_function(extract_weights(model, config, context), 1, context)

@@ -81,7 +81,7 @@ def main_body(cfg: CheckConfig) -> None:
     context, chunk = int(meta["afm_mlx.context"]), int(meta["afm_mlx.prefill_chunk"])
     suffix = ""
     from afm_mlx.model import load_model
-    from converters.coreml_weights import parse_adapter_spec
+    from converters.plan import parse_adapter_spec
 
     model, config, _ = load_model(Path(cfg.model))
     if cfg.adapter:

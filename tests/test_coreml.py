@@ -27,8 +27,9 @@ DECODE = [77, 1, 420, 9]
 
 # The ops this converter may emit: those Apple's ANE reference transformer (ml-ane-transformers)
 # and its stateful-LLM Core ML examples run on the Neural Engine (1x1 conv, matmul, softmax,
-# elementwise, reductions, layout ops, gather, LUT-compressed weights, state read/update). The int32
-# add/concat/greater/cast only compute positions and the mask (a few elements) and may run on CPU.
+# elementwise, reductions, layout ops, gather, select, LUT-compressed weights, state read/update).
+# The int32 add/concat/greater/equal/maximum/minimum/cast only compute positions, the mask and the
+# embedding chunk of each token (a few elements) and may run on CPU.
 # There is no public per-op ANE table, so this list is a review gate, not a device measurement.
 ANE_OPS = {
     "const",
@@ -48,6 +49,10 @@ ANE_OPS = {
     "concat",
     "gather",
     "greater",
+    "equal",
+    "maximum",
+    "minimum",
+    "select",
     "cast",
     "read_state",
     "slice_update",

@@ -86,6 +86,10 @@ OPS = {
     "add": lambda x, y: _f32(x) + _f32(y),
     "mul": lambda x, y: _f32(x) * _f32(y),
     "greater": lambda x, y: np.greater(x, y),
+    "equal": lambda x, y: np.equal(x, y),
+    "maximum": lambda x, y: np.maximum(x, y),
+    "minimum": lambda x, y: np.minimum(x, y),
+    "select": lambda cond, a, b: np.where(cond, _f32(a), _f32(b)),
     "cast": lambda x, dtype: x,  # the result dtype comes from the program
     "gather": lambda x, indices, axis, batch_dims=0, validate_indices=False: np.take(
         x, indices, axis=int(axis)

@@ -97,7 +97,7 @@ def test_luts_and_indices_bit_exact(pal_model_dir, pal_package):
     lut_shape = [
         d.constant.size for d in emb.inputs["lut"].arguments[0].value.type.tensorType.dimensions
     ]
-    assert lut_shape == [512, 1, 256, 1]  # 8-bit, one LUT per token row, as in MLX
+    assert lut_shape == [512, 1, 1, 1, 256, 1]  # 8-bit, one LUT per token row, as in MLX
 
 
 def test_every_function_shares_the_same_blobs(pal_package):

@@ -1,8 +1,11 @@
-"""MLX model -> a plain NumPy description of its weights, the input of the Core ML program builder.
+"""MLX model -> the lowering plan shared by both Apple emitters (Core ML and Core AI).
 
-Reading the model once into fp16 arrays (or, for palettized layers, the exact uint8 indices and fp16
-LUTs) keeps the MIL builder free of MLX, and makes the bit-exactness claim easy to state: whatever
-is in ``LutMatrix`` is what lands in the package, with no arithmetic in between.
+The plan is plain NumPy: every weight exactly as the model stores it (float arrays in the model's
+precision, or for palettized layers the uint8 indices and fp16 LUTs, untouched), RoPE tables read
+off the model's own RoPE module, the layer list, the LM head split into vocabulary chunks, adapter
+pairs, and the checks of what is convertible. It keeps the emitters free of MLX and makes the
+bit-exactness claim easy to state: whatever is in a ``LutMatrix`` is what lands in the package or
+asset, with no arithmetic in between.
 """
 
 from __future__ import annotations
@@ -19,12 +22,15 @@ import numpy as np
 from afm_mlx.cli import UserError
 from afm_mlx.lora import DEFAULT_KEYS
 from afm_mlx.model import SUPPORTED_MODEL_TYPES
+from afm_mlx.packing import pack_indices
 
 # Architectures whose mlx-lm classes share the layout converted here: pre-norm decoder blocks with
 # q/k/v/o projections (optional per-head q/k RMSNorm) and a SwiGLU MLP.
 CONVERTIBLE_MODEL_TYPES = SUPPORTED_MODEL_TYPES
 PROJECTIONS = DEFAULT_KEYS  # every attention and FFN projection, as the adapters target
 FP16_MAX = float(np.finfo(np.float16).max)
+# Largest LM-head chunk: ANE tensors are limited to 16384 along a dimension.
+DEFAULT_HEAD_CHUNK = 16384
 
 
 @dataclass
@@ -40,13 +46,40 @@ class LutMatrix:
     def shape(self) -> tuple[int, int]:
         return tuple(self.indices.shape)  # type: ignore[return-value]
 
+    @property
+    def group_size(self) -> int:
+        return self.shape[self.axis] // self.lut.shape[0]
+
+    def row_slice(self, start: int, stop: int) -> LutMatrix:
+        """Rows [start, stop) with their own LUTs (views, no copy); for LM-head chunks."""
+        if self.axis == 1:
+            return LutMatrix(self.indices[start:stop], self.lut, self.bits, 1)
+        g = self.group_size
+        if start % g or (stop % g and stop != self.shape[0]):
+            raise ValueError(f"rows {start}:{stop} split a LUT group of {g} rows")
+        return LutMatrix(self.indices[start:stop], self.lut[start // g : -(-stop // g)], self.bits)
+
+    def bit_stream(self) -> np.ndarray:
+        """The indices as one little-endian bit stream over the flattened tensor (element i is
+        bits [i*bits, (i+1)*bits)): the sub-byte layout of Core ML blobs and Core AI constants."""
+        flat = mx.array(self.indices.reshape(1, -1))
+        return np.array(pack_indices(flat, self.bits)).reshape(-1)
+
+    @property
+    def nbytes(self) -> int:
+        """Stored size: packed indices plus LUTs."""
+        return -(-self.indices.size * self.bits // 8) + self.lut.nbytes
+
+
+Matrix = np.ndarray | LutMatrix
+
 
 @dataclass
 class Projection:
     """One linear layer, (out, in) weight plus optional bias; ``path`` is its mlx module path."""
 
     path: str
-    weight: np.ndarray | LutMatrix
+    weight: Matrix
     bias: np.ndarray | None = None
 
     @property
@@ -64,8 +97,21 @@ class Layer:
 
 
 @dataclass
+class HeadChunk:
+    """Vocabulary rows [start, stop) of the LM head (and of the tied embedding)."""
+
+    start: int
+    stop: int
+    weight: Matrix
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass
 class ModelWeights:
-    """Everything the program builder needs, as NumPy arrays."""
+    """Everything an emitter needs, as NumPy arrays."""
 
     hidden: int
     heads: int
@@ -74,47 +120,107 @@ class ModelWeights:
     vocab: int
     eps: float
     attn_scale: float
-    embedding: np.ndarray | LutMatrix  # (vocab, hidden)
-    lm_head: np.ndarray | LutMatrix | None  # None: tied to the embedding
+    embedding: Matrix  # (vocab, hidden)
+    lm_head: Matrix | None  # None: tied to the embedding
     final_norm: np.ndarray
     layers: list[Layer]
     rope_cos: np.ndarray  # (max_context, head_dim) float32, half-rotation layout
     rope_sin: np.ndarray  # same, sign folded in: x*cos + swap_halves(x)*sin == RoPE(x)
+    head_chunk: int = DEFAULT_HEAD_CHUNK
+    _chunks: dict[str, list[HeadChunk]] = field(default_factory=dict, repr=False)
 
     def projections(self) -> dict[str, Projection]:
         return {p.path: p for layer in self.layers for p in layer.proj.values()}
 
+    def _chunked(self, key: str, matrix: Matrix) -> list[HeadChunk]:
+        """Row chunks of ``matrix``, made once, so every function reuses the same slices (the
+        emitters then store each chunk once, and no op ever holds the whole table)."""
+        if key not in self._chunks:
+            out = []
+            for start in range(0, self.vocab, self.head_chunk):
+                stop = min(start + self.head_chunk, self.vocab)
+                part = (
+                    matrix.row_slice(start, stop)
+                    if isinstance(matrix, LutMatrix)
+                    else matrix[start:stop]
+                )
+                out.append(HeadChunk(start, stop, part))
+            self._chunks[key] = out
+        return self._chunks[key]
+
+    def head_chunks(self) -> list[HeadChunk]:
+        """The LM head per vocabulary chunk (``logits_0``, ``logits_1``, ...)."""
+        if self.lm_head is None:
+            return self._chunked("embedding", self.embedding)
+        return self._chunked("lm_head", self.lm_head)
+
+    def embedding_chunks(self) -> list[HeadChunk]:
+        """The embedding table in the same chunks (shared with the head when tied)."""
+        return self._chunked("embedding", self.embedding)
+
+    def logit_chunks(self) -> list[int]:
+        return [c.rows for c in self.head_chunks()]
+
+    def matrices(self) -> list[Matrix]:
+        """Every stored weight matrix once (the tied head is the embedding)."""
+        out = [self.embedding] + ([] if self.lm_head is None else [self.lm_head])
+        return out + [p.weight for p in self.projections().values()]
+
+    def weight_bytes(self, dense_itemsize: int) -> int:
+        """Bytes of all weights as an emitter stores them: palettized matrices as packed
+        indices + LUTs, dense matrices and vectors at ``dense_itemsize`` bytes per value."""
+        total = 0
+        for m in self.matrices():
+            total += m.nbytes if isinstance(m, LutMatrix) else m.size * dense_itemsize
+        vectors = [self.final_norm]
+        for layer in self.layers:
+            vectors += [layer.input_norm, layer.post_norm, layer.q_norm, layer.k_norm]
+            vectors += [p.bias for p in layer.proj.values()]
+        return total + sum(v.size * dense_itemsize for v in vectors if v is not None)
+
 
 @dataclass
 class LoraWeights:
-    """One adapter, unfused: per projection path, A (rank, in) and B (out, rank) with scale folded."""
+    """One adapter, unfused: per projection path, A (rank, in) and B (out, rank) with scale folded,
+    float32 (each emitter stores them in its weight dtype)."""
 
     name: str
     folder: Path
     pairs: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
-    def nbytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for a, b in self.pairs.values())
+    def nbytes(self, itemsize: int = 2) -> int:
+        return sum((a.size + b.size) * itemsize for a, b in self.pairs.values())
 
 
 def check_convertible(config: dict[str, Any], source: str) -> None:
-    """Refuse architectures the converter does not handle, before any weights are read."""
+    """Refuse architectures the converters do not handle, before any weights are read."""
     model_type = config.get("model_type")
     if model_type not in CONVERTIBLE_MODEL_TYPES:
         raise UserError(
-            f"{source}: model_type {model_type!r} cannot be converted to Core ML "
+            f"{source}: model_type {model_type!r} cannot be converted "
             f"(supported: {', '.join(CONVERTIBLE_MODEL_TYPES)})"
         )
     if config.get("hidden_act", "silu") != "silu":
         raise UserError(f"{source}: hidden_act {config['hidden_act']!r} is not supported (silu)")
 
 
-def _fp16(a: mx.array, what: str) -> np.ndarray:
-    """fp16 copy of an MLX array; values beyond fp16 range are a user error, not silent infs."""
-    x = np.array(a.astype(mx.float32))
+def as_fp16(x: np.ndarray, what: str) -> np.ndarray:
+    """fp16 copy for an emitter that stores fp16; values beyond its range are a user error, not
+    silent infs."""
+    if x.dtype == np.float16:
+        return x
     if not np.all(np.isfinite(x)) or np.abs(x).max(initial=0.0) > FP16_MAX:
         raise UserError(f"{what}: values are not finite in float16 (|w| > {FP16_MAX:g})")
     return x.astype(np.float16)
+
+
+def _dense(a: mx.array, what: str) -> np.ndarray:
+    """NumPy copy of an MLX weight in its own precision (bfloat16, which NumPy lacks, exactly as
+    float32)."""
+    x = np.array(a if a.dtype in (mx.float16, mx.float32) else a.astype(mx.float32))
+    if not np.all(np.isfinite(x)):
+        raise UserError(f"{what}: weights are not finite")
+    return x
 
 
 def _palettized_matrix(layer: nn.Module, what: str) -> LutMatrix:
@@ -126,7 +232,7 @@ def _palettized_matrix(layer: nn.Module, what: str) -> LutMatrix:
     return LutMatrix(indices=indices, lut=lut, bits=int(layer.bits), axis=int(layer.axis))
 
 
-def _matrix(module: nn.Module, what: str) -> np.ndarray | LutMatrix:
+def _matrix(module: nn.Module, what: str) -> Matrix:
     if isinstance(module, nn.QuantizedLinear | nn.QuantizedEmbedding):
         raise UserError(
             f"{what}: mlx affine-quantized layers are not supported; convert the float model "
@@ -135,7 +241,7 @@ def _matrix(module: nn.Module, what: str) -> np.ndarray | LutMatrix:
     if callable(getattr(module, "indices", None)) and "lut" in module:
         return _palettized_matrix(module, what)
     if isinstance(module, nn.Linear | nn.Embedding):
-        return _fp16(module.weight, what)
+        return _dense(module.weight, what)
     raise UserError(f"{what}: layer type {type(module).__name__} is not supported")
 
 
@@ -144,8 +250,12 @@ def _projection(module: nn.Module, path: str) -> Projection:
     return Projection(
         path=path,
         weight=_matrix(module, path),
-        bias=None if bias is None else _fp16(bias, path + ".bias"),
+        bias=None if bias is None else _dense(bias, path + ".bias").astype(np.float32),
     )
+
+
+def _f32(a: mx.array, what: str) -> np.ndarray:
+    return _dense(a, what).astype(np.float32)
 
 
 def _rope_tables(rope: nn.Module, head_dim: int, max_context: int) -> tuple[np.ndarray, np.ndarray]:
@@ -171,8 +281,14 @@ def _rope_tables(rope: nn.Module, head_dim: int, max_context: int) -> tuple[np.n
     return cos.astype(np.float32), sin.astype(np.float32)
 
 
-def extract_weights(model: nn.Module, config: dict[str, Any], max_context: int) -> ModelWeights:
-    """Read an mlx-lm qwen3/llama-family model into ``ModelWeights`` (RoPE up to ``max_context``)."""
+def extract_weights(
+    model: nn.Module,
+    config: dict[str, Any],
+    max_context: int,
+    head_chunk: int = DEFAULT_HEAD_CHUNK,
+) -> ModelWeights:
+    """Read an mlx-lm qwen3/llama-family model into ``ModelWeights`` (RoPE up to ``max_context``,
+    the LM head in chunks of at most ``head_chunk`` vocabulary rows)."""
     inner = model.model
     attn0 = inner.layers[0].self_attn
     heads, kv_heads = int(attn0.n_heads), int(attn0.n_kv_heads)
@@ -189,10 +305,10 @@ def extract_weights(model: nn.Module, config: dict[str, Any], max_context: int) 
         has_qk_norm = hasattr(attn, "q_norm")
         layers.append(
             Layer(
-                input_norm=_fp16(block.input_layernorm.weight, f"layer {i} input_layernorm"),
-                post_norm=_fp16(block.post_attention_layernorm.weight, f"layer {i} post norm"),
-                q_norm=_fp16(attn.q_norm.weight, f"layer {i} q_norm") if has_qk_norm else None,
-                k_norm=_fp16(attn.k_norm.weight, f"layer {i} k_norm") if has_qk_norm else None,
+                input_norm=_f32(block.input_layernorm.weight, f"layer {i} input_layernorm"),
+                post_norm=_f32(block.post_attention_layernorm.weight, f"layer {i} post norm"),
+                q_norm=_f32(attn.q_norm.weight, f"layer {i} q_norm") if has_qk_norm else None,
+                k_norm=_f32(attn.k_norm.weight, f"layer {i} k_norm") if has_qk_norm else None,
                 proj=proj,
             )
         )
@@ -201,7 +317,7 @@ def extract_weights(model: nn.Module, config: dict[str, Any], max_context: int) 
     cos, sin = _rope_tables(attn0.rope, head_dim, max_context)
     tied = config.get("tie_word_embeddings", True) or not hasattr(model, "lm_head")
     embedding = _matrix(inner.embed_tokens, "model.embed_tokens")
-    return ModelWeights(
+    weights = ModelWeights(
         hidden=embedding.shape[1],
         heads=heads,
         kv_heads=kv_heads,
@@ -211,18 +327,25 @@ def extract_weights(model: nn.Module, config: dict[str, Any], max_context: int) 
         attn_scale=float(attn0.scale),
         embedding=embedding,
         lm_head=None if tied else _matrix(model.lm_head, "lm_head"),
-        final_norm=_fp16(inner.norm.weight, "model.norm"),
+        final_norm=_f32(inner.norm.weight, "model.norm"),
         layers=layers,
         rope_cos=cos,
         rope_sin=sin,
+        head_chunk=head_chunk,
     )
+    try:
+        weights.head_chunks()
+        weights.embedding_chunks()
+    except ValueError as e:
+        raise UserError(f"--head-chunk {head_chunk}: {e}; pick a multiple of the group size") from e
+    return weights
 
 
 ADAPTER_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 
 
 def parse_adapter_spec(spec: str) -> tuple[str, Path]:
-    """``NAME=DIR`` -> (name, folder); the name becomes part of Core ML function names."""
+    """``NAME=DIR`` -> (name, folder); the name becomes part of the function names."""
     name, sep, folder = spec.partition("=")
     if not sep or not folder:
         raise UserError(f"--adapter {spec!r}: expected NAME=DIR")
@@ -265,11 +388,12 @@ def read_lora(name: str, folder: Path, weights: ModelWeights, fingerprint: str) 
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != in_dim or b.shape[1] != out_dim:
             problems.append(f"{path}: lora_a {a.shape} / lora_b {b.shape} vs weight {proj.shape}")
             continue
-        # Conv weights: A (rank, in), B (out, rank); mlx-lm's scale is folded into B.
+        # Matrices that act on channels-first activations: A (rank, in), B (out, rank); mlx-lm's
+        # scale is folded into B.
         scaled_b = b.astype(mx.float32) * adapter.settings.scale
         lora.pairs[path] = (
-            _fp16(a.astype(mx.float32).T, f"{flag} {path}.lora_a"),
-            _fp16(scaled_b.T, f"{flag} {path}.lora_b"),
+            _f32(a.astype(mx.float32).T, f"{flag} {path}.lora_a"),
+            _f32(scaled_b.T, f"{flag} {path}.lora_b"),
         )
     if problems or not lora.pairs:
         shown = "; ".join(problems[:4]) or "no lora_a/lora_b weights"

@@ -1,0 +1,224 @@
+"""The conversion flow both Apple targets share: flags, checks, reading the model and adapters into
+the plan, the list of functions, the metadata, and writing the output atomically.
+
+``converters.coreml`` and ``converters.coreai`` only build and save their own format in between.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from afm_mlx.cli import UserError
+from converters.plan import (
+    DEFAULT_HEAD_CHUNK,
+    LoraWeights,
+    ModelWeights,
+    check_convertible,
+    extract_weights,
+    parse_adapter_spec,
+    read_lora,
+)
+
+
+@dataclass
+class ExportConfig:
+    """Flags every converter takes (the format-specific ones extend it)."""
+
+    model: str = field(default="", metadata={"help": "model folder: fp or palettized checkpoint"})
+    out: str = field(default="", metadata={"help": "output path"})
+    adapter: list[str] = field(
+        default_factory=list,
+        metadata={"help": "LoRA adapters as NAME=DIR; each adds decode_NAME and prefill_NAME"},
+    )
+    context: int = field(default=512, metadata={"help": "KV-cache rows (max tokens in context)"})
+    prefill_chunk: int = field(
+        default=64, metadata={"help": "tokens per prefill call; must divide --context"}
+    )
+    head_chunk: int = field(
+        default=DEFAULT_HEAD_CHUNK,
+        metadata={"help": "max vocabulary rows per LM-head output (ANE dimension limit)"},
+    )
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing --out"})
+
+
+@dataclass
+class ConvertResult:
+    path: Path
+    functions: list[str]
+    seconds: float
+    bytes: int
+    logit_chunks: list[int]
+    phases: dict[str, float]  # seconds: "load" (read + extract), "build", "save"
+
+
+@dataclass
+class Function:
+    """One function of the output: ``seq`` tokens per call, with ``lora`` or the bare base."""
+
+    name: str
+    seq: int
+    lora: LoraWeights | None
+
+
+@dataclass
+class ModelPlan:
+    """What a converter emits: the weights plan, the adapters and the functions."""
+
+    model_dir: Path
+    weights: ModelWeights
+    loras: list[LoraWeights]
+    fingerprint: str
+    functions: list[Function]
+
+    def release(self) -> None:
+        """Drop the weights once every function is built (a writer that saves afterwards frees a
+        3B model's unpacked indices before its own memory peak)."""
+        self.weights = None  # type: ignore[assignment]
+        self.loras = []
+        for f in self.functions:
+            f.lora = None
+
+    def metadata(self, cfg: ExportConfig) -> dict[str, Any]:
+        """What a runner needs to drive the output, and where it came from."""
+        return {
+            "afm_mlx.context": cfg.context,
+            "afm_mlx.prefill_chunk": cfg.prefill_chunk,
+            "afm_mlx.logit_chunks": self.weights.logit_chunks(),
+            "afm_mlx.functions": [f.name for f in self.functions],
+            "afm_mlx.adapters": {x.name: str(x.folder) for x in self.loras},
+            "afm_mlx.source_model": str(self.model_dir.resolve()),
+            "afm_mlx.base_fingerprint": self.fingerprint,
+        }
+
+
+def merge_repeated_adapter_flags(argv: list[str]) -> list[str]:
+    """``--adapter a=x --adapter b=y`` means both (argparse alone would keep only the last)."""
+    values, rest, i = [], [], 0
+    while i < len(argv):
+        if argv[i] == "--adapter":
+            i += 1
+            while i < len(argv) and not argv[i].startswith("--"):
+                values.append(argv[i])
+                i += 1
+        elif argv[i].startswith("--adapter="):
+            values.append(argv[i].split("=", 1)[1])
+            i += 1
+        else:
+            rest.append(argv[i])
+            i += 1
+    return rest + (["--adapter", *values] if values else [])
+
+
+def package_bytes(path: str | Path) -> int:
+    """Total size of the files in a package / asset folder."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def validate(cfg: ExportConfig, suffix: str) -> tuple[Path, Path, list[tuple[str, Path]]]:
+    """Check every flag before anything heavy happens; returns (model dir, out, adapters)."""
+    if not cfg.model:
+        raise UserError("--model is required (a model folder)")
+    if not cfg.out:
+        raise UserError(f"--out is required (e.g. --out model{suffix})")
+    out = Path(cfg.out)
+    if out.suffix != suffix:
+        raise UserError(f"--out {out}: the name must end in {suffix}")
+    if out.exists() and not cfg.overwrite:
+        raise UserError(f"--out {out}: already exists; pass --overwrite or choose another name")
+    if cfg.context < 1 or cfg.prefill_chunk < 1 or cfg.head_chunk < 1:
+        raise UserError("--context, --prefill-chunk and --head-chunk must be positive")
+    if cfg.context % cfg.prefill_chunk:
+        raise UserError(
+            f"--context {cfg.context} is not a multiple of --prefill-chunk {cfg.prefill_chunk}; "
+            "prefill writes whole chunks into the cache, so pick a divisor"
+        )
+    adapters = [parse_adapter_spec(s) for s in cfg.adapter]
+    names = [n for n, _ in adapters]
+    duplicate = next((n for n in names if names.count(n) > 1), None)
+    if duplicate:
+        raise UserError(f"--adapter: name {duplicate!r} is given twice")
+    model_dir = Path(cfg.model)
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"--model {model_dir}: no config.json (expected a model folder)")
+    return model_dir, out, adapters
+
+
+def read_model(cfg: ExportConfig, model_dir: Path, adapters: list[tuple[str, Path]]) -> ModelPlan:
+    """Load the model (fp or palettized) and its adapters into the plan; refuses what cannot be
+    converted before reading any weights."""
+    from afm_mlx.fileio import read_json
+    from afm_mlx.model import load_model, model_fingerprint
+
+    config = read_json(model_dir / "config.json", "model config (config.json)")
+    check_convertible(config, str(model_dir / "config.json"))
+    model, config, _ = load_model(model_dir)  # fp or palettized (config.json "palettization")
+    weights = extract_weights(model, config, cfg.context, cfg.head_chunk)
+    fingerprint = model_fingerprint(model) if adapters else ""
+    loras = [read_lora(name, folder, weights, fingerprint) for name, folder in adapters]
+    functions = [Function("decode", 1, None), Function("prefill", cfg.prefill_chunk, None)]
+    for lora in loras:
+        functions += [
+            Function(f"decode_{lora.name}", 1, lora),
+            Function(f"prefill_{lora.name}", cfg.prefill_chunk, lora),
+        ]
+    return ModelPlan(model_dir, weights, loras, fingerprint, functions)
+
+
+@contextmanager
+def staged_output(out: Path) -> Iterator[Path]:
+    """Yield a path beside ``out`` to write into; when the block succeeds it is renamed to ``out``
+    (an existing ``out`` is replaced only then), and on any failure nothing is left behind."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-", dir=out.parent))
+    staged = work / out.name
+    try:
+        yield staged
+        if out.exists():  # --overwrite: move the old output aside only once the new one is done
+            shutil.move(str(out), str(work / ("replaced" + out.suffix)))
+            try:
+                os.replace(staged, out)
+            except OSError:
+                shutil.move(str(work / ("replaced" + out.suffix)), str(out))
+                raise
+        else:
+            os.replace(staged, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def convert_with(
+    cfg: ExportConfig,
+    suffix: str,
+    write: Callable[[ModelPlan, Path, Callable[[str], None]], dict[str, float]],
+    progress: Callable[[str], None] | None = None,
+) -> ConvertResult:
+    """Validate, read the model into the plan, let ``write`` build and save the output at the
+    staged path it is given (returning its phase timings), then move it into place."""
+    say = progress or (lambda _msg: None)
+    model_dir, out, adapter_specs = validate(cfg, suffix)
+    start = time.perf_counter()
+    plan = read_model(cfg, model_dir, adapter_specs)
+    phases = {"load": time.perf_counter() - start}
+    say(
+        f"read {model_dir} ({len(plan.weights.layers)} layers, {len(plan.loras)} adapters) "
+        f"in {phases['load']:.1f} s"
+    )
+    names, chunks = [f.name for f in plan.functions], plan.weights.logit_chunks()
+    with staged_output(out) as staged:
+        phases.update(write(plan, staged, say))
+    return ConvertResult(
+        path=out,
+        functions=names,
+        seconds=time.perf_counter() - start,
+        bytes=package_bytes(out),
+        logit_chunks=chunks,
+        phases=phases,
+    )

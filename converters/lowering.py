@@ -1,0 +1,294 @@
+"""The model as a graph, written once for every Apple target: the emitters only supply the ops.
+
+``lower`` turns a ``ModelWeights`` plan into one function's graph (prefill of ``seq`` tokens or
+decode of one) through the small op vocabulary of ``Emitter``; ``converters.coreml_program`` maps it
+to Core ML MIL, ``converters.coreai_program`` to the Core AI dialect. Nothing about the model
+(norms, RoPE, GQA attention over the cache state, SwiGLU, chunked embedding and LM head, LoRA
+paths) is written anywhere else.
+
+Activations are channels-first, logically ``(C, S)`` (the emitter picks the physical layout, e.g.
+Core ML's ``(1, C, 1, S)`` for 1x1 convolutions on the Neural Engine), so a projection is ``W @ x``
+with the weight as stored, ``(out, in)``, and never transposed.
+
+Inputs: ``input_ids`` (1, S) int32 and ``position`` (1,) int32, the cache row of the first token.
+State: per layer ``k_cache_i`` and ``v_cache_i`` of shape (kv_heads, context, head_dim), written at
+rows [position, position + S) and read whole; rows after the current token are masked with a
+select, so whatever a cache row held before it was written (even NaN) never reaches the result.
+Outputs: ``logits_0``, ``logits_1``... (1, S, chunk): the LM head per vocabulary chunk.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+
+from converters.plan import LoraWeights, Matrix, ModelWeights, Projection
+
+# Attention scores of future (masked) positions: finite so that softmax stays finite in fp16, and
+# large enough that exp() underflows to 0.
+MASK_VALUE = -30000.0
+
+Value = Any  # an emitter's own value type (MIL Var, coreai Value)
+
+
+def state_names(num_layers: int) -> list[str]:
+    return [f"{t}_cache_{i}" for i in range(num_layers) for t in ("k", "v")]
+
+
+def output_names(mw: ModelWeights) -> list[str]:
+    return [f"logits_{j}" for j in range(len(mw.head_chunks()))]
+
+
+class Emitter(ABC):
+    """The ops the lowering needs. Operands may be NumPy constants (floats become the emitter's
+    compute dtype, integers int32); every ``name`` is a readable op name for the emitted graph."""
+
+    channel_axis: int  # where C sits in an activation
+
+    @abstractmethod
+    def act_shape(self, channels: int, seq: int) -> list[int]:
+        """The physical shape of a (channels, seq) activation."""
+
+    @abstractmethod
+    def shape(self, x: Value) -> list[int]:
+        """The static shape of a value."""
+
+    # --- weights and state --------------------------------------------------------------------
+    @abstractmethod
+    def project(self, x: Value, weight: Matrix, bias: np.ndarray | None, name: str) -> Value:
+        """``weight @ x (+ bias)`` on an activation; ``weight`` is (out, in) as stored."""
+
+    @abstractmethod
+    def gather_rows(self, weight: Matrix, ids: Value, name: str) -> Value:
+        """Rows ``ids`` (S,) of a weight matrix, (S, cols), without decompressing the others;
+        ``name`` names the weight itself."""
+
+    @abstractmethod
+    def update_cache(self, state: str, rows: Value, begin: Value, end: Value, name: str) -> Value:
+        """Write ``rows`` into state ``state`` at [begin, end) and return the whole new cache."""
+
+    # --- tensor ops ---------------------------------------------------------------------------
+    @abstractmethod
+    def add(self, x: Value, y: Value | np.ndarray, name: str) -> Value: ...
+
+    @abstractmethod
+    def mul(self, x: Value, y: Value | np.ndarray, name: str) -> Value: ...
+
+    @abstractmethod
+    def rsqrt(self, x: Value, eps: float, name: str) -> Value:
+        """1 / sqrt(x + eps)."""
+
+    @abstractmethod
+    def reduce_sum(self, x: Value, axis: int, name: str) -> Value:
+        """Sum over ``axis``, keeping it (size 1)."""
+
+    @abstractmethod
+    def softmax(self, x: Value, axis: int, name: str) -> Value: ...
+
+    @abstractmethod
+    def silu(self, x: Value, name: str) -> Value: ...
+
+    @abstractmethod
+    def matmul(self, x: Value, y: Value, name: str, transpose_y: bool = False) -> Value:
+        """Batched ``x @ y`` (or ``x @ y^T``) over equal leading dimensions."""
+
+    @abstractmethod
+    def reshape(self, x: Value, shape: list[int], name: str) -> Value: ...
+
+    @abstractmethod
+    def transpose(self, x: Value, perm: list[int], name: str) -> Value: ...
+
+    @abstractmethod
+    def slice(self, x: Value, begin: list[int], end: list[int], name: str) -> Value:
+        """Static slice [begin, end) with stride 1."""
+
+    @abstractmethod
+    def concat(self, values: list[Value | np.ndarray], axis: int, name: str) -> Value: ...
+
+    @abstractmethod
+    def gather(self, table: np.ndarray, ids: Value, name: str) -> Value:
+        """Rows ``ids`` of a constant float table."""
+
+    @abstractmethod
+    def greater(self, x: Value | np.ndarray, y: Value, name: str) -> Value:
+        """Elementwise x > y (broadcasting), bool."""
+
+    @abstractmethod
+    def equal(self, x: Value, y: Value, name: str) -> Value: ...
+
+    @abstractmethod
+    def clip(self, x: Value, low: int, high: int, name: str) -> Value:
+        """Integers clamped to [low, high]."""
+
+    @abstractmethod
+    def where(self, cond: Value, value: float, x: Value, name: str) -> Value:
+        """``value`` where ``cond`` else ``x`` (broadcasting)."""
+
+    @abstractmethod
+    def to_float(self, x: Value, name: str) -> Value:
+        """bool -> the compute dtype (0/1)."""
+
+
+def _rms_norm(em: Emitter, x: Value, weight: np.ndarray, eps: float, axis: int, name: str):
+    """RMSNorm over ``axis``; ``weight`` broadcasts along it.
+
+    Squares are taken of x / sqrt(n), so their sum (the mean square) stays in fp16 range for
+    activations up to ~256*sqrt(n), instead of overflowing at |x| > 256.
+    """
+    shape = em.shape(x)
+    n = shape[axis]
+    scaled = em.mul(x, np.float32(1.0 / math.sqrt(n)), name + "_scaled")
+    mean_sq = em.reduce_sum(em.mul(scaled, scaled, name + "_sq"), axis, name + "_meansq")
+    inv = em.rsqrt(mean_sq, eps, name + "_inv")
+    bshape = [1] * len(shape)
+    bshape[axis] = n
+    normed = em.mul(x, inv, name + "_normed")
+    return em.mul(normed, weight.reshape(bshape).astype(np.float32), name)
+
+
+def _project(em: Emitter, x: Value, proj: Projection, lora: LoraWeights | None, name: str):
+    """The base projection plus the unfused low-rank adapter path B(A x), if any."""
+    y = em.project(x, proj.weight, proj.bias, name)
+    if lora is not None and proj.path in lora.pairs:
+        a, b = lora.pairs[proj.path]
+        down = em.project(x, a, None, name + "_lora_a")
+        up = em.project(down, b, None, name + "_lora_b")
+        y = em.add(y, up, name + "_lora")
+    return y
+
+
+def _rope(em: Emitter, x: Value, ctx: dict, half: int, name: str) -> Value:
+    """x * cos + swap_halves(x) * sin on (heads, head_dim, S); ``sin`` carries the sign."""
+    heads, dim, seq = em.shape(x)
+    first = em.slice(x, [0, 0, 0], [heads, half, seq], name + "_lo")
+    second = em.slice(x, [0, half, 0], [heads, dim, seq], name + "_hi")
+    swapped = em.concat([second, first], 1, name + "_swap")
+    return em.add(
+        em.mul(x, ctx["cos"], name + "_cos"), em.mul(swapped, ctx["sin"], name + "_sin"), name
+    )
+
+
+def _attention(em, h, i: int, mw: ModelWeights, lora, seq: int, ctx: dict) -> Value:
+    layer = mw.layers[i]
+    hd, heads, kv = mw.head_dim, mw.heads, mw.kv_heads
+    group = heads // kv
+    p = f"l{i}_"
+    q = _project(em, h, layer.proj["self_attn.q_proj"], lora, p + "q_proj")
+    k = _project(em, h, layer.proj["self_attn.k_proj"], lora, p + "k_proj")
+    v = _project(em, h, layer.proj["self_attn.v_proj"], lora, p + "v_proj")
+    # (H*hd, S) -> (H, hd, S): channel h*hd + d is head h, dim d, as in mlx-lm's reshape.
+    q = em.reshape(q, [heads, hd, seq], p + "q_heads")
+    k = em.reshape(k, [kv, hd, seq], p + "k_heads")
+    v = em.reshape(v, [kv, hd, seq], p + "v_heads")
+    if layer.q_norm is not None:
+        q = _rms_norm(em, q, layer.q_norm, mw.eps, 1, p + "q_norm")
+        k = _rms_norm(em, k, layer.k_norm, mw.eps, 1, p + "k_norm")
+    q = _rope(em, q, ctx, hd // 2, p + "q_rope")
+    k = _rope(em, k, ctx, hd // 2, p + "k_rope")
+    q = em.mul(q, np.float32(mw.attn_scale), p + "q_scaled")
+
+    # Write this chunk's keys/values into the cache rows [position, position + S), then attend
+    # over the whole cache; rows after the current token are masked.
+    k_rows = em.transpose(k, [0, 2, 1], p + "k_rows")
+    v_rows = em.transpose(v, [0, 2, 1], p + "v_rows")
+    k_all = em.update_cache(f"k_cache_{i}", k_rows, ctx["begin"], ctx["end"], p + "k_cache")
+    v_all = em.update_cache(f"v_cache_{i}", v_rows, ctx["begin"], ctx["end"], p + "v_cache")
+
+    # GQA without repeating K/V: query heads of one KV head are stacked along the row axis.
+    q_rows = em.transpose(q, [0, 2, 1], p + "q_rows")  # (H, S, hd)
+    q_rows = em.reshape(q_rows, [kv, group * seq, hd], p + "q_groups")
+    scores = em.matmul(q_rows, k_all, p + "scores", transpose_y=True)
+    context = em.shape(k_all)[1]
+    scores = em.reshape(scores, [kv, group, seq, context], p + "scores_4d")
+    scores = em.where(ctx["future"], MASK_VALUE, scores, p + "scores_masked")
+    probs = em.softmax(scores, -1, p + "probs")
+    probs = em.reshape(probs, [kv, group * seq, context], p + "probs_3d")
+    out = em.matmul(probs, v_all, p + "attn")  # (kv, group*S, hd)
+    out = em.reshape(out, [heads, seq, hd], p + "attn_heads")
+    out = em.transpose(out, [0, 2, 1], p + "attn_t")
+    out = em.reshape(out, em.act_shape(heads * hd, seq), p + "attn_cf")
+    return _project(em, out, layer.proj["self_attn.o_proj"], lora, p + "o_proj")
+
+
+def _mlp(em: Emitter, h: Value, i: int, mw: ModelWeights, lora) -> Value:
+    layer, p = mw.layers[i], f"l{i}_"
+    gate = _project(em, h, layer.proj["mlp.gate_proj"], lora, p + "gate_proj")
+    up = _project(em, h, layer.proj["mlp.up_proj"], lora, p + "up_proj")
+    act = em.mul(em.silu(gate, p + "silu"), up, p + "swiglu")
+    return _project(em, act, layer.proj["mlp.down_proj"], lora, p + "down_proj")
+
+
+def _embed(em: Emitter, mw: ModelWeights, ids: Value, seq: int) -> Value:
+    """Token rows of the embedding, gathered per vocabulary chunk so that no op holds (or, for a
+    palettized table, decompresses) the whole vocab x hidden table; ids outside a chunk read its
+    clamped row and are zeroed."""
+    chunks = mw.embedding_chunks()
+    if len(chunks) == 1:
+        rows = em.gather_rows(chunks[0].weight, ids, "embed_tokens")
+    else:
+        rows = None
+        for j, c in enumerate(chunks):
+            local = em.add(ids, np.int32(-c.start), f"embed_{j}_local")
+            clamped = em.clip(local, 0, c.rows - 1, f"embed_{j}_clamped")
+            inside = em.to_float(em.equal(local, clamped, f"embed_{j}_in"), f"embed_{j}_inf")
+            part = em.gather_rows(c.weight, clamped, f"embed_tokens_{j}")
+            part = em.mul(part, em.reshape(inside, [seq, 1], f"embed_{j}_in_col"), f"embed_{j}")
+            rows = part if rows is None else em.add(rows, part, f"embed_sum_{j}")
+    h = em.transpose(rows, [1, 0], "embed_t")
+    return em.reshape(h, em.act_shape(mw.hidden, seq), "embed_cf")
+
+
+def _positions(em: Emitter, mw: ModelWeights, position: Value, seq: int, context: int) -> dict:
+    """RoPE rows, the causal mask and cache-write bounds for this chunk.
+
+    The int32 work here (a few ops on S or S x context elements) runs before the first projection,
+    so it costs at most one hand-off to the accelerator.
+    """
+    qpos = em.add(position, np.arange(seq, dtype=np.int32), "query_positions")
+    cs = {}
+    for name, table in (("cos", mw.rope_cos), ("sin", mw.rope_sin)):
+        rows = em.gather(table[:context], qpos, name)  # (S, hd)
+        rows = em.transpose(rows, [1, 0], name + "_t")
+        cs[name] = em.reshape(rows, [1, mw.head_dim, seq], name + "_b")  # vs (heads, hd, S)
+    future = em.greater(
+        np.arange(context, dtype=np.int32).reshape(1, context),
+        em.reshape(qpos, [seq, 1], "query_positions_col"),
+        "future",
+    )  # (S, context)
+    zero = np.zeros((1,), np.int32)
+    begin = em.concat([zero, position, zero], 0, "cache_begin")
+    end = em.add(begin, np.array([mw.kv_heads, seq, mw.head_dim], np.int32), "cache_end")
+    return {**cs, "future": future, "begin": begin, "end": end}
+
+
+def lower(
+    em: Emitter,
+    mw: ModelWeights,
+    input_ids: Value,
+    position: Value,
+    seq: int,
+    context: int,
+    lora: LoraWeights | None = None,
+) -> list[Value]:
+    """One function's graph: ``seq`` tokens at ``position`` against a ``context``-row cache;
+    returns the logits chunks in order (named ``logits_0``...)."""
+    ctx = _positions(em, mw, position, seq, context)
+    ids = em.reshape(input_ids, [seq], "ids")
+    h = _embed(em, mw, ids, seq)
+    axis = em.channel_axis
+    for i, layer in enumerate(mw.layers):
+        x = _rms_norm(em, h, layer.input_norm, mw.eps, axis, f"l{i}_input_norm")
+        h = em.add(h, _attention(em, x, i, mw, lora, seq, ctx), f"l{i}_attn_res")
+        x = _rms_norm(em, h, layer.post_norm, mw.eps, axis, f"l{i}_post_norm")
+        h = em.add(h, _mlp(em, x, i, mw, lora), f"l{i}_mlp_res")
+    h = _rms_norm(em, h, mw.final_norm, mw.eps, axis, "final_norm")
+    outputs = []
+    for j, chunk in enumerate(mw.head_chunks()):
+        logits = em.project(h, chunk.weight, None, f"lm_head_{j}")  # (rows, S)
+        logits = em.reshape(logits, [chunk.rows, seq], f"lm_head_{j}_2d")
+        logits = em.transpose(logits, [1, 0], f"lm_head_{j}_rows")
+        outputs.append(em.reshape(logits, [1, seq, chunk.rows], f"logits_{j}"))
+    return outputs
