@@ -1,0 +1,114 @@
+"""Convert an afm_mlx / mlx-lm qwen3-family model (fp or palettized) to a Core AI ``.aimodel``.
+
+    python -m converters.coreai --model runs/small-3.7 --out small.aimodel
+    python -m converters.coreai --model runs/small-3.7 --adapter chat=runs/chat \\
+        --out small.aimodel --context 512 --prefill-chunk 64 --compute-dtype float16
+
+Core AI is Apple's iOS/macOS 27 path for AI models; ``coreai-core`` (PyPI, Python >= 3.11) builds
+the asset and, on Linux too, runs it on the CPU. The asset has the Core ML package's interface:
+functions ``prefill`` (``--prefill-chunk`` tokens at a position) and ``decode`` (one token), plus
+``prefill_NAME`` / ``decode_NAME`` per adapter (LoRA unfused); inputs ``input_ids`` (1, S) int32
+and ``position`` (1,) int32; the KV cache as state (``k_cache_i``, ``v_cache_i``, zero-filled by
+the caller) shared by every function; outputs ``logits_0``, ``logits_1``... (vocabulary chunks, in
+order). It is built from the MLX weights by the lowering shared with ``converters.coreml`` (no
+PyTorch); palettized layers keep their LUTs and indices bit for bit and every weight is stored
+once for all functions. ``float16`` compute is what ships; ``float32`` makes Linux verification
+tight and fast (the Linux interpreter's fp16 path is slow and accumulates in fp16).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from afm_mlx.cli import UserError, parse_config, run_main
+from converters.export import (
+    ConvertResult,
+    ExportConfig,
+    ModelPlan,
+    convert_with,
+    merge_repeated_adapter_flags,
+)
+
+PROG = "python -m converters.coreai"
+COREAI_VERSION = "1.0.0b3"  # pinned in pyproject.toml: the authoring API is a beta ("in flux")
+COMPUTE_DTYPE_CHOICES = ("float16", "float32")
+
+
+@dataclass
+class CoreAIConfig(ExportConfig):
+    out: str = field(default="", metadata={"help": "output asset, NAME.aimodel"})
+    compute_dtype: str = field(
+        default="float16",
+        metadata={
+            "help": "activations, KV cache and dense weights (float16 ships; float32 verifies)",
+            "choices": list(COMPUTE_DTYPE_CHOICES),
+        },
+    )
+
+
+def require_coreai() -> None:
+    """Import ``coreai`` (authoring first, then the dialect: the other order is circular), or
+    explain in one line why it cannot be used here."""
+    if sys.version_info < (3, 11):
+        major, minor = sys.version_info[:2]
+        raise UserError(
+            f"Core AI export needs Python >= 3.11 (coreai-core {COREAI_VERSION} has no wheels for "
+            f"Python {major}.{minor}); run it with a newer Python"
+        )
+    try:
+        import coreai.authoring  # noqa: F401
+        from coreai._compiler.dialects import coreai as _  # noqa: F401
+    except ImportError as e:
+        raise UserError(
+            f"Core AI export needs coreai-core ({e}); install it: "
+            f"pip install 'coreai-core=={COREAI_VERSION}'"
+        ) from e
+
+
+def _write_asset(
+    cfg: CoreAIConfig, plan: ModelPlan, staged: Path, say: Callable[[str], None]
+) -> dict[str, float]:
+    from converters.coreai_program import build_program, save_program
+
+    start = time.perf_counter()
+    program = build_program(plan, cfg.context, cfg.compute_dtype)
+    build = time.perf_counter() - start
+    say(f"built {len(plan.functions)} functions ({cfg.compute_dtype} compute) in {build:.1f} s")
+    metadata = {**plan.metadata(cfg), "afm_mlx.compute_dtype": cfg.compute_dtype}
+    save_program(program, staged, metadata)
+    return {"build": build, "save": time.perf_counter() - start - build}
+
+
+def convert(cfg: CoreAIConfig, progress: Callable[[str], None] | None = None) -> ConvertResult:
+    """Validate, read the model (and adapters), build every function, write the asset atomically."""
+    if cfg.compute_dtype not in COMPUTE_DTYPE_CHOICES:
+        raise UserError(
+            f"--compute-dtype {cfg.compute_dtype!r}: choose one of {', '.join(COMPUTE_DTYPE_CHOICES)}"
+        )
+    require_coreai()
+    return convert_with(
+        cfg, ".aimodel", lambda plan, staged, say: _write_asset(cfg, plan, staged, say), progress
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI entry point."""
+
+    def body() -> None:
+        args = merge_repeated_adapter_flags(sys.argv[1:] if argv is None else argv)
+        cfg = parse_config(CoreAIConfig, args, PROG, __doc__.splitlines()[0])
+        result = convert(cfg, progress=print)
+        print(
+            f"wrote {result.path} ({result.bytes / 1e6:.1f} MB) in {result.seconds:.1f} s; "
+            f"functions: {', '.join(result.functions)}; logits chunks {result.logit_chunks}"
+        )
+
+    run_main(body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,486 @@
+"""Core AI export, executed by Apple's own runtime (coreai-core's CPU interpreter on Linux).
+
+Every asset here is run: a prompt is prefilled, then decode steps continue through the shared KV
+state, and the logits are compared with MLX (float32 compute: within rtol 1e-4; float16 compute:
+within fp16 error), greedy continuations with ``python -m afm_mlx.generate --temp 0``, and the
+same prompts with the Core ML package run by the reference executor. Weights are read back from
+the saved asset and compared with the MLX model's stored bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from conftest import REPO, one_line_error, run_cli
+from mlx.utils import tree_flatten
+from test_coreml import assert_logits_close, coreml_logits, mlx_logits
+from test_coreml_adapters import make_adapter
+from test_coreml_executor import open_package
+from test_coreml_palettized import mixed_bits
+
+from afm_mlx.cli import UserError
+from afm_mlx.lora import AdapterCache, load_adapter
+from afm_mlx.model import build_model, init_weights, load_model, preset_config, save_model
+from afm_mlx.palettized import AFM_EMBEDDING_SETTINGS, palettize_model
+from converters.coreai import CoreAIConfig, convert, require_coreai
+from converters.coreai_run import CoreAISession
+from converters.coreml import ConvertConfig
+from converters.coreml import convert as convert_coreml
+from converters.export import package_bytes
+
+CONTEXT, CHUNK = 64, 8  # room for a prompt and a 32-token continuation
+PROMPT = [5, 17, 99, 3, 250, 41, 7, 300, 12, 64, 128]  # one full prefill chunk + a padded one
+DECODE = [77, 1, 420, 9, 33, 2, 480, 15]  # 8 decode steps through the state
+TEXT_PROMPT = "ROMEO.\nWhat"
+
+
+def lut4(path: str, module: nn.Module):
+    """AFM's recipe: every projection 4-bit (16 rows per LUT), the embedding 8-bit per row."""
+    return dict(AFM_EMBEDDING_SETTINGS) if isinstance(module, nn.Embedding) else True
+
+
+def _palettized(source: Path, predicate, out: Path, tokenizer: Path) -> Path:
+    model, config, _ = load_model(source)
+    chosen = palettize_model(model, class_predicate=predicate)
+    return save_model(out, model, {**config, "palettization": {"layers": chosen}}, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def models(tiny_tokenizer, tmp_path_factory) -> dict[str, Path]:
+    """fp, LUT 4-bit (8-bit embedding) and mixed bits (1/2/3/4/6/8, both group axes) of a tiny
+    random model initialized wide (std 0.3) so that its greedy text varies token to token (at
+    std 0.02 it repeats one token, and a 32-token comparison would test one decision)."""
+    root = tmp_path_factory.mktemp("coreai_models")
+    config = preset_config("tiny", initializer_range=0.3)
+    model = build_model(config)
+    init_weights(model, config, seed=1)
+    fp = save_model(root / "fp", model, config, tiny_tokenizer)
+    return {
+        "fp": fp,
+        "lut4": _palettized(fp, lut4, root / "lut4", tiny_tokenizer),
+        "mixed": _palettized(fp, mixed_bits, root / "mixed", tiny_tokenizer),
+    }
+
+
+@pytest.fixture(scope="module")
+def adapters(models, tmp_path_factory) -> dict[str, Path]:
+    """Two adapters trained (here: randomized) on the LUT-4 base."""
+    root = tmp_path_factory.mktemp("coreai_adapters")
+    return {
+        n: make_adapter(models["lut4"], root / n, seed) for seed, n in enumerate(["chat", "code"])
+    }
+
+
+def to_aimodel(model_dir: Path, out: Path, **kw) -> Path:
+    kw = {"context": CONTEXT, "prefill_chunk": CHUNK, "compute_dtype": "float32", **kw}
+    convert(CoreAIConfig(model=str(model_dir), out=str(out), **kw))
+    return out
+
+
+@pytest.fixture(scope="module")
+def assets(models, adapters, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("coreai_assets")
+    out = {k: to_aimodel(v, root / f"{k}.aimodel") for k, v in models.items()}
+    # The adapters through the CLI, with a repeated --adapter flag.
+    both = root / "adapters.aimodel"
+    proc = run_cli(
+        "converters.coreai",
+        *("--model", models["lut4"], "--out", both, "--compute-dtype", "float32"),
+        *("--context", CONTEXT, "--prefill-chunk", CHUNK),
+        *("--adapter", f"chat={adapters['chat']}", "--adapter", f"code={adapters['code']}"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "decode_chat" in proc.stdout and "prefill_code" in proc.stdout
+    out["adapters"] = both
+    return out
+
+
+def coreai_logits(asset: Path, prompt=PROMPT, decode=DECODE, adapter: str | None = None):
+    """Logits of every prompt token (prefill, last chunk padded), then one row per decode step,
+    all through one state."""
+    with CoreAISession(asset) as s:
+        state = s.new_state()
+        rows = [s.prefill(prompt, state, adapter)]
+        for i, t in enumerate(decode):
+            rows.append(s.decode(t, len(prompt) + i, state, adapter)[None])
+    return np.concatenate(rows, axis=0)
+
+
+def assert_fp32_close(got: np.ndarray, want: np.ndarray) -> None:
+    """float32 compute: equal to MLX within rtol 1e-4 (atol 1e-4 of the largest logit, for
+    logits near zero), same argmax everywhere."""
+    assert got.shape == want.shape
+    print(
+        f"max |coreai - mlx| = {np.abs(got - want).max():.2e}, max |logit| {np.abs(want).max():.2f}"
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
+
+
+# --- the asset ---------------------------------------------------------------------------------
+
+
+def test_asset_interface_and_metadata(assets):
+    with CoreAISession(assets["adapters"]) as s:
+        assert s.functions == [
+            "decode",
+            "prefill",
+            "decode_chat",
+            "prefill_chat",
+            "decode_code",
+            "prefill_code",
+        ]
+        assert (s.context, s.prefill_chunk, s.logit_chunks) == (CONTEXT, CHUNK, [512])
+        assert s.compute_dtype == "float32"
+        for name, seq in (("decode", 1), ("prefill", CHUNK), ("decode_code", 1)):
+            desc = s._function(name).desc
+            assert list(desc.input_names) == ["input_ids", "position"]
+            assert list(desc.output_names) == ["logits_0"]
+            assert sorted(desc.state_names) == sorted(
+                f"{t}_cache_{i}" for i in range(2) for t in "kv"
+            )
+            assert list(desc.input_descriptor("input_ids").shape) == [1, seq]
+            assert list(desc.state_descriptor("k_cache_0").shape) == [2, CONTEXT, 16]
+            assert list(desc.output_descriptor("logits_0").shape) == [1, seq, 512]
+
+
+def _resources(asset: Path) -> dict[str, bytes]:
+    """The asset's weight blobs by name, read back from its bytecode by coreai itself."""
+    from coreai.authoring import AIModelAsset
+
+    text = str(AIModelAsset.load(asset).program)
+    section = text[text.index("dialect_resources") :]
+    # Each blob prints as "0x" + its alignment (4 bytes, little-endian) + the data, in hex.
+    return {
+        name: bytes.fromhex(hexdata[8:])
+        for name, hexdata in re.findall(r"(\w+): \"0x([0-9A-F]+)\"", section)
+    }
+
+
+def _blob(resources: dict[str, bytes], stem: str) -> bytes:
+    (name,) = [n for n in resources if re.fullmatch(rf"{stem}_\d+", n)]
+    return resources[name]
+
+
+def test_palettized_weights_bit_exact(models, assets):
+    """Every LUT and index tensor in the asset equals the MLX model's stored bytes: 1/2/3/4/6/8
+    bits, groups of rows and of columns, the 8-bit embedding (stored once, also the tied head)."""
+    model, _, _ = load_model(models["mixed"])
+    blobs = _resources(assets["mixed"])
+    seen = set()
+    for path, layer in model.named_modules():
+        if "lut" not in layer or not callable(getattr(layer, "indices", None)):
+            continue
+        stem = "embed_tokens" if path == "model.embed_tokens" else None
+        if stem is None:
+            i, rel = re.fullmatch(r"model\.layers\.(\d+)\.\w+\.(\w+)", path).groups()
+            stem = f"l{i}_{rel}_weight"
+        assert _blob(blobs, stem + "_indices") == np.array(layer.packed).tobytes(), path
+        assert _blob(blobs, stem + "_lut") == np.array(layer.lut).tobytes(), path
+        seen.add((layer.bits, layer.axis))
+    assert {b for b, _ in seen} == {1, 2, 3, 4, 6, 8} and {a for _, a in seen} == {0, 1}
+    assert len([n for n in blobs if n.startswith("embed_tokens_indices")]) == 1
+
+
+@pytest.mark.parametrize("kind", ["fp", "lut4", "mixed"])
+def test_logits_equal_mlx_float32(models, assets, kind):
+    model, _, _ = load_model(models[kind])
+    assert_fp32_close(coreai_logits(assets[kind]), mlx_logits(model, PROMPT, DECODE))
+
+
+def test_logits_float16_compute(tiny_model_dir, tmp_path):
+    """What ships: fp16 weights, activations and cache; within fp16 error of MLX's fp32."""
+    asset = to_aimodel(tiny_model_dir, tmp_path / "fp16.aimodel", compute_dtype="float16")
+    model, _, _ = load_model(tiny_model_dir)
+    with CoreAISession(asset) as s:
+        assert s.compute_dtype == "float16"
+    assert_logits_close(
+        coreai_logits(asset, decode=DECODE[:3]), mlx_logits(model, PROMPT, DECODE[:3])
+    )
+
+
+def test_lm_head_in_chunks(models, tmp_path):
+    """Vocabulary chunks: logits_0..2 concatenate to MLX's logits, and the embedding lookup reads
+    each token from its chunk of the palettized table."""
+    asset = to_aimodel(models["lut4"], tmp_path / "chunked.aimodel", head_chunk=200)
+    with CoreAISession(asset) as s:
+        assert s.logit_chunks == [200, 200, 112]
+        assert list(s._function("decode").desc.output_names) == [f"logits_{j}" for j in range(3)]
+    model, _, _ = load_model(models["lut4"])
+    assert_fp32_close(
+        coreai_logits(asset, decode=DECODE[:3]), mlx_logits(model, PROMPT, DECODE[:3])
+    )
+
+
+def test_state_carries_the_sequence(assets):
+    """A second state is an independent sequence; decoding after another history differs."""
+    with CoreAISession(assets["fp"]) as s:
+        a, b = s.new_state(), s.new_state()
+        s.prefill(PROMPT, a)
+        s.prefill([t + 1 for t in PROMPT], b)
+        la, lb = s.decode(DECODE[0], len(PROMPT), a), s.decode(DECODE[0], len(PROMPT), b)
+        assert np.abs(la - lb).max() > 0.05 * np.abs(la).max()
+        again = s.new_state()
+        s.prefill(PROMPT, again)
+        np.testing.assert_array_equal(s.decode(DECODE[0], len(PROMPT), again), la)
+
+
+# --- adapters ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["chat", "code"])
+def test_adapter_function_equals_mlx_with_adapter(models, adapters, assets, name):
+    model, _, _ = load_model(models["lut4"])
+    load_adapter(model, adapters[name])
+    want = mlx_logits(model, PROMPT, DECODE)
+    got = coreai_logits(assets["adapters"], adapter=name)
+    assert_fp32_close(got, want)
+    base = coreai_logits(assets["adapters"])
+    assert np.abs(got - base).max() > 0.1 * np.abs(want).max()  # the adapter does something
+
+
+def test_switching_adapters_between_calls_on_one_state(models, adapters, assets):
+    """Prefill with chat, decode with code, then with the bare base, on one state: equal to MLX
+    swapping the same adapters over one KV cache."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model, _, _ = load_model(models["lut4"])
+    swap = AdapterCache(model)
+    plan = [("chat", None), ("code", DECODE[:3]), (None, DECODE[3:6])]
+    cache = make_prompt_cache(model)
+    swap.activate(adapters["chat"])
+    want = [model(mx.array([PROMPT]), cache=cache)[0]]
+    for name, tokens in plan[1:]:
+        swap.activate(adapters[name] if name else None)
+        want += [model(mx.array([[t]]), cache=cache)[0] for t in tokens]
+    want = np.array(mx.concatenate(want, axis=0))
+
+    with CoreAISession(assets["adapters"]) as s:
+        state = s.new_state()
+        got, position = [s.prefill(PROMPT, state, "chat")], len(PROMPT)
+        for name, tokens in plan[1:]:
+            for t in tokens:
+                got.append(s.decode(t, position, state, name)[None])
+                position += 1
+    assert_fp32_close(np.concatenate(got, axis=0), want)
+
+
+def test_adapters_grow_the_asset_by_their_size(models, assets):
+    """Base weights are stored once for all functions: two adapters add about their own bytes."""
+    growth = package_bytes(assets["adapters"]) - package_bytes(assets["lut4"])
+    with CoreAISession(assets["adapters"]) as s:
+        names = s.functions
+    model, _, _ = load_model(models["lut4"])
+    # fp32 compute stores A and B in fp32: 2 adapters x 14 projections x rank 16 x (in + out).
+    dims = sum(m.packed.shape[0] + m._cols for n, m in model.named_modules() if n.endswith("proj"))
+    adapter_bytes = 2 * 16 * dims * 4
+    # Plus the program of four more functions (~50 KB each at this tiny size).
+    assert adapter_bytes < growth < adapter_bytes + 4 * 60_000, (growth, adapter_bytes, names)
+
+
+def test_asset_size_matches_bits_per_weight(tiny_tokenizer, tmp_path):
+    """fp16 asset of a model whose weights dominate: within 2% of params x bpw / 8 (bpw as
+    stored: packed indices + LUTs, fp16 norms), and one adapter adds about its fp16 size."""
+    config = preset_config(
+        "tiny",
+        hidden_size=512,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=64,
+        intermediate_size=1536,
+        vocab_size=4096,
+    )
+    model = build_model(config)
+    init_weights(model, config, seed=4)
+    fp_dir = save_model(tmp_path / "fp", model, config, tiny_tokenizer)
+    pal_dir = _palettized(fp_dir, mixed_bits, tmp_path / "pal", tiny_tokenizer)
+    model, _, _ = load_model(pal_dir)
+    expected = sum(
+        p.nbytes if name.endswith(("packed", "lut")) else p.size * 2
+        for name, p in tree_flatten(model.parameters())
+    )
+    opts = {"compute_dtype": "float16", "context": 32, "prefill_chunk": 8}
+    base = package_bytes(to_aimodel(pal_dir, tmp_path / "base.aimodel", **opts))
+    print(f"asset {base} B, params x bpw / 8 = {expected} B")
+    assert abs(base - expected) / expected < 0.02
+    adapter = make_adapter(pal_dir, tmp_path / "a", seed=1)
+    with_adapter = package_bytes(
+        to_aimodel(pal_dir, tmp_path / "a.aimodel", adapter=[f"a={adapter}"], **opts)
+    )
+    adapter_bytes = (adapter / "adapters.safetensors").stat().st_size  # fp16, as stored
+    assert abs((with_adapter - base) - adapter_bytes) / adapter_bytes < 0.10
+
+
+# --- generation and cross-checks -----------------------------------------------------------------
+
+
+def generate_cli(model_dir: Path, adapter: Path | None = None) -> str:
+    args = ["--model", model_dir, "--prompt", TEXT_PROMPT, "--max-tokens", "32", "--temp", "0"]
+    args += ["--no-verbose"] + (["--adapter", adapter] if adapter else [])
+    proc = run_cli("afm_mlx.generate", *args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+@pytest.mark.parametrize("kind", ["fp", "lut4", "mixed", "chat"])
+def test_greedy_continuation_equals_generate_cli(models, adapters, assets, kind):
+    from mlx_lm.utils import load_tokenizer
+
+    model_dir = models["lut4" if kind == "chat" else kind]
+    tokenizer = load_tokenizer(model_dir)
+    prompt = list(tokenizer.encode(TEXT_PROMPT, add_special_tokens=False))
+    asset = assets["adapters" if kind == "chat" else kind]
+    with CoreAISession(asset) as s:
+        ids = s.greedy(
+            prompt, 32, adapter="chat" if kind == "chat" else None, eos=set(tokenizer.eos_token_ids)
+        )
+    assert len(set(ids)) > 8, ids  # a varied continuation: many decisions are compared
+    # Decoded the way mlx-lm's generate streams text (byte-fallback pieces included).
+    detokenizer = tokenizer.detokenizer
+    detokenizer.reset()
+    for t in ids:
+        detokenizer.add_token(t)
+    detokenizer.finalize()
+    assert detokenizer.text + "\n" == generate_cli(
+        model_dir, adapters["chat"] if kind == "chat" else None
+    )
+
+
+def test_core_ml_executor_agrees_with_core_ai(models, adapters, assets, tmp_path):
+    """The same prompts through the Core ML package (NumPy reference executor) and the Core AI
+    asset (Apple's runtime) agree within fp16 error: a check of the executor itself."""
+    package = tmp_path / "m.mlpackage"
+    convert_coreml(
+        ConvertConfig(
+            model=str(models["lut4"]),
+            out=str(package),
+            context=CONTEXT,
+            prefill_chunk=CHUNK,
+            adapter=[f"chat={adapters['chat']}"],
+        )
+    )
+    _, _, prog = open_package(package)
+    for suffix, adapter in (("", None), ("_chat", "chat")):
+        core_ml = coreml_logits(prog, PROMPT, DECODE[:4], suffix=suffix)
+        core_ai = coreai_logits(assets["adapters"], decode=DECODE[:4], adapter=adapter)
+        assert_logits_close(core_ml, core_ai)
+
+
+# --- bad input: one line on stderr, exit 2, nothing left behind -----------------------------------
+
+
+def _nothing_left(folder: Path) -> None:
+    assert list(folder.iterdir()) == [], list(folder.iterdir())
+
+
+def test_context_not_multiple_of_chunk(tiny_model_dir, tmp_path):
+    out = tmp_path / "out" / "m.aimodel"
+    args = ["--model", tiny_model_dir, "--out", out, "--context", "30", "--prefill-chunk", "8"]
+    line = one_line_error(run_cli("converters.coreai", *args))
+    assert "--context 30" in line and "--prefill-chunk 8" in line and "multiple" in line
+    assert not out.parent.exists()
+
+
+def test_adapter_of_another_base_is_refused(tiny_model_dir, adapters, tmp_path):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    proc = run_cli(
+        "converters.coreai",
+        *("--model", tiny_model_dir, "--out", out_dir / "x.aimodel"),
+        *("--adapter", f"chat={adapters['chat']}"),
+    )
+    line = one_line_error(proc)
+    assert "trained on base" in line and "fingerprint" in line
+    _nothing_left(out_dir)
+
+
+def test_unsupported_architecture(tiny_model_dir, tmp_path):
+    model_dir = tmp_path / "gpt2"
+    shutil.copytree(tiny_model_dir, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    line = one_line_error(
+        run_cli("converters.coreai", "--model", model_dir, "--out", out_dir / "m.aimodel")
+    )
+    assert "'gpt2'" in line and "qwen3" in line
+    _nothing_left(out_dir)
+
+
+def test_bad_compute_dtype_and_suffix(tiny_model_dir, tmp_path):
+    line = one_line_error(
+        run_cli(
+            "converters.coreai",
+            *("--model", tiny_model_dir, "--out", tmp_path / "m.aimodel"),
+            *("--compute-dtype", "bfloat16"),
+        )
+    )
+    assert "--compute-dtype" in line and "float16" in line
+    line = one_line_error(
+        run_cli("converters.coreai", "--model", tiny_model_dir, "--out", tmp_path / "m.mlpackage")
+    )
+    assert "must end in .aimodel" in line
+    _nothing_left(tmp_path)
+
+
+def test_python_too_old_is_one_line(monkeypatch):
+    monkeypatch.setattr(sys, "version_info", (3, 10, 14, "final", 0))
+    with pytest.raises(UserError, match=r"needs Python >= 3\.11"):
+        require_coreai()
+
+
+def test_missing_coreai_is_one_line(tiny_model_dir, tmp_path):
+    """Without coreai-core installed: one line naming the package to install, nothing written."""
+    code = (
+        "import sys; sys.modules['coreai'] = None; "  # makes every `import coreai...` fail
+        "from converters.coreai import main; main(sys.argv[1:])"
+    )
+    out = tmp_path / "m.aimodel"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "--model", str(tiny_model_dir), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert "coreai-core==" in one_line_error(proc)
+    _nothing_left(tmp_path)
+
+
+def test_existing_output_needs_overwrite(tiny_model_dir, assets):
+    before = sorted(p.name for p in assets["fp"].parent.iterdir())
+    with pytest.raises(UserError, match="already exists; pass --overwrite"):
+        convert(CoreAIConfig(model=str(tiny_model_dir), out=str(assets["fp"])))
+    assert sorted(p.name for p in assets["fp"].parent.iterdir()) == before
+
+
+def test_failure_while_writing_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch):
+    import converters.coreai_program as program
+
+    def broken(prog, path, metadata):
+        path.mkdir()  # a partial asset...
+        (path / "main.mlirb").write_bytes(b"\0" * 10)
+        raise OSError("disk full")  # ...then the write fails
+
+    monkeypatch.setattr(program, "save_program", broken)
+    with pytest.raises(OSError, match="disk full"):
+        to_aimodel(tiny_model_dir, tmp_path / "m.aimodel")
+    _nothing_left(tmp_path)
+
+
+def test_overwrite_replaces_only_when_done(tiny_model_dir, tmp_path):
+    out = to_aimodel(tiny_model_dir, tmp_path / "m.aimodel")
+    to_aimodel(tiny_model_dir, out, overwrite=True, compute_dtype="float16")
+    with CoreAISession(out) as s:
+        assert s.compute_dtype == "float16"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.aimodel"]
