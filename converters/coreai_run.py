@@ -116,7 +116,9 @@ class CoreAISession:
                 for i, t in enumerate(ids):
                     rows.append(self.decode(t, start + at + i, state, adapter)[None])
                 continue
-            logits = self.call("prefill" + suffix, ids + [0] * (chunk - len(ids)), start + at, state)
+            logits = self.call(
+                "prefill" + suffix, ids + [0] * (chunk - len(ids)), start + at, state
+            )
             rows.append(logits[: len(ids)])
         return np.concatenate(rows, axis=0)
 
