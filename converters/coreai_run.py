@@ -67,7 +67,7 @@ class CoreAISession:
             self._loop.run_until_complete(self._executable.__aexit__(None, None, None))
             self._loop.close()
 
-    def _function(self, name: str):
+    def function(self, name: str):
         if name not in self.functions:
             raise UserError(f"{self.path}: no function {name} (has {', '.join(self.functions)})")
         if name not in self._fns:
@@ -79,7 +79,7 @@ class CoreAISession:
         whatever memory held; zeros keep every cache row finite before it is written)."""
         from coreai.runtime import NDArray
 
-        desc = self._function("decode").desc
+        desc = self.function("decode").desc
         state = {}
         for name in desc.state_names:
             d = desc.state_descriptor(name)
@@ -90,7 +90,7 @@ class CoreAISession:
         """Run ``function`` on ``ids`` (its full width) at ``position``: (len(ids), vocab) fp32."""
         from coreai.runtime import NDArray
 
-        fn = self._function(function)
+        fn = self.function(function)
         inputs = {
             "input_ids": NDArray(np.array([ids], np.int32)),
             "position": NDArray(np.array([position], np.int32)),

@@ -7,7 +7,8 @@
 Prefills the prompt through ``prefill[_NAME]`` in chunks, then decodes greedily with
 ``decode[_NAME]`` on one shared ``MLState``. Every step's Core ML logits are compared with MLX's for
 the same tokens (MLX follows Core ML's choices, so one divergence does not cascade), and Core ML's
-time to first token and decode tokens/s are printed next to MLX's on the same machine.
+time to first token and decode tokens/s are printed next to MLX's on the same machine
+(``device_check.py``, shared with ``coreai_check.py``).
 
 Needs macOS 15+ (Core ML states, iOS18 opset); elsewhere it stops with a one-line message. This
 script has not been run yet (written on Linux, where no Core ML runtime exists): treat its first
@@ -24,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from device_check import Run, check_fits, load_reference, report  # noqa: E402
 
 from afm_mlx.cli import UserError, parse_config, run_main  # noqa: E402
 
@@ -70,40 +73,20 @@ def package_metadata(path: Path) -> dict[str, str]:
 def main_body(cfg: CheckConfig) -> None:
     require_macos()
     import coremltools as ct
-    import mlx.core as mx
     import numpy as np
-    from mlx_lm.models.cache import make_prompt_cache
 
     package = Path(cfg.package)
     if not package.is_dir():
         raise UserError(f"--package {package}: no such package")
     meta = package_metadata(package)
     context, chunk = int(meta["afm_mlx.context"]), int(meta["afm_mlx.prefill_chunk"])
-    suffix = ""
-    from afm_mlx.model import load_model
-    from converters.plan import parse_adapter_spec
-
-    model, config, _ = load_model(Path(cfg.model))
-    if cfg.adapter:
-        from afm_mlx.lora import load_adapter
-
-        name, folder = parse_adapter_spec(cfg.adapter)
-        suffix = f"_{name}"
-        load_adapter(model, folder)
+    ref = load_reference(cfg.model, cfg.adapter, cfg.prompt)
+    suffix = f"_{ref.adapter}" if ref.adapter else ""
     functions = json.loads(meta["afm_mlx.functions"])
     if f"decode{suffix}" not in functions:
         raise UserError(f"--package {package}: no function decode{suffix} (has {functions})")
-
-    try:
-        from mlx_lm.utils import load_tokenizer
-
-        tokenizer = load_tokenizer(Path(cfg.model))
-        prompt = tokenizer.encode(cfg.prompt)
-    except Exception as e:  # a bare checkpoint: fall back to fixed token ids
-        print(f"no tokenizer ({e}); using token ids 1..8 as the prompt")
-        tokenizer, prompt = None, list(range(1, 9))
-    if len(prompt) + cfg.steps > context:
-        raise UserError(f"prompt ({len(prompt)}) + --steps ({cfg.steps}) exceed context {context}")
+    check_fits(ref, cfg.steps, context)
+    prompt = ref.prompt
 
     units = getattr(ct.ComputeUnit, cfg.compute_units)
     t = time.perf_counter()
@@ -129,7 +112,7 @@ def main_body(cfg: CheckConfig) -> None:
         )
         last = logits_of(out)[len(ids) - 1]
     ttft = time.perf_counter() - t
-    coreml_rows, tokens = [last], [int(last.argmax())]
+    rows, tokens = [last], [int(last.argmax())]
     t = time.perf_counter()
     for i in range(cfg.steps - 1):
         out = decode.predict(
@@ -139,38 +122,13 @@ def main_body(cfg: CheckConfig) -> None:
             },
             state=state,
         )
-        coreml_rows.append(logits_of(out)[0])
-        tokens.append(int(coreml_rows[-1].argmax()))
+        rows.append(logits_of(out)[0])
+        tokens.append(int(rows[-1].argmax()))
     decode_s = time.perf_counter() - t
 
-    # MLX on the same tokens (teacher-forced with Core ML's choices), timed the same way.
-    cache = make_prompt_cache(model)
-    t = time.perf_counter()
-    mlx_rows = [model(mx.array([prompt]), cache=cache)[0, -1]]
-    mx.eval(mlx_rows[-1])
-    mlx_ttft = time.perf_counter() - t
-    t = time.perf_counter()
-    for tok in tokens[:-1]:
-        mlx_rows.append(model(mx.array([[tok]]), cache=cache)[0, -1])
-        mx.eval(mlx_rows[-1])
-    mlx_decode_s = time.perf_counter() - t
-    mlx_np = [np.array(r.astype(mx.float32)) for r in mlx_rows]
-
-    agree = sum(int(c.argmax() == m.argmax()) for c, m in zip(coreml_rows, mlx_np))
-    worst = max(float(np.abs(c - m).max() / (m.std() + 1e-9)) for c, m in zip(coreml_rows, mlx_np))
-    n_dec = max(1, cfg.steps - 1)
     print(f"package {package} ({cfg.compute_units}), functions prefill{suffix}/decode{suffix}")
-    print(f"load+compile {load_s:.1f} s; prompt {len(prompt)} tokens, {cfg.steps} steps")
-    print(f"argmax agreement with MLX: {agree}/{len(tokens)}; worst max|diff|/std {worst:.3f}")
-    print(
-        f"time to first token: Core ML {1e3 * ttft:.1f} ms, MLX {1e3 * mlx_ttft:.1f} ms; "
-        f"decode: Core ML {n_dec / decode_s:.1f} tok/s, MLX {n_dec / mlx_decode_s:.1f} tok/s "
-        f"(ratio {mlx_decode_s / decode_s:.2f}x)"
-    )
-    if tokenizer is not None:
-        print("Core ML text:", repr(tokenizer.decode(tokens)))
-    if agree < cfg.min_agreement * len(tokens):
-        raise UserError(f"only {agree}/{len(tokens)} steps agree with MLX's argmax")
+    print(f"load+compile {load_s:.1f} s")
+    report("Core ML", Run(rows, ttft, decode_s), ref, tokens, cfg.min_agreement)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -42,6 +42,9 @@ PROMPT = [5, 17, 99, 3, 250, 41, 7, 300, 12, 64, 128]  # one full prefill chunk 
 DECODE = [77, 1, 420, 9, 33, 2, 480, 15]  # 8 decode steps through the state
 TEXT_PROMPT = "ROMEO.\nWhat"
 
+# coreai-core has wheels for CPython >= 3.11 only (the CLI says so in one line, tested below).
+pytestmark = pytest.mark.skipif(sys.version_info < (3, 11), reason="coreai-core needs Python 3.11+")
+
 
 def lut4(path: str, module: nn.Module):
     """AFM's recipe: every projection 4-bit (16 rows per LUT), the embedding 8-bit per row."""
@@ -142,7 +145,7 @@ def test_asset_interface_and_metadata(assets):
         assert (s.context, s.prefill_chunk, s.logit_chunks) == (CONTEXT, CHUNK, [512])
         assert s.compute_dtype == "float32"
         for name, seq in (("decode", 1), ("prefill", CHUNK), ("decode_code", 1)):
-            desc = s._function(name).desc
+            desc = s.function(name).desc
             assert list(desc.input_names) == ["input_ids", "position"]
             assert list(desc.output_names) == ["logits_0"]
             assert sorted(desc.state_names) == sorted(
@@ -214,7 +217,7 @@ def test_lm_head_in_chunks(models, tmp_path):
     asset = to_aimodel(models["lut4"], tmp_path / "chunked.aimodel", head_chunk=200)
     with CoreAISession(asset) as s:
         assert s.logit_chunks == [200, 200, 112]
-        assert list(s._function("decode").desc.output_names) == [f"logits_{j}" for j in range(3)]
+        assert list(s.function("decode").desc.output_names) == [f"logits_{j}" for j in range(3)]
     model, _, _ = load_model(models["lut4"])
     assert_fp32_close(
         coreai_logits(asset, decode=DECODE[:3]), mlx_logits(model, PROMPT, DECODE[:3])
@@ -484,3 +487,36 @@ def test_overwrite_replaces_only_when_done(tiny_model_dir, tmp_path):
     with CoreAISession(out) as s:
         assert s.compute_dtype == "float16"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.aimodel"]
+
+
+# --- the device check script -----------------------------------------------------------------------
+
+
+def _check_script(*args: str) -> subprocess.CompletedProcess:
+    script = REPO / "scripts" / "coreai_check.py"
+    return subprocess.run(
+        [sys.executable, str(script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+
+
+def test_coreai_check_runs_on_the_cpu_interpreter(models, adapters, assets):
+    """The Mac check script, on the runtime available here: every step agrees with MLX."""
+    proc = _check_script(
+        *("--asset", assets["adapters"], "--model", models["lut4"]),
+        *("--adapter", f"code={adapters['code']}", "--compute-unit", "cpu", "--steps", "12"),
+        *("--prompt", TEXT_PROMPT, "--min-agreement", "1.0"),
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "argmax agreement with MLX: 12/12" in proc.stdout
+    assert "prefill_code/decode_code" in proc.stdout and "tok/s" in proc.stdout
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="the gate under test is for non-Macs")
+def test_coreai_check_neural_engine_is_gated_off_macos_27(models, assets):
+    proc = _check_script("--asset", assets["fp"], "--model", models["fp"])
+    line = one_line_error(proc)
+    assert "needs macOS 27" in line and "nothing was run" in line

@@ -275,6 +275,51 @@ def test_executor_ops_match_numpy(tmp_path):
     assert out["mm"].dtype == np.float16
 
 
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 6, 8])
+def test_executor_lut_semantics_equal_coremltools_reference(bits):
+    """The executor's constexpr_lut_to_dense equals coremltools' own reference decompression for
+    every layout the converter emits: groups of rows or of columns, 2-D and conv-shaped 4-D."""
+    from coremltools.converters.mil.mil.ops.defs.iOS18.compression import constexpr_lut_to_dense
+
+    rng = np.random.default_rng(bits)
+    rows, cols, entries = 64, 48, 2**bits
+    idx = rng.integers(0, entries, (rows, cols)).astype(np.uint8)
+    for blocks in ((rows // 16, 1), (1, cols // 16), (rows // 32, 1)):
+        lut = rng.standard_normal((*blocks, entries, 1)).astype(np.float16)
+        for extra in ((), (1, 1)):
+            i = idx.reshape(rows, cols, *extra)
+            lt = lut.reshape(*blocks, *extra, entries, 1)
+            want = constexpr_lut_to_dense.decompress(i, lt, None)
+            np.testing.assert_array_equal(lut_to_dense(i, lt), want)
+            assert lut_to_dense(i, lt).dtype == want.dtype == np.float16
+
+
+def test_executor_selection_ops_match_numpy(tmp_path):
+    """The ops behind the chunked embedding and the select mask, against NumPy."""
+
+    @mb.program(
+        input_specs=[
+            mb.TensorSpec((4,), dtype=types.int32),
+            mb.TensorSpec((2, 4), dtype=types.fp16),
+        ],
+        opset_version=ct.target.iOS18,
+    )
+    def prog(ids, x):
+        clipped = mb.minimum(x=mb.maximum(x=ids, y=np.int32(0)), y=np.int32(5), name="clipped")
+        same = mb.equal(x=ids, y=clipped, name="same")
+        picked = mb.select(cond=same, a=np.float16(-3.0), b=x, name="picked")
+        return clipped, same, picked
+
+    _, _, loaded = _save_and_load(prog, tmp_path)
+    ids = np.array([-2, 0, 5, 9], np.int32)
+    x = np.arange(8, dtype=np.float16).reshape(2, 4)
+    out = run_function(loaded, "main", {"ids": ids, "x": x}, {})
+    np.testing.assert_array_equal(out["clipped"], [0, 0, 5, 5])
+    np.testing.assert_array_equal(out["same"], [False, True, True, False])
+    np.testing.assert_array_equal(out["picked"], np.where([False, True, True, False], -3.0, x))
+    assert out["picked"].dtype == np.float16
+
+
 def test_executor_refuses_unknown_ops(tmp_path):
     @mb.program(input_specs=[mb.TensorSpec((2,), dtype=types.fp16)], opset_version=ct.target.iOS18)
     def prog(x):
