@@ -75,11 +75,13 @@ def _write_asset(
     from converters.coreai_program import build_program, save_program
 
     start = time.perf_counter()
-    program = build_program(plan, cfg.context, cfg.compute_dtype)
+    program, weights = build_program(plan, cfg.context, cfg.compute_dtype)
     build = time.perf_counter() - start
     say(f"built {len(plan.functions)} functions ({cfg.compute_dtype} compute) in {build:.1f} s")
     metadata = {**plan.metadata(cfg), "afm_mlx.compute_dtype": cfg.compute_dtype}
+    plan.release()  # the blobs hold packed copies: the unpacked indices can go before saving
     save_program(program, staged, metadata)
+    del program, weights
     return {"build": build, "save": time.perf_counter() - start - build}
 
 

@@ -238,8 +238,11 @@ class CoreAIEmitter(Emitter):
         return ops.cast(x, self.dtype)
 
 
-def build_program(plan: ModelPlan, context: int, compute_dtype: str) -> AIProgram:
-    """Every function of ``plan`` as one Core AI program (weights stored once)."""
+def build_program(
+    plan: ModelPlan, context: int, compute_dtype: str
+) -> tuple[AIProgram, WeightStore]:
+    """Every function of ``plan`` as one Core AI program (weights stored once). The store holds the
+    arrays the program's weight blobs point at: keep it until the program is saved."""
     dtype = COMPUTE_DTYPES[compute_dtype]
     mw = plan.weights
     module = Module.create()
@@ -272,9 +275,7 @@ def build_program(plan: ModelPlan, context: int, compute_dtype: str) -> AIProgra
                 logits = lower(em, mw, input_ids, position, fn.seq, context, fn.lora)
                 tokens = [em.tokens[s] for s in states]
                 graph.outputs_spec = [*zip(names, logits), *zip(token_names, tokens)]
-        program = AIProgram(module)
-    program._afm_store = store  # keep the weight buffers alive as long as the program
-    return program
+    return AIProgram(module), store
 
 
 def save_program(program: AIProgram, path: Path, metadata: dict[str, Any]) -> None:

@@ -5,6 +5,7 @@
         state = s.new_state()
         logits = s.prefill(prompt_ids, state)          # (len(prompt), vocab)
         ids = s.greedy(prompt_ids, max_tokens=32)      # a fresh state of its own
+        text = s.generate(tokenizer, "ROMEO.", 32, adapter="chat")  # as generate --temp 0
 
 On Linux this is the CPU interpreter bundled with ``coreai-core``; on macOS 27 pass the runtime's
 ``SpecializationOptions`` to pick the GPU or the Neural Engine (``scripts/coreai_check.py``). The
@@ -149,3 +150,16 @@ class CoreAISession:
                 break
             logits = self.decode(token, len(prompt) + len(out) - 1, state, adapter)
         return out
+
+    def generate(self, tokenizer: Any, prompt: str, max_tokens: int, adapter: str | None = None):
+        """Greedy text for ``prompt`` with an mlx-lm tokenizer wrapper, tokenized and detokenized
+        as ``python -m afm_mlx.generate --temp 0`` does (stops at the tokenizer's EOS)."""
+        ids = list(tokenizer.encode(prompt, add_special_tokens=False))
+        if not ids:
+            raise UserError("the prompt is empty")
+        detokenizer = tokenizer.detokenizer
+        detokenizer.reset()
+        for t in self.greedy(ids, max_tokens, adapter, set(tokenizer.eos_token_ids)):
+            detokenizer.add_token(t)
+        detokenizer.finalize()
+        return detokenizer.text

@@ -1,4 +1,4 @@
-"""Core ML conversion benchmark: time and package size, against the size the weights predict.
+"""Core ML and Core AI conversion benchmark: time and size, against the size the weights predict.
 
     python scripts/bench_convert.py                      # small (random) + AFM-3B-shaped palettized
     python scripts/bench_convert.py --run runs/small     # the trained demo model instead
@@ -14,8 +14,11 @@ Rows:
    mixed 4/2-bit (16 of 26 down_proj at 2-bit, ~3.7 bpw like Apple's shipped model), built layer
    by layer without ever materialising dense weights.
 
+Every model is converted twice in the same run: to a Core ML ``.mlpackage`` and to a Core AI
+``.aimodel`` (float16 compute, what ships), so the Core AI rows carry their ratio to Core ML.
+
 "expected" = stored parameters x bits per weight / 8 (fp16 for unpalettized tensors) + RoPE tables
-+ adapters; the package should be within 2% of it.
++ adapters; the package / asset should be within 2% of it.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ from afm_mlx.palettized import (  # noqa: E402
     palettize_model,
     palettized_layers,
 )
+from converters.coreai import CoreAIConfig  # noqa: E402
+from converters.coreai import convert as convert_coreai  # noqa: E402
 from converters.coreml import ConvertConfig, convert  # noqa: E402
 
 
@@ -134,6 +139,20 @@ def row(name: str, result, sizes: dict) -> None:
     )
 
 
+def row_coreai(name: str, result, sizes: dict, coreml) -> None:
+    """A Core AI asset has no separate weights file: its size is compared whole."""
+    p = result.phases
+    print(
+        f"{name:<34} {sizes['params'] / 1e6:9.1f}M {sizes['bpw']:5.2f} "
+        f"{sizes['expected'] / 1e6:11.2f} {'':>10} {'':>7} {result.bytes / 1e6:10.2f} "
+        f"{100 * (result.bytes / sizes['expected'] - 1):+6.2f}% {result.seconds:8.1f} "
+        f"(load {p['load']:.1f}, build {p['build']:.1f}, save {p['save']:.1f}); "
+        f"vs Core ML: {coreml.seconds / result.seconds:.2f}x the speed, "
+        f"{result.bytes / coreml.bytes:.3f}x the size",
+        flush=True,
+    )
+
+
 def header() -> None:
     print(
         f"{'model':<34} {'params':>10} {'bpw':>5} {'expected MB':>11} {'weights MB':>10} "
@@ -160,6 +179,14 @@ def main() -> None:
         )
         return convert(cfg)
 
+    def run_coreai(model_dir: Path, out: str, adapters=()):
+        cfg = CoreAIConfig(
+            model=str(model_dir), out=str(work / out), adapter=list(adapters), **opts
+        )
+        result = convert_coreai(cfg)
+        shutil.rmtree(result.path)  # the scratch disk holds one 3B asset at a time
+        return result
+
     try:
         print(f"context {args.context}, prefill chunk {args.prefill_chunk}; scratch {work}")
         header()
@@ -176,6 +203,12 @@ def main() -> None:
         head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
         fp16 = run_convert(demo_dir, "demo_fp16.mlpackage")
         row(demo_name, fp16, expected_bytes(model, args.context, head_dim))
+        row_coreai(
+            "  Core AI .aimodel",
+            run_coreai(demo_dir, "demo_fp16.aimodel"),
+            expected_bytes(model, args.context, head_dim),
+            fp16,
+        )
 
         t = time.perf_counter()
         chosen = palettize_model(
@@ -194,16 +227,21 @@ def main() -> None:
             pal,
             expected_bytes(model, args.context, head_dim),
         )
+        pal_ai = run_coreai(pal_dir, "demo_pal.aimodel")
+        row_coreai("  Core AI .aimodel", pal_ai, expected_bytes(model, args.context, head_dim), pal)
         adapter = make_adapter(pal_dir, work / "adapter")
         adapter_bytes = (adapter / "adapters.safetensors").stat().st_size
         with_adapter = run_convert(pal_dir, "demo_pal_adapter.mlpackage", [f"chat={adapter}"])
         sizes = expected_bytes(model, args.context, head_dim, adapter_bytes)
         row("  + 1 adapter (rank 16)", with_adapter, sizes)
+        with_adapter_ai = run_coreai(pal_dir, "demo_pal_adapter.aimodel", [f"chat={adapter}"])
+        row_coreai("  Core AI .aimodel", with_adapter_ai, sizes, with_adapter)
         grown = weights_bytes(with_adapter.path) - weights_bytes(pal.path)
         print(
             f"  the adapter grows weight.bin by {grown / 1e6:.3f} MB (adapters.safetensors: "
             f"{adapter_bytes / 1e6:.3f} MB) and the package by "
-            f"{(with_adapter.bytes - pal.bytes) / 1e6:.2f} MB (two more functions' program text); "
+            f"{(with_adapter.bytes - pal.bytes) / 1e6:.2f} MB (two more functions' program text), "
+            f"the Core AI asset by {(with_adapter_ai.bytes - pal_ai.bytes) / 1e6:.3f} MB; "
             f"MLX k-means palettization of the demo took {pal_seconds:.1f} s"
         )
         if not args.no_peer:
@@ -221,6 +259,10 @@ def main() -> None:
             del model
             result = run_convert(afm_dir, "afm3b_pal.mlpackage")
             row("AFM-3B shape, palettized 4/2-bit", result, sizes)
+            shutil.rmtree(result.path)
+            row_coreai(
+                "  Core AI .aimodel", run_coreai(afm_dir, "afm3b_pal.aimodel"), sizes, result
+            )
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)

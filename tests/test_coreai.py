@@ -218,6 +218,12 @@ def test_lm_head_in_chunks(models, tmp_path):
     with CoreAISession(asset) as s:
         assert s.logit_chunks == [200, 200, 112]
         assert list(s.function("decode").desc.output_names) == [f"logits_{j}" for j in range(3)]
+    from coreai.authoring import AIModelAsset
+
+    program = str(AIModelAsset.load(asset).program)
+    assert re.search(r"tensor<512x64x", program) is None  # no op holds the whole table
+    index_rows = {int(n) for n in re.findall(r"tensor<(\d+)x64xui8>", program)}
+    assert {200, 112} <= index_rows and max(index_rows) == 200  # chunk tables (+ gathered rows)
     model, _, _ = load_model(models["lut4"])
     assert_fp32_close(
         coreai_logits(asset, decode=DECODE[:3]), mlx_logits(model, PROMPT, DECODE[:3])
@@ -341,21 +347,12 @@ def test_greedy_continuation_equals_generate_cli(models, adapters, assets, kind)
     model_dir = models["lut4" if kind == "chat" else kind]
     tokenizer = load_tokenizer(model_dir)
     prompt = list(tokenizer.encode(TEXT_PROMPT, add_special_tokens=False))
-    asset = assets["adapters" if kind == "chat" else kind]
-    with CoreAISession(asset) as s:
-        ids = s.greedy(
-            prompt, 32, adapter="chat" if kind == "chat" else None, eos=set(tokenizer.eos_token_ids)
-        )
-    assert len(set(ids)) > 8, ids  # a varied continuation: many decisions are compared
-    # Decoded the way mlx-lm's generate streams text (byte-fallback pieces included).
-    detokenizer = tokenizer.detokenizer
-    detokenizer.reset()
-    for t in ids:
-        detokenizer.add_token(t)
-    detokenizer.finalize()
-    assert detokenizer.text + "\n" == generate_cli(
-        model_dir, adapters["chat"] if kind == "chat" else None
-    )
+    adapter = "chat" if kind == "chat" else None
+    with CoreAISession(assets["adapters" if adapter else kind]) as s:
+        ids = s.greedy(prompt, 32, adapter, eos=set(tokenizer.eos_token_ids))
+        text = s.generate(tokenizer, TEXT_PROMPT, 32, adapter)
+    assert len(ids) == 32 and len(set(ids)) > 8, ids  # varied: many decisions are compared
+    assert text + "\n" == generate_cli(model_dir, adapters["chat"] if adapter else None)
 
 
 def test_core_ml_executor_agrees_with_core_ai(models, adapters, assets, tmp_path):

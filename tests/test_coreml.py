@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -187,6 +188,17 @@ def test_lm_head_split_into_chunks(tiny_model_dir, tmp_path):
         [1, 1, 200],
         [1, 1, 112],
     ]
+    # The tied table is stored as three row chunks, each feeding the embedding lookup and its
+    # head chunk: no op holds all 512 rows (for AFM-3B that would be a 302 MB fp16 table).
+    for op in prog.functions["decode"].operations:
+        for v in op.outputs:
+            assert 512 not in v.shape, (op.name, v.shape)
+    tables = {
+        op.name: op.outputs[0].shape
+        for op in prog.functions["decode"].operations
+        if re.fullmatch(r"embed_tokens_\d", op.name)
+    }
+    assert tables == {f"embed_tokens_{j}": (n, 64, 1, 1) for j, n in enumerate((200, 200, 112))}
     model_mlx, _, _ = load_model(tiny_model_dir)
     assert_logits_close(
         coreml_logits(prog, PROMPT, DECODE[:2]), mlx_logits(model_mlx, PROMPT, DECODE[:2])

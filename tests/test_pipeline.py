@@ -1,6 +1,7 @@
 """The whole chain as a user runs it, one CLI process per stage (slow: ~2-3 minutes):
 
-train -> palettize -> recover -> finetune -> evaluate -> generate -> fuse (refused) -> Core ML.
+train -> palettize -> recover -> finetune -> evaluate -> generate -> fuse (refused) -> Core ML
+-> Core AI, whose asset Apple's runtime then runs: its greedy text equals generate's.
 """
 
 from __future__ import annotations
@@ -96,3 +97,20 @@ def test_the_whole_chain_through_the_clis(tiny_corpus, tmp_path):
     assert package.is_dir()
     for name in ("prefill", "decode", "prefill_rec", "decode_task"):
         assert name in out
+
+    asset = tmp_path / "m.aimodel"
+    convert = [
+        "converters.coreai", "--model", pal, "--adapter", f"rec={rec}", "--adapter",
+        f"task={task}", "--out", asset, "--context", "64", "--prefill-chunk", "16",
+        "--compute-dtype", "float32",
+    ]  # fmt: skip
+    assert "decode_task" in _ok(run_cli(*convert))
+    from mlx_lm.utils import load_tokenizer
+
+    from converters.coreai_run import CoreAISession
+
+    greedy = [*gen, "--temp", "0", "--no-verbose", "--adapter"]
+    with CoreAISession(asset) as session:  # float32 compute: token-exact with MLX's fp32
+        for name, folder in (("rec", rec), ("task", task)):
+            text = session.generate(load_tokenizer(pal), "ROMEO.\n", 24, adapter=name)
+            assert text + "\n" == _ok(run_cli(*greedy, folder))
