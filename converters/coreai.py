@@ -24,13 +24,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from afm_mlx.cli import UserError, parse_config, run_main
+from afm_mlx.cli import UserError
 from converters.export import (
     ConvertResult,
     ExportConfig,
     ModelPlan,
+    cli_main,
     convert_with,
-    merge_repeated_adapter_flags,
 )
 
 PROG = "python -m converters.coreai"
@@ -99,17 +99,7 @@ def convert(cfg: CoreAIConfig, progress: Callable[[str], None] | None = None) ->
 
 def main(argv: list[str] | None = None) -> None:
     """CLI entry point."""
-
-    def body() -> None:
-        args = merge_repeated_adapter_flags(sys.argv[1:] if argv is None else argv)
-        cfg = parse_config(CoreAIConfig, args, PROG, __doc__.splitlines()[0])
-        result = convert(cfg, progress=print)
-        print(
-            f"wrote {result.path} ({result.bytes / 1e6:.1f} MB) in {result.seconds:.1f} s; "
-            f"functions: {', '.join(result.functions)}; logits chunks {result.logit_chunks}"
-        )
-
-    run_main(body)
+    cli_main(CoreAIConfig, convert, PROG, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,14 @@ COMPUTE_DTYPES = {"float16": np.float16, "float32": np.float32}
 _LUT_AXIS = np.array(0, np.int16)  # lut_to_dense's vector axis (scalar LUT entries: unused)
 
 
+def _memo(cache: dict, key: object, part: str, make):
+    """``make()`` once per (object, part); keys are objects of the plan, alive while it builds."""
+    k = (id(key), part)
+    if k not in cache:
+        cache[k] = make()
+    return cache[k]
+
+
 def _mlir_float(dtype) -> ir.Type:
     return ir.F16Type.get() if dtype == np.float16 else ir.F32Type.get()
 
@@ -58,12 +66,6 @@ class WeightStore:
             ir.RankedTensorType.get(list(shape), element),
         )
 
-    def attr(self, key: object, part: str, make) -> Any:
-        k = (id(key), part)
-        if k not in self._attrs:
-            self._attrs[k] = make()
-        return self._attrs[k]
-
     def lut_parts(self, m: LutMatrix, name: str) -> tuple[Any, Any]:
         """(indices, LUT) attributes: indices as uint<bits> of the matrix's shape, stored as
         the packed bit stream; LUT (groups, 1, 2^bits, 1) or (1, groups, 2^bits, 1), fp16."""
@@ -82,14 +84,14 @@ class WeightStore:
             shape = (groups, 1, entries, 1) if m.axis == 0 else (1, groups, entries, 1)
             return self._resource(m.lut.reshape(shape), ir.F16Type.get(), shape, name + "_lut")
 
-        return self.attr(m, "indices", indices), self.attr(m, "lut", lut)
+        return _memo(self._attrs, m, "indices", indices), _memo(self._attrs, m, "lut", lut)
 
     def dense(self, m: np.ndarray, name: str) -> Any:
         def make():
             data = as_fp16(m, name) if self.dtype == np.float16 else m.astype(np.float32)
             return self._resource(data, _mlir_float(self.dtype), m.shape, name)
 
-        return self.attr(m, "dense", make)
+        return _memo(self._attrs, m, "dense", make)
 
 
 class CoreAIEmitter(Emitter):
@@ -113,18 +115,12 @@ class CoreAIEmitter(Emitter):
         a = a.astype(self.dtype) if a.dtype.kind == "f" else a.astype(np.int32)
         return ops.constant(a)
 
-    def _once(self, key: object, part: str, make) -> Any:
-        k = (id(key), part)
-        if k not in self._values:
-            self._values[k] = make()
-        return self._values[k]
-
     def _lut_consts(self, m: LutMatrix, name: str) -> tuple[Any, Any]:
         def make():
             idx, lut = self.store.lut_parts(m, name)
             return ops.ConstantOp(idx).result, ops.ConstantOp(lut).result
 
-        return self._once(m, "lut_consts", make)
+        return _memo(self._values, m, "lut_consts", make)
 
     def _to_compute(self, x) -> Any:
         return x if self.dtype == np.float16 else ops.cast(x, np.float32)
@@ -138,7 +134,7 @@ class CoreAIEmitter(Emitter):
                 return self._to_compute(ops.lut_to_dense(idx, lut, _LUT_AXIS))
             return ops.ConstantOp(self.store.dense(m, name)).result
 
-        return self._once(m, "dense", make)
+        return _memo(self._values, m, "dense", make)
 
     # --- Emitter ----------------------------------------------------------------------------------
     def act_shape(self, channels, seq):

@@ -97,7 +97,9 @@ class CoreAISession:
             "position": NDArray(np.array([position], np.int32)),
         }
         out = self._loop.run_until_complete(fn(inputs, state))
-        chunks = [out[f"logits_{j}"].numpy().astype(np.float32) for j in range(len(out))]
+        chunks = [
+            out[f"logits_{j}"].numpy().astype(np.float32) for j in range(len(self.logit_chunks))
+        ]
         return np.concatenate(chunks, axis=-1)[0]
 
     def prefill(

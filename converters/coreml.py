@@ -17,19 +17,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from afm_mlx.cli import parse_config, run_main
 from converters.export import (
     ConvertResult,
     ExportConfig,
     ModelPlan,
+    cli_main,
     convert_with,
-    merge_repeated_adapter_flags,
     package_bytes,
 )
 
@@ -120,20 +118,10 @@ def convert(cfg: ConvertConfig, progress: Callable[[str], None] | None = None) -
 
 def main(argv: list[str] | None = None) -> None:
     """CLI entry point."""
-
     # tqdm reads its settings when first imported: coremltools' per-pass bars are noise here.
     os.environ.setdefault("TQDM_DISABLE", "1")
 
-    def body() -> None:
-        args = merge_repeated_adapter_flags(sys.argv[1:] if argv is None else argv)
-        cfg = parse_config(ConvertConfig, args, PROG, __doc__.splitlines()[0])
-        result = convert(cfg, progress=print)
-        print(
-            f"wrote {result.path} ({result.bytes / 1e6:.1f} MB) in {result.seconds:.1f} s; "
-            f"functions: {', '.join(result.functions)}; logits chunks {result.logit_chunks}"
-        )
-
-    run_main(body)
+    cli_main(ConvertConfig, convert, PROG, __doc__, argv)
 
 
 if __name__ == "__main__":

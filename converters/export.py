@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from afm_mlx.cli import UserError
+from afm_mlx.cli import UserError, parse_config, run_main
 from converters.plan import (
     DEFAULT_HEAD_CHUNK,
     LoraWeights,
@@ -222,3 +223,25 @@ def convert_with(
         logit_chunks=chunks,
         phases=phases,
     )
+
+
+def cli_main(
+    config_cls: type[ExportConfig],
+    convert: Callable[..., ConvertResult],
+    prog: str,
+    doc: str,
+    argv: list[str] | None,
+) -> None:
+    """A converter's ``main()``: flags (repeated ``--adapter`` merged) -> config -> ``convert``
+    with progress lines, a summary line, and one-line errors."""
+
+    def body() -> None:
+        args = merge_repeated_adapter_flags(sys.argv[1:] if argv is None else argv)
+        cfg = parse_config(config_cls, args, prog, doc.splitlines()[0])
+        result = convert(cfg, progress=print)
+        print(
+            f"wrote {result.path} ({result.bytes / 1e6:.1f} MB) in {result.seconds:.1f} s; "
+            f"functions: {', '.join(result.functions)}; logits chunks {result.logit_chunks}"
+        )
+
+    run_main(body)

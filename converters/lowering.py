@@ -38,10 +38,6 @@ def state_names(num_layers: int) -> list[str]:
     return [f"{t}_cache_{i}" for i in range(num_layers) for t in ("k", "v")]
 
 
-def output_names(mw: ModelWeights) -> list[str]:
-    return [f"logits_{j}" for j in range(len(mw.head_chunks()))]
-
-
 class Emitter(ABC):
     """The ops the lowering needs. Operands may be NumPy constants (floats become the emitter's
     compute dtype, integers int32); every ``name`` is a readable op name for the emitted graph."""

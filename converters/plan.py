@@ -65,11 +65,6 @@ class LutMatrix:
         flat = mx.array(self.indices.reshape(1, -1))
         return np.array(pack_indices(flat, self.bits)).reshape(-1)
 
-    @property
-    def nbytes(self) -> int:
-        """Stored size: packed indices plus LUTs."""
-        return -(-self.indices.size * self.bits // 8) + self.lut.nbytes
-
 
 Matrix = np.ndarray | LutMatrix
 
@@ -161,23 +156,6 @@ class ModelWeights:
     def logit_chunks(self) -> list[int]:
         return [c.rows for c in self.head_chunks()]
 
-    def matrices(self) -> list[Matrix]:
-        """Every stored weight matrix once (the tied head is the embedding)."""
-        out = [self.embedding] + ([] if self.lm_head is None else [self.lm_head])
-        return out + [p.weight for p in self.projections().values()]
-
-    def weight_bytes(self, dense_itemsize: int) -> int:
-        """Bytes of all weights as an emitter stores them: palettized matrices as packed
-        indices + LUTs, dense matrices and vectors at ``dense_itemsize`` bytes per value."""
-        total = 0
-        for m in self.matrices():
-            total += m.nbytes if isinstance(m, LutMatrix) else m.size * dense_itemsize
-        vectors = [self.final_norm]
-        for layer in self.layers:
-            vectors += [layer.input_norm, layer.post_norm, layer.q_norm, layer.k_norm]
-            vectors += [p.bias for p in layer.proj.values()]
-        return total + sum(v.size * dense_itemsize for v in vectors if v is not None)
-
 
 @dataclass
 class LoraWeights:
@@ -187,9 +165,6 @@ class LoraWeights:
     name: str
     folder: Path
     pairs: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
-
-    def nbytes(self, itemsize: int = 2) -> int:
-        return sum((a.size + b.size) * itemsize for a, b in self.pairs.values())
 
 
 def check_convertible(config: dict[str, Any], source: str) -> None:

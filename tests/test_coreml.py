@@ -3,9 +3,7 @@
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,12 +11,11 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import one_line_error, run_cli
+from conftest import one_line_error
 from coremltools.converters.mil.mil import types
 from mlx.utils import tree_flatten
 from test_coreml_executor import new_states, open_package, run_function
 
-from afm_mlx.cli import UserError
 from afm_mlx.model import load_model
 from converters.coreml import ConvertConfig, convert, package_bytes
 
@@ -210,44 +207,6 @@ def test_lm_head_split_into_chunks(tiny_model_dir, tmp_path):
 
 def _nothing_left(folder: Path) -> None:
     assert list(folder.iterdir()) == [], list(folder.iterdir())
-
-
-def test_context_not_multiple_of_chunk(tiny_model_dir, tmp_path):
-    out = tmp_path / "out" / "m.mlpackage"
-    proc = run_cli(
-        "converters.coreml",
-        "--model",
-        tiny_model_dir,
-        "--out",
-        out,
-        "--context",
-        "30",
-        "--prefill-chunk",
-        "8",
-    )
-    line = one_line_error(proc)
-    assert "--context 30" in line and "--prefill-chunk 8" in line and "multiple" in line
-    assert not out.parent.exists()
-
-
-def test_unsupported_architecture(tiny_model_dir, tmp_path):
-    model_dir = tmp_path / "gpt2"
-    shutil.copytree(tiny_model_dir, model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
-    (model_dir / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
-    out_dir = tmp_path / "out"
-    out_dir.mkdir()
-    proc = run_cli("converters.coreml", "--model", model_dir, "--out", out_dir / "m.mlpackage")
-    line = one_line_error(proc)
-    assert "'gpt2'" in line and "qwen3" in line
-    _nothing_left(out_dir)
-
-
-def test_existing_output_needs_overwrite(tiny_model_dir, fp_package):
-    before = sorted(p.name for p in fp_package.parent.iterdir())
-    with pytest.raises(UserError, match="already exists; pass --overwrite"):
-        convert(ConvertConfig(model=str(tiny_model_dir), out=str(fp_package)))
-    assert sorted(p.name for p in fp_package.parent.iterdir()) == before
 
 
 def test_failure_while_writing_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch):
