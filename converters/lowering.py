@@ -12,8 +12,10 @@ with the weight as stored, ``(out, in)``, and never transposed.
 
 Inputs: ``input_ids`` (1, S) int32 and ``position`` (1,) int32, the cache row of the first token.
 State: per layer ``k_cache_i`` and ``v_cache_i`` of shape (kv_heads, context, head_dim), written at
-rows [position, position + S) and read whole; rows after the current token are masked with a
-select, so whatever a cache row held before it was written (even NaN) never reaches the result.
+rows [position, position + S) and read whole; scores of rows after the current token are replaced
+with a select (not an added mask), so no stale key reaches the softmax whatever it holds. Stale
+value rows meet probability 0, which keeps any finite value out: the caller starts the state
+zero-filled (a NaN there would survive 0 * NaN).
 Outputs: ``logits_0``, ``logits_1``... (1, S, chunk): the LM head per vocabulary chunk.
 """
 

@@ -338,19 +338,21 @@ def generate_cli(model_dir: Path, adapter: Path | None = None) -> str:
     return proc.stdout
 
 
-@pytest.mark.parametrize("kind", ["fp", "lut4", "mixed", "chat"])
+@pytest.mark.parametrize("kind", ["fp", "lut4", "mixed", "chat", "code"])
 def test_greedy_continuation_equals_generate_cli(models, adapters, assets, kind):
+    """32 greedy tokens through Apple's runtime = ``generate --temp 0`` (fp, LUT-4, mixed bits,
+    and each adapter function of the two-adapter asset over the LUT-4 base)."""
     from mlx_lm.utils import load_tokenizer
 
-    model_dir = models["lut4" if kind == "chat" else kind]
+    adapter = kind if kind in adapters else None
+    model_dir = models["lut4" if adapter else kind]
     tokenizer = load_tokenizer(model_dir)
     prompt = list(tokenizer.encode(TEXT_PROMPT, add_special_tokens=False))
-    adapter = "chat" if kind == "chat" else None
     with CoreAISession(assets["adapters" if adapter else kind]) as s:
         ids = s.greedy(prompt, 32, adapter, eos=set(tokenizer.eos_token_ids))
         text = s.generate(tokenizer, TEXT_PROMPT, 32, adapter)
     assert len(ids) == 32 and len(set(ids)) > 8, ids  # varied: many decisions are compared
-    assert text + "\n" == generate_cli(model_dir, adapters["chat"] if adapter else None)
+    assert text + "\n" == generate_cli(model_dir, adapters[adapter] if adapter else None)
 
 
 def test_core_ml_executor_agrees_with_core_ai(models, adapters, assets, tmp_path):
