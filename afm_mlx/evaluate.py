@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from afm_mlx import lut_kernels
 from afm_mlx.cli import UserError, stage_main
 from afm_mlx.data import PackedDataset, build_token_cache, eval_batches, split_train_valid
 from afm_mlx.task_data import decode_masked, task_datasets
@@ -77,6 +78,13 @@ class EvaluateConfig:
     seed: int = field(default=0, metadata={"help": "seed of the held-out split"})
     skip_base: bool = field(default=False, metadata={"help": "do not evaluate the bare base"})
     json: bool = field(default=False, metadata={"help": "print one JSON object instead of a table"})
+    lut_kernel: str | None = field(
+        default=None,
+        metadata={
+            "help": "palettized layers' LUT kernel: auto, on or off (default: "
+            "$AFM_MLX_LUT_KERNEL, else auto)"
+        },
+    )
 
     def validate(self) -> None:
         if not self.model:
@@ -93,6 +101,7 @@ def evaluate(cfg: EvaluateConfig) -> list[dict]:
     from afm_mlx.lora import AdapterCache, load_base, read_adapter
 
     cfg.validate()
+    lut_kernels.apply_flag(cfg.lut_kernel)
     adapters = [read_adapter(p) for p in cfg.adapter]  # validate every input first
     model, tokenizer, _ = load_base(cfg.model)
     if cfg.data.endswith(".jsonl"):

@@ -17,6 +17,7 @@ import mlx.core as mx
 from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
+from afm_mlx import lut_kernels
 from afm_mlx.cli import UserError, stage_main
 from afm_mlx.lora import Adapter, AdapterCache, load_base, read_adapter
 from afm_mlx.palettized import DENSE_CACHE, cache_dense_weights
@@ -135,6 +136,14 @@ class GenerateConfig:
         },
     )
 
+    lut_kernel: str | None = field(
+        default=None,
+        metadata={
+            "help": "palettized layers' LUT kernel: auto, on or off (default: "
+            "$AFM_MLX_LUT_KERNEL, else auto)"
+        },
+    )
+
     def validate(self) -> None:
         if not self.model:
             raise UserError("--model is required")
@@ -150,6 +159,7 @@ class GenerateConfig:
 
 def _generate(cfg: GenerateConfig) -> None:
     cfg.validate()
+    lut_kernels.apply_flag(cfg.lut_kernel)
     names = cfg.adapter or [None]
     for name in names:  # validate every adapter folder before generating anything
         if name is not None and name.lower() != "none":

@@ -123,11 +123,18 @@ def _ungrouped(x: mx.array, shape: tuple[int, int], axis: int) -> mx.array:
 
 
 def lut_to_dense(lut: mx.array, indices: mx.array, group_size: int, axis: int = 0) -> mx.array:
-    """Dense (out, in) weight from ``lut`` (n_groups, 2**bits) and unpacked ``indices`` (out, in)."""
-    idx = indices.T if axis == 1 else indices
-    table = mx.repeat(lut, group_size, axis=0)  # one LUT row per row of ``idx``
-    dense = mx.take_along_axis(table, idx.astype(mx.int32), axis=-1)
-    return dense.T if axis == 1 else dense
+    """Dense (out, in) weight from ``lut`` (n_groups, 2**bits) and unpacked ``indices`` (out, in).
+
+    Each group's indices are laid out as one row so a single gather reads them from the group's
+    LUT (no repeated tables, no widened indices: the fallback decode path runs this per layer).
+    """
+    rows, cols = indices.shape
+    groups = lut.shape[0]
+    if axis == 0:
+        return mx.take_along_axis(lut, indices.reshape(groups, -1), axis=-1).reshape(rows, cols)
+    by_group = indices.reshape(rows, groups, group_size).transpose(1, 0, 2).reshape(groups, -1)
+    dense = mx.take_along_axis(lut, by_group, axis=-1).reshape(groups, rows, group_size)
+    return dense.transpose(1, 0, 2).reshape(rows, cols)
 
 
 # --- layouts: positions <-> values ---------------------------------------------------------------

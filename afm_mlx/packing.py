@@ -70,6 +70,11 @@ def unpack_indices(packed: mx.array, bits: int, n: int) -> mx.array:
         )
     if bits == 8:
         return packed
+    if 8 % bits == 0:  # 1, 2, 4 bits: no index crosses a byte, so stay in uint8 (~8x faster)
+        shifts = mx.arange(0, 8, bits, dtype=mx.uint8)
+        out = (packed[..., None] >> shifts) & ((1 << bits) - 1)
+        out = out.reshape(*packed.shape[:-1], -1)
+        return out[..., :n] if out.shape[-1] != n else out
     *lead, length = packed.shape
     b = packed.astype(mx.uint32)
     if length % bits:  # restore the zero bytes of the last, partial block

@@ -5,10 +5,11 @@ A palettized weight stores, per group of ``group_size`` channels, a LUT of ``2**
 input dimension (``packed``: uint8, see ``afm_mlx.packing``). ``axis=0`` groups output channels
 (rows), Apple's and coremltools' "per_grouped_channel"; ``axis=1`` groups input columns.
 
-Forward is ``x @ dequantize().T`` (+ bias) on every backend: the LUT values are exact in fp16 and the
-product runs in ``compute_dtype`` (float32 by default: the CPU backend's fast matmul type). On Metal,
-small batches (decode) use a LUT-matmul kernel instead; ``cache_dense_weight()`` keeps the dense
-weight instead, for speed where memory allows (never saved: it is not a parameter).
+Forward is ``x @ W.T`` (+ bias) with W's exact fp16 LUT values and the product in ``compute_dtype``
+(float32 by default: the CPU backend's fast matmul type). Small batches (decode) run on the
+device's LUT-matmul kernel straight from the packed indices (``afm_mlx.lut_kernels``: the CPU
+extension, or Metal); larger ones dequantize the layer and run a GEMM. ``cache_dense_weight()``
+keeps a dense copy instead, for speed where no kernel exists (never saved: not a parameter).
 """
 
 from __future__ import annotations
@@ -23,85 +24,24 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from afm_mlx.cli import UserError
 from afm_mlx.kmeans import check_palettization_settings, kmeans_lut, lut_to_dense
+from afm_mlx.lut_kernels import kernel_matmul, kernel_usable
 from afm_mlx.packing import pack_indices, packed_length, unpack_indices
 
 SETTING_KEYS = ("bits", "group_size", "axis")
 # AFM's embedding: 8-bit, every row (token) its own 256-entry LUT.
 AFM_EMBEDDING_SETTINGS = {"bits": 8, "group_size": 1, "axis": 0}
-# Batches up to this many rows use the Metal LUT kernel; larger ones dequantize and use a GEMM.
-_KERNEL_MAX_ROWS = 8
-
-_METAL_SOURCE = """
-    const uint lane = thread_position_in_grid.x;
-    const uint n = thread_position_in_grid.y;
-    const uint m = thread_position_in_grid.z;
-    const device uint8_t* row = packed + n * (K * BITS / 8);
-    const device T* xr = x + m * K;
-    float acc = 0.0f;
-    for (uint blk = lane; blk < K / 8; blk += 32) {
-        // 8 indices live in BITS consecutive bytes, LSB first.
-        ulong word = 0;
-        for (uint b = 0; b < BITS; ++b) {
-            word |= ((ulong)row[blk * BITS + b]) << (8 * b);
-        }
-        for (uint j = 0; j < 8; ++j) {
-            uint k = blk * 8 + j;
-            uint idx = (uint)((word >> (j * BITS)) & ((1ul << BITS) - 1));
-            uint g = AXIS == 0 ? n / GS : k / GS;
-            acc += float(xr[k]) * float(lut[g * LUT_SIZE + idx]);
-        }
-    }
-    acc = simd_sum(acc);
-    if (lane == 0) {
-        out[m * N + n] = T(acc);
-    }
-"""
-_metal_kernel = None
 
 
-def _kernel_usable(x: mx.array, in_dims: int) -> bool:
-    """The Metal LUT kernel: only on a Metal GPU, for small batches and 8-aligned rows."""
-    if in_dims % 8 or not mx.metal.is_available() or mx.default_device() != mx.gpu:
-        return False
-    rows = x.size // max(1, x.shape[-1])
-    return rows <= _KERNEL_MAX_ROWS
-
-
-def lut_matmul_metal(
-    x: mx.array, packed: mx.array, lut: mx.array, bits: int, group_size: int, axis: int
-) -> mx.array:
-    """``x @ W.T`` straight from packed indices and LUTs with a Metal kernel (Metal only).
-
-    One simdgroup per output element; each lane decodes 8-index blocks and accumulates in fp32.
-    """
-    global _metal_kernel
-    if _metal_kernel is None:
-        _metal_kernel = mx.fast.metal_kernel(
-            name="afm_lut_matmul",
-            input_names=["x", "packed", "lut"],
-            output_names=["out"],
-            source=_METAL_SOURCE,
-        )
-    in_dims, out_dims = x.shape[-1], packed.shape[0]
-    x2 = x.reshape(-1, in_dims)
-    rows = x2.shape[0]
-    (out,) = _metal_kernel(
-        inputs=[x2, packed, lut],
-        template=[
-            ("T", x.dtype),
-            ("BITS", bits),
-            ("GS", group_size),
-            ("AXIS", axis),
-            ("K", in_dims),
-            ("N", out_dims),
-            ("LUT_SIZE", lut.shape[1]),
-        ],
-        grid=(32, out_dims, rows),
-        threadgroup=(32, 1, 1),
-        output_shapes=[(rows, out_dims)],
-        output_dtypes=[x.dtype],
-    )
-    return out.reshape(*x.shape[:-1], out_dims)
+def _evaluate_now(y: mx.array) -> None:
+    """Compute a dequantized layer's output before the next layer is built: MLX's CPU backend
+    allocates every op's output when it is scheduled, so a lazy forward pass would otherwise hold
+    all layers' dense weights at once. Inside ``mx.compile`` nothing may be evaluated; the
+    compiled graph then decides (training keeps the weights for the backward pass anyway)."""
+    try:
+        mx.eval(y)
+    except ValueError as e:
+        if "function transformations" not in str(e):
+            raise
 
 
 class _Palettized(nn.Module):
@@ -163,11 +103,18 @@ class _Palettized(nn.Module):
         return self.dequantize()
 
     def _matmul(self, x: mx.array) -> mx.array:
-        """``x @ W.T`` in ``compute_dtype``, returned in x's dtype."""
-        if self._dense is None and _kernel_usable(x, self._cols):
-            return lut_matmul_metal(x, self.packed, self.lut, self.bits, self.group_size, self.axis)
+        """``x @ W.T`` in ``compute_dtype``, returned in x's dtype: the dense cache if there is
+        one, else the device's LUT kernel for small batches (``afm_mlx.lut_kernels``), else
+        dequantize + matmul."""
+        if self._dense is None:
+            y = kernel_matmul(x, self.packed, self.lut, self.bits, self.group_size, self.axis)
+            if y is not None:
+                return y
         w = self._dense_weight()
-        return (x.astype(w.dtype) @ w.T).astype(x.dtype)
+        y = (x.astype(w.dtype) @ w.T).astype(x.dtype)
+        if w is not self._dense:
+            _evaluate_now(y)
+        return y
 
     def unfreeze(self, *args, **kwargs) -> nn.Module:
         # Keep the codes frozen even when a whole model is unfrozen (as nn.QuantizedLinear does).
@@ -443,11 +390,12 @@ def _physical_memory() -> int | None:
 def cache_dense_weights(model, mode: str = "auto") -> bool:
     """Keep dense copies of the palettized weights for decoding (returns whether it did).
 
-    Without them every forward pass dequantizes every layer: on Apple GPUs the Metal LUT kernel
-    makes that cheap for decode, but on the CPU decode runs ~13x slower (measured on the demo
-    model at 2 bits: 13.8 vs 182.8 tokens/s). ``auto`` caches on the CPU when the dense weights fit
-    in a quarter of physical memory; ``on`` always; ``off`` never. Outputs are identical either
-    way (the cache holds exactly what forward would dequantize); files are never changed.
+    Only worth it where decode has no LUT kernel: then every forward pass dequantizes every
+    layer, ~13x slower on the CPU than a dense copy. ``auto`` caches on the CPU when no kernel
+    is usable there (``afm_mlx.lut_kernels``) and the dense weights fit in a quarter of physical
+    memory; ``on`` always; ``off`` never. The cache holds exactly what forward would dequantize,
+    so outputs equal the dequantize path's bit for bit (and the kernel's to fp32 rounding);
+    files are never changed.
     """
     if mode not in DENSE_CACHE:
         raise UserError(f"--dense-cache {mode!r}: choose one of {', '.join(DENSE_CACHE)}")
@@ -455,7 +403,7 @@ def cache_dense_weights(model, mode: str = "auto") -> bool:
     if not layers or mode == "off":
         return False
     if mode == "auto":
-        if mx.default_device().type != mx.cpu:
+        if mx.default_device().type != mx.cpu or kernel_usable():
             return False
         dense_bytes = sum(m.dense_nbytes for m in layers)
         memory = _physical_memory()

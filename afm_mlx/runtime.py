@@ -1,4 +1,5 @@
-"""Process-level runtime concerns: the fast BLAS on Linux, and the backend report.
+"""Process-level runtime concerns: the fast BLAS on Linux, and the backend report (with the path
+palettized layers take, from ``afm_mlx.lut_kernels``).
 
 MLX's Linux CPU wheel links the netlib reference BLAS (~6 GFLOP/s fp32 here). Debian's OpenBLAS,
 preloaded, is ~60x faster. Library loading cannot be changed after the fact, so the CLIs re-run
@@ -126,9 +127,13 @@ def backend_report(gflops: float | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m afm_mlx.runtime``: print the backend, the BLAS in use and its speed."""
+    """``python -m afm_mlx.runtime``: print the backend, the BLAS in use and its speed, and the
+    path palettized layers take (the LUT kernel, or dequantize + matmul and why)."""
     ensure_fast_blas(argv)
+    from afm_mlx.lut_kernels import describe
+
     print(backend_report())
+    print(describe())
 
 
 if __name__ == "__main__":

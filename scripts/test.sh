@@ -11,6 +11,9 @@ PYTHON="${PYTHON:-python3}"
 "$PYTHON" -m ruff check afm_mlx converters tests scripts
 "$PYTHON" -m ruff format --check afm_mlx converters tests scripts
 "$PYTHON" -m pytest -q
+# Palettized layers once more on the pure-MLX path (what an install without a compiler runs; the
+# default suite takes the CPU LUT kernel wherever it is built).
+AFM_MLX_LUT_KERNEL=off "$PYTHON" -m pytest -q tests/test_palettized.py tests/test_generate.py tests/test_lora.py
 # The slow suite runs only when some test carries the marker, so the last runner line of a CI log
 # is never one that executed no test.
 slow_tests=$("$PYTHON" -m pytest -q -m slow --collect-only 2>/dev/null || true)
