@@ -130,8 +130,8 @@ class GenerateConfig:
     dense_cache: str = field(
         default="auto",
         metadata={
-            "help": "keep dense copies of palettized weights (auto: on the CPU if they fit in "
-            "a quarter of memory)",
+            "help": "keep dense copies of palettized weights (auto: only on a CPU without the "
+            "LUT kernel, if they fit in a quarter of memory)",
             "choices": list(DENSE_CACHE),
         },
     )

@@ -50,6 +50,7 @@ from afm_mlx.palettized import (
     bits_per_weight,
     cache_dense_weights,
     palettize_model,
+    palettized_layers,
 )
 from afm_mlx.runtime import backend_report
 
@@ -91,10 +92,12 @@ def _load(spec: dict, dirs: dict):
     model, _, _ = load_model(dirs[spec["model"]])
     if spec["model"] == "fp":
         return model, 32.0, 32.0
-    bpw = bits_per_weight(model)
+    projections = [m for _, m in palettized_layers(model) if isinstance(m, PalettizedLinear)]
+    proj_bits = sum(8 * (m.packed.nbytes + m.lut.nbytes) for m in projections)
+    proj_weights = sum(m.packed.shape[0] * m.input_dims for m in projections)
     if spec.get("cache"):
         cache_dense_weights(model, "on")
-    return model, bpw["palettized"], bpw["model"]
+    return model, proj_bits / proj_weights, bits_per_weight(model)["model"]
 
 
 def _decode(model, tokens: int) -> float:
