@@ -60,11 +60,12 @@ SHAPES = [(48, 64, 16), (96, 128, 32), (32, 40, 8), (24, 36, 4)]
 
 
 @needs_cpu_kernel
-@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("isa", ["widest", "avx2", "scalar"])
 @pytest.mark.parametrize("axis", [0, 1])
 @pytest.mark.parametrize("bits", PACKABLE_BITS)
 def test_cpu_kernel_equals_dequantize_matmul(bits, axis, isa, monkeypatch):
-    monkeypatch.setenv("AFM_MLX_LUT_ISA", isa)  # caps the path: every one runs on this machine
+    # Caps the path (widest: AVX-512 or NEON where the CPU has it), so every one runs here.
+    monkeypatch.setenv("AFM_MLX_LUT_ISA", isa)
     kernel, _ = lut_kernels.KERNELS["cpu"]
     for rows, cols, group_size in SHAPES:
         layer, dense = random_layer(rows, cols, bits, group_size, axis, seed=bits + 7 * axis)
@@ -105,6 +106,39 @@ def test_cpu_kernel_refuses_bad_arguments():
         kernel(mx.zeros((300, 64)), layer.packed, layer.lut, 4, 16, 0, 64)
     with pytest.raises(ValueError, match="lut"):
         kernel(mx.zeros((1, 64)), layer.packed, layer.lut, 3, 16, 0, 64)
+
+
+# The row kernels alone (lut_rows.h), built by a small harness: natively, and for AArch64 under
+# qemu, which is how the NEON path is checked without an ARM machine.
+HARNESS = REPO / "tests" / "csrc" / "lut_rows_check.cpp"
+CROSS = shutil.which("aarch64-linux-gnu-g++") and shutil.which("qemu-aarch64")
+
+
+def _harness(compiler: str, runner: list[str], out: Path) -> str:
+    build = subprocess.run(
+        [compiler, "-O2", "-std=c++20", "-static", str(HARNESS), "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert build.returncode == 0, build.stderr[-3000:]
+    run = subprocess.run([*runner, str(out)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    return run.stdout
+
+
+@pytest.mark.skipif(not shutil.which("c++"), reason="no C++ compiler")
+def test_row_kernels_native(tmp_path):
+    out = _harness("c++", [], tmp_path / "check")
+    assert "halves: 65536 ok" in out and out.count("480 layouts x rows ok") == 3
+
+
+@pytest.mark.skipif(
+    not CROSS, reason="needs g++-aarch64-linux-gnu and qemu-user (.ci/run has them)"
+)
+def test_row_kernels_neon_under_qemu(tmp_path):
+    out = _harness("aarch64-linux-gnu-g++", ["qemu-aarch64"], tmp_path / "check")
+    assert "widest: 480 layouts x rows ok (widest path here: neon)" in out
 
 
 # --- dispatch, first-use check, modes ------------------------------------------------------------

@@ -2,11 +2,12 @@
 //
 // W is (N, K): row n holds K indices of `bits` bits, packed LSB-first in blocks of 8 indices per
 // `bits` bytes (afm_mlx.packing), each row ceil(K * bits / 8) bytes. Every `group_size` rows
-// (axis 0) or columns (axis 1) share one fp16 LUT of 2^bits entries. x is (M, K) with small M
-// (decode): the kernel decodes each index once, looks its value up in a LUT held in registers
-// (AVX-512: one permute for up to 16 entries; AVX2: two permutes and a blend), and accumulates
-// up to 8 rows of x at once (more rows: blocks of 8). Rows of W are split over a small thread
-// pool. Long prefills (many rows) stay in Python: dequantize one layer, then a BLAS GEMM.
+// (axis 0) or columns (axis 1) share one fp16 LUT of 2^bits entries. For small M (decode, short
+// prefills) the row kernels (lut_rows.h) decode each index once, look its value up in a LUT held
+// in registers (AVX-512: one permute for up to 16 entries; AVX2: two permutes and a blend;
+// NEON: a 64-byte table lookup), and accumulate up to 8 rows of x at once (more rows: blocks of
+// 8). Rows of W are split over a small thread pool. Long prefills stay in Python: dequantize one
+// layer, then a BLAS GEMM.
 
 #include <algorithm>
 #include <atomic>
@@ -29,24 +30,17 @@
 #include "mlx/mlx.h"
 #include "mlx/primitives.h"
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define AFM_X86 1
-#endif
+#include "lut_rows.h"
 
 namespace mx = mlx::core;
 namespace nb = nanobind;
 
 namespace {
 
-constexpr int kMaxRows = 8;      // rows of x one pass over W serves (registers per row)
+using afm::kMaxRows;
+using afm::Params;
+using afm::RowsFn;
 constexpr int kMaxBatch = 256;  // rows of x the op accepts (blocks of kMaxRows)
-
-struct Params {
-  int bits, group_size, axis;
-  int M, N, K;
-  int row_bytes;
-};
 
 // --- a persistent thread pool ---------------------------------------------------------------
 
@@ -131,257 +125,8 @@ Pool& pool() {
   return p;
 }
 
-// --- index decoding -------------------------------------------------------------------------
-
-// Index k of a row: bits [k * bits, (k + 1) * bits) of the row's LSB-first bit stream.
-inline int index_at(const uint8_t* row, int k, int bits) {
-  int bit = k * bits, byte = bit >> 3, shift = bit & 7;
-  unsigned v = row[byte] >> shift;
-  if (shift + bits > 8) v |= unsigned(row[byte + 1]) << (8 - shift);
-  return int(v & ((1u << bits) - 1));
-}
-
-// LUT of row n (axis 0) or of column group g (axis 1), as fp32.
-inline void load_lut(const mx::float16_t* lut, int group, int entries, float* out) {
-  const mx::float16_t* src = lut + size_t(group) * entries;
-  for (int i = 0; i < entries; ++i) out[i] = static_cast<float>(src[i]);
-}
-
-// --- portable kernel (any bits, any shape) ------------------------------------------------------
-
-void rows_scalar(const float* x, const uint8_t* packed, const mx::float16_t* lut, float* y,
-                 const Params& p, int n0, int n1) {
-  const int entries = 1 << p.bits;
-  std::vector<float> table(entries);
-  int loaded = -1;
-  float acc[kMaxRows];
-  for (int n = n0; n < n1; ++n) {
-    const uint8_t* row = packed + size_t(n) * p.row_bytes;
-    std::fill(acc, acc + p.M, 0.0f);
-    for (int k = 0; k < p.K; ++k) {
-      int group = p.axis == 0 ? n / p.group_size : k / p.group_size;
-      if (group != loaded) {
-        load_lut(lut, group, entries, table.data());
-        loaded = group;
-      }
-      float w = table[index_at(row, k, p.bits)];
-      for (int m = 0; m < p.M; ++m) acc[m] += w * x[size_t(m) * p.K + k];
-    }
-    for (int m = 0; m < p.M; ++m) y[size_t(m) * p.N + n] = acc[m];
-  }
-}
-
-#ifdef AFM_X86
-
-// --- AVX2: 8 indices per step ------------------------------------------------------------------
-
-// 8 indices live in `BITS` bytes. Split into two 4-index windows (4 * BITS <= 32 bits), put each
-// in 4 lanes and shift lane j of a window right by j * BITS.
-template <int BITS>
-__attribute__((target("avx2,fma"))) inline __m256i decode8(const uint8_t* src) {
-  uint64_t w = 0;
-  std::memcpy(&w, src, BITS);
-  const uint64_t lo_mask = (uint64_t(1) << (4 * BITS)) - 1;
-  const int lo = int(w & lo_mask), hi = int((w >> (4 * BITS)) & lo_mask);
-  const __m256i v = _mm256_set_epi32(hi, hi, hi, hi, lo, lo, lo, lo);
-  const __m256i shifts = _mm256_set_epi32(3 * BITS, 2 * BITS, BITS, 0, 3 * BITS, 2 * BITS, BITS, 0);
-  return _mm256_and_si256(_mm256_srlv_epi32(v, shifts), _mm256_set1_epi32((1 << BITS) - 1));
-}
-
-template <int BITS>
-__attribute__((target("avx2,fma"))) inline __m256 lookup8(__m256i idx, __m256 t0, __m256 t1,
-                                                          const float* table) {
-  if constexpr (BITS <= 3) {
-    return _mm256_permutevar8x32_ps(t0, idx);
-  } else if constexpr (BITS == 4) {
-    __m256 a = _mm256_permutevar8x32_ps(t0, idx), b = _mm256_permutevar8x32_ps(t1, idx);
-    return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
-  } else {
-    return _mm256_i32gather_ps(table, idx, 4);
-  }
-}
-
-__attribute__((target("avx2,fma"))) inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-// Rows [n0, n1) for M = MROWS; K % 8 == 0 and (axis 1) group_size % 8 == 0.
-template <int BITS, int MROWS>
-__attribute__((target("avx2,fma"))) void rows_avx2(const float* x, const uint8_t* packed,
-                                                   const mx::float16_t* lut, float* y,
-                                                   const Params& p, int n0, int n1) {
-  constexpr int entries = 1 << BITS;
-  alignas(32) float table[entries < 16 ? 16 : entries] = {};
-  __m256 t0 = _mm256_setzero_ps(), t1 = _mm256_setzero_ps();
-  int loaded = -1;
-  // (A lambda would not inherit this function's target ISA, so the LUT load is spelled out.)
-#define AFM_LOAD_LUT8(group)                          \
-  if ((group) != loaded) {                            \
-    loaded = (group);                                 \
-    load_lut(lut, loaded, entries, table);            \
-    t0 = _mm256_load_ps(table);                       \
-    t1 = _mm256_load_ps(table + 8);                   \
-  }
-  for (int n = n0; n < n1; ++n) {
-    const uint8_t* row = packed + size_t(n) * p.row_bytes;
-    if (p.axis == 0) {
-      AFM_LOAD_LUT8(n / p.group_size)
-    }
-    __m256 acc[MROWS];
-    for (int m = 0; m < MROWS; ++m) acc[m] = _mm256_setzero_ps();
-    for (int k = 0; k < p.K; k += 8) {
-      if (p.axis == 1) {
-        AFM_LOAD_LUT8(k / p.group_size)
-      }
-      __m256 w = lookup8<BITS>(decode8<BITS>(row + (k / 8) * BITS), t0, t1, table);
-      for (int m = 0; m < MROWS; ++m) {
-        acc[m] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + size_t(m) * p.K + k), acc[m]);
-      }
-    }
-    for (int m = 0; m < MROWS; ++m) y[size_t(m) * p.N + n] = hsum8(acc[m]);
-  }
-#undef AFM_LOAD_LUT8
-}
-
-// --- AVX-512: 16 indices per step, LUTs of up to 16 entries in one register ---------------------
-
-// 16 indices of BITS <= 4 fit in 64 bits: four 4-index windows (w >> 4*BITS*q) land in 64-bit
-// lanes 0..3, their low dwords are spread over the 16 lanes, then lane j shifts by (j % 4) * BITS.
-template <int BITS>
-__attribute__((target("avx512f"))) inline __m512i decode16(const uint8_t* src) {
-  uint64_t w = 0;
-  std::memcpy(&w, src, 2 * BITS);
-  const __m512i q = _mm512_srlv_epi64(
-      _mm512_set1_epi64(int64_t(w)),
-      _mm512_set_epi64(0, 0, 0, 0, 12 * BITS, 8 * BITS, 4 * BITS, 0));
-  const __m512i spread = _mm512_permutexvar_epi32(
-      _mm512_set_epi32(6, 6, 6, 6, 4, 4, 4, 4, 2, 2, 2, 2, 0, 0, 0, 0), q);
-  const __m512i shifts = _mm512_set_epi32(3 * BITS, 2 * BITS, BITS, 0, 3 * BITS, 2 * BITS, BITS, 0,
-                                          3 * BITS, 2 * BITS, BITS, 0, 3 * BITS, 2 * BITS, BITS, 0);
-  return _mm512_and_si512(_mm512_srlv_epi32(spread, shifts), _mm512_set1_epi32((1 << BITS) - 1));
-}
-
-__attribute__((target("avx512f"))) inline float hsum16(__m512 v) {
-  return _mm512_reduce_add_ps(v);
-}
-
-// Rows [n0, n1) for M = MROWS; BITS <= 4, K % 16 == 0 and (axis 1) group_size % 16 == 0.
-template <int BITS, int MROWS>
-__attribute__((target("avx512f"))) void rows_avx512(const float* x, const uint8_t* packed,
-                                                   const mx::float16_t* lut, float* y,
-                                                   const Params& p, int n0, int n1) {
-  static_assert(BITS <= 4, "one register holds a LUT of at most 16 entries");
-  constexpr int entries = 1 << BITS;
-  alignas(64) float table[16] = {};
-  __m512 t = _mm512_setzero_ps();
-  int loaded = -1;
-#define AFM_LOAD_LUT16(group)                         \
-  if ((group) != loaded) {                            \
-    loaded = (group);                                 \
-    load_lut(lut, loaded, entries, table);            \
-    t = _mm512_load_ps(table);                        \
-  }
-  for (int n = n0; n < n1; ++n) {
-    const uint8_t* row = packed + size_t(n) * p.row_bytes;
-    if (p.axis == 0) {
-      AFM_LOAD_LUT16(n / p.group_size)
-    }
-    __m512 acc[MROWS];
-    for (int m = 0; m < MROWS; ++m) acc[m] = _mm512_setzero_ps();
-    for (int k = 0; k < p.K; k += 16) {
-      if (p.axis == 1) {
-        AFM_LOAD_LUT16(k / p.group_size)
-      }
-      __m512 w = _mm512_permutexvar_ps(decode16<BITS>(row + (k / 8) * BITS), t);
-      for (int m = 0; m < MROWS; ++m) {
-        acc[m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + size_t(m) * p.K + k), acc[m]);
-      }
-    }
-    for (int m = 0; m < MROWS; ++m) y[size_t(m) * p.N + n] = hsum16(acc[m]);
-  }
-#undef AFM_LOAD_LUT16
-}
-
-#endif  // AFM_X86
-
-using RowsFn = void (*)(const float*, const uint8_t*, const mx::float16_t*, float*,
-                        const Params&, int, int);
-
-template <template <int, int> class Pick, int BITS, int... Ms>
-RowsFn pick_rows(int m, std::integer_sequence<int, Ms...>) {
-  RowsFn fn = nullptr;
-  ((m == Ms + 1 ? (fn = Pick<BITS, Ms + 1>::fn, 0) : 0), ...);
-  return fn;
-}
-
-#ifdef AFM_X86
-template <int BITS, int M>
-struct Avx2Rows {
-  static constexpr RowsFn fn = rows_avx2<BITS, M>;
-};
-
-template <template <int, int> class Pick>
-RowsFn by_bits(int bits, int m) {
-  auto ms = std::make_integer_sequence<int, kMaxRows>{};
-  switch (bits) {
-    case 1: return pick_rows<Pick, 1>(m, ms);
-    case 2: return pick_rows<Pick, 2>(m, ms);
-    case 3: return pick_rows<Pick, 3>(m, ms);
-    case 4: return pick_rows<Pick, 4>(m, ms);
-    case 6: return pick_rows<Pick, 6>(m, ms);
-    case 8: return pick_rows<Pick, 8>(m, ms);
-  }
-  return nullptr;
-}
-
-template <int BITS, int M>
-struct Avx512Rows4 {  // AVX-512 covers BITS <= 4; wider LUTs take the AVX2 gather path
-  static constexpr RowsFn fn = BITS <= 4 ? rows_avx512<(BITS <= 4 ? BITS : 4), M> : nullptr;
-};
-#endif
-
-struct CpuFeatures {
-  bool avx2 = false, avx512 = false;
-  CpuFeatures() {
-#ifdef AFM_X86
-    __builtin_cpu_init();
-    avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    avx512 = __builtin_cpu_supports("avx512f");
-#endif
-  }
-};
-
-const CpuFeatures& cpu() {
-  static CpuFeatures features;
-  return features;
-}
-
-// The widest path this CPU, shape and layout allow ("avx512", "avx2" or "scalar"), unless
-// AFM_MLX_LUT_ISA caps it (tests use it to exercise every path on one machine).
-std::string isa_for(const Params& p) {
-  std::string cap = std::getenv("AFM_MLX_LUT_ISA") ? std::getenv("AFM_MLX_LUT_ISA") : "avx512";
-  bool avx512_ok = cap == "avx512" && cpu().avx512 && p.bits <= 4 && p.K % 16 == 0 &&
-                   (p.axis == 0 || p.group_size % 16 == 0);
-  if (avx512_ok) return "avx512";
-  bool avx2_ok = cap != "scalar" && cpu().avx2 && p.K % 8 == 0 &&
-                 (p.axis == 0 || p.group_size % 8 == 0);
-  return avx2_ok ? "avx2" : "scalar";
-}
-
-RowsFn rows_fn(const Params& p) {
-#ifdef AFM_X86
-  std::string isa = isa_for(p);
-  if (isa == "avx512") return by_bits<Avx512Rows4>(p.bits, p.M);
-  if (isa == "avx2") return by_bits<Avx2Rows>(p.bits, p.M);
-#endif
-  return rows_scalar;
-}
-
 // Rows of x go through the kernels kMaxRows at a time (each block decodes W once more).
-void run(const float* x, const uint8_t* packed, const mx::float16_t* lut, float* y,
+void run(const float* x, const uint8_t* packed, const uint16_t* lut, float* y,
          const Params& p) {
   const int blocks = (p.M + kMaxRows - 1) / kMaxRows;
   // Tasks of whole rows of W, enough to balance the threads, none so small that syncing dominates.
@@ -394,7 +139,7 @@ void run(const float* x, const uint8_t* packed, const mx::float16_t* lut, float*
     q.M = std::min(kMaxRows, p.M - b * kMaxRows);
     const float* xb = x + size_t(b) * kMaxRows * p.K;
     float* yb = y + size_t(b) * kMaxRows * p.N;
-    RowsFn fn = rows_fn(q);
+    RowsFn fn = afm::rows_fn(q);
     auto task = [&](int t) {
       int n0 = t * per, n1 = std::min(p.N, n0 + per);
       if (n0 < n1) fn(xb, packed, lut, yb, q, n0, n1);
@@ -426,7 +171,9 @@ class LutMatmul : public mx::UnaryPrimitive {
     encoder.dispatch([x, packed, lut, out, p = p_]() mutable {
       const float* xs = x.data<float>();
       float* ys = out.data<float>();
-      run(xs, packed.data<uint8_t>(), lut.data<mx::float16_t>(), ys, p);
+      // fp16 LUT entries go to the kernels as raw bits (they convert them once per group).
+      run(xs, packed.data<uint8_t>(), reinterpret_cast<const uint16_t*>(lut.data<mx::float16_t>()),
+          ys, p);
     });
   }
 
@@ -483,7 +230,7 @@ mx::array lut_matmul(const mx::array& x, const mx::array& packed, const mx::arra
 
 std::string isa(int bits, int in_dims, int group_size, int axis) {
   Params p{bits, group_size, axis, 1, 1, in_dims, 0};
-  return isa_for(p);
+  return afm::isa_for(p);
 }
 
 }  // namespace
