@@ -55,6 +55,15 @@ def test_kernel_is_built_where_a_compiler_exists():
     assert "CPU LUT kernel" in lut_kernels.describe()
 
 
+@needs_cpu_kernel
+def test_a_kernel_built_for_another_mlx_is_not_loaded(monkeypatch):
+    monkeypatch.setattr(mx, "__version__", "9.9.9")
+    module, why = lut_kernels._load_cpu_extension()
+    assert module is None
+    assert f"built for mlx {lut_kernels._cpu_extension.mlx_version} but mlx 9.9.9" in why
+    assert "reinstall afm_mlx" in why
+
+
 # Shapes: the AVX-512 path (inputs a multiple of 16), AVX2 (of 8), and the portable one (odd).
 SHAPES = [(48, 64, 16), (96, 128, 32), (32, 40, 8), (24, 36, 4)]
 
