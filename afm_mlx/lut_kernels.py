@@ -8,7 +8,9 @@ kernel of the default device for up to its ``max_rows`` rows of ``x`` (decode, s
   output rows), built by ``pip install`` when a C++ compiler and CMake are present; up to 128
   rows (measured on a 4096x4096 layer: 57 ms at 128 rows vs 105 ms for dequantize + GEMM; at 256
   rows they tie);
-- Apple GPU: a ``mx.fast.metal_kernel`` for up to 8 rows (unverified: no Mac here);
+- GPUs: one kernel body run by ``mx.fast.metal_kernel`` (Apple) and ``mx.fast.cuda_kernel``
+  (NVIDIA, MLX's CUDA backend) for up to 8 rows: its logic is tested on the CPU by a SIMT
+  emulation and its CUDA text compiled by nvcc, but it has not run on a GPU yet;
 
 and otherwise (more rows, no kernel, ``off``) dequantizes the layer and runs a GEMM.
 
@@ -123,55 +125,126 @@ def _cpu_kernel(x, packed, lut, bits, group_size, axis):
     return _cpu_extension.lut_matmul(x, packed, lut, bits, group_size, axis, x.shape[-1])
 
 
-# --- the Metal kernel ---------------------------------------------------------------------------
+# --- the GPU kernel: one body for Apple GPUs (Metal) and NVIDIA GPUs (CUDA) ----------------------
+# Laid out like MLX's quantized GEMV: a simdgroup (warp) of 32 lanes computes GPU_ROWS output rows
+# at once, so each lane loads its 8 inputs once for all of them; lane l takes the 8-index blocks
+# l, l + 32, ... of every row (BITS bytes each); LUTs of up to 16 entries sit in registers (one
+# per row, axis 0), wider or per-column ones are read from device memory; fp32 accumulation and
+# one simd_sum per row. Each backend only supplies the prologue that names the thread indices.
 
-_METAL_SOURCE = """
-    const uint lane = thread_position_in_grid.x;
-    const uint n = thread_position_in_grid.y;
-    const uint m = thread_position_in_grid.z;
-    const device uint8_t* row = packed + n * (K * BITS / 8);
-    const device T* xr = x + m * K;
-    float acc = 0.0f;
-    for (uint blk = lane; blk < K / 8; blk += 32) {
-        // 8 indices live in BITS consecutive bytes, LSB first.
-        ulong word = 0;
-        for (uint b = 0; b < BITS; ++b) {
-            word |= ((ulong)row[blk * BITS + b]) << (8 * b);
-        }
-        for (uint j = 0; j < 8; ++j) {
-            uint k = blk * 8 + j;
-            uint idx = (uint)((word >> (j * BITS)) & ((1ul << BITS) - 1));
-            uint g = AXIS == 0 ? n / GS : k / GS;
-            acc += float(xr[k]) * float(lut[g * LUT_SIZE + idx]);
+GPU_ROWS, GPU_SIMDGROUPS = 4, 2
+
+GPU_BODY = """
+    constexpr int ROWS = 4;
+    constexpr int SIMDGROUPS = 2;
+    constexpr int TABLE = LUT_SIZE <= 16 ? LUT_SIZE : 1;
+    constexpr int ROW_BYTES = K * BITS / 8;
+    constexpr u64 MASK = (u64(1) << BITS) - 1;
+    const int n0 = (row_block * SIMDGROUPS + simdgroup) * ROWS;
+    if (n0 >= N) {
+        return;
+    }
+    float acc[ROWS];
+    float table[ROWS][TABLE];
+    for (int r = 0; r < ROWS; ++r) {
+        acc[r] = 0.0f;
+        const int n = min(n0 + r, N - 1);
+        if (AXIS == 0 && LUT_SIZE <= 16) {
+            for (int i = 0; i < TABLE; ++i) {
+                table[r][i] = float(lut[(n / GS) * LUT_SIZE + i]);
+            }
         }
     }
-    acc = simd_sum(acc);
-    if (lane == 0) {
-        out[m * N + n] = T(acc);
+    for (int blk = lane; blk < K / 8; blk += 32) {
+        const int k = blk * 8;
+        float xv[8];
+        for (int j = 0; j < 8; ++j) {
+            xv[j] = float(x[m * K + k + j]);
+        }
+        for (int r = 0; r < ROWS; ++r) {
+            const int n = min(n0 + r, N - 1);
+            u64 word = 0;
+            for (int b = 0; b < BITS; ++b) {
+                word |= u64(packed[n * ROW_BYTES + blk * BITS + b]) << (8 * b);
+            }
+            for (int j = 0; j < 8; ++j) {
+                const int idx = int((word >> (j * BITS)) & MASK);
+                const int g = AXIS == 0 ? n / GS : (k + j) / GS;
+                acc[r] += xv[j] * ((AXIS == 0 && LUT_SIZE <= 16)
+                                       ? table[r][idx]
+                                       : float(lut[g * LUT_SIZE + idx]));
+            }
+        }
+    }
+    for (int r = 0; r < ROWS; ++r) {
+        const float total = simd_sum(acc[r]);
+        if (lane == 0 && n0 + r < N) {
+            out[m * N + n0 + r] = T(total);
+        }
     }
 """
-_metal_kernel = None
+
+METAL_PROLOGUE = """
+    typedef ulong u64;
+    const int lane = int(thread_index_in_simdgroup);
+    const int simdgroup = int(simdgroup_index_in_threadgroup);
+    const int row_block = int(threadgroup_position_in_grid.y);
+    const int m = int(threadgroup_position_in_grid.z);
+"""
+
+CUDA_PROLOGUE = """
+    typedef unsigned long long u64;
+    const int lane = int(threadIdx.x % 32);
+    const int simdgroup = int(threadIdx.x / 32);
+    const int row_block = int(blockIdx.y);
+    const int m = int(blockIdx.z);
+"""
+
+CUDA_HEADER = """
+__device__ inline float simd_sum(float v) {
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        v += __shfl_xor_sync(0xffffffff, v, offset);
+    }
+    return v;
+}
+"""
+
+_gpu_kernels: dict[str, Callable] = {}
 
 
-def lut_matmul_metal(
-    x: mx.array, packed: mx.array, lut: mx.array, bits: int, group_size: int, axis: int
+def _gpu_kernel(backend_name: str) -> Callable:
+    if backend_name not in _gpu_kernels:
+        common = {"input_names": ["x", "packed", "lut"], "output_names": ["out"]}
+        if backend_name == "metal":
+            kernel = mx.fast.metal_kernel(
+                name="afm_lut_gemv", source=METAL_PROLOGUE + GPU_BODY, **common
+            )
+        else:
+            kernel = mx.fast.cuda_kernel(
+                name="afm_lut_gemv", source=CUDA_PROLOGUE + GPU_BODY, header=CUDA_HEADER, **common
+            )
+        _gpu_kernels[backend_name] = kernel
+    return _gpu_kernels[backend_name]
+
+
+def lut_matmul_gpu(
+    backend_name: str,
+    x: mx.array,
+    packed: mx.array,
+    lut: mx.array,
+    bits: int,
+    group_size: int,
+    axis: int,
 ) -> mx.array:
-    """``x @ W.T`` straight from packed indices and LUTs with a Metal kernel (Metal only; rows of
-    ``x`` a multiple of 8 wide). One simdgroup per output element, fp32 accumulation."""
-    global _metal_kernel
-    if _metal_kernel is None:
-        _metal_kernel = mx.fast.metal_kernel(
-            name="afm_lut_matmul",
-            input_names=["x", "packed", "lut"],
-            output_names=["out"],
-            source=_METAL_SOURCE,
-        )
+    """``x @ W.T`` straight from packed indices and LUTs on a Metal or CUDA GPU (rows of ``x`` a
+    multiple of 8 wide). Unverified on hardware so far: checked at first use like every kernel."""
     in_dims, out_dims = x.shape[-1], packed.shape[0]
     if in_dims % 8:
-        raise ValueError("the Metal LUT kernel needs rows a multiple of 8 wide")
+        raise ValueError("the GPU LUT kernel needs rows a multiple of 8 wide")
     x2 = x.reshape(-1, in_dims)
     rows = x2.shape[0]
-    (out,) = _metal_kernel(
+    blocks = -(-out_dims // (GPU_ROWS * GPU_SIMDGROUPS))
+    (out,) = _gpu_kernel(backend_name)(
         inputs=[x2, packed, lut],
         template=[
             ("T", x.dtype),
@@ -182,16 +255,27 @@ def lut_matmul_metal(
             ("N", out_dims),
             ("LUT_SIZE", lut.shape[1]),
         ],
-        grid=(32, out_dims, rows),
-        threadgroup=(32, 1, 1),
+        grid=(32 * GPU_SIMDGROUPS, blocks, rows),
+        threadgroup=(32 * GPU_SIMDGROUPS, 1, 1),
         output_shapes=[(rows, out_dims)],
         output_dtypes=[x.dtype],
     )
     return out.reshape(*x.shape[:-1], out_dims)
 
 
+def lut_matmul_metal(x, packed, lut, bits, group_size, axis):
+    return lut_matmul_gpu("metal", x, packed, lut, bits, group_size, axis)
+
+
+def lut_matmul_cuda(x, packed, lut, bits, group_size, axis):
+    return lut_matmul_gpu("cuda", x, packed, lut, bits, group_size, axis)
+
+
 # backend -> (kernel, the most rows of x it takes); tests replace entries.
-KERNELS: dict[str, tuple[KernelFn, int]] = {"metal": (lut_matmul_metal, 8)}
+KERNELS: dict[str, tuple[KernelFn, int]] = {
+    "metal": (lut_matmul_metal, 8),
+    "cuda": (lut_matmul_cuda, 8),
+}
 if _cpu_extension is not None:
     KERNELS["cpu"] = (_cpu_kernel, 128)
 

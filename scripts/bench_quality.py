@@ -6,9 +6,10 @@ same held-out windows, one run. Decode speed is ``scripts/bench_decode.py``.
 
     python scripts/bench_quality.py [--model runs/small] [--eval-batches 20] [--sensitivity fisher]
 
-Bits per weight (bpw) count everything stored: ours indices + fp16 LUTs; mlx-lm's packed weights
-+ fp16 scales and biases (q4 g64 = 4.5). "proj" is over the projection layers, "model" over all
-parameters (our embedding is 8-bit LUT, mlx-lm's is quantized like its projections).
+Like with like: both sides compress the same layers, every attention and MLP projection, and keep
+the embedding (and tied head) in float. Bits per weight (bpw) count everything stored: ours
+indices + fp16 LUTs; mlx-lm's packed weights + fp16 scales and biases (q4 g64 = 4.5). "proj" is
+over the projections, "model" over all parameters.
 """
 
 # ruff: noqa: E402  (OpenBLAS must be loaded before mlx is imported)
@@ -25,7 +26,7 @@ from afm_mlx.runtime import preload_openblas
 preload_openblas()
 
 from mlx_lm.utils import dequantize_model
-from peers import affine_quantized
+from peers import affine_quantized, is_projection
 
 from afm_mlx.data import eval_batches
 from afm_mlx.evaluate import corpus_splits, perplexity
@@ -69,12 +70,15 @@ def main() -> None:
         for name, options in variants:
             out = Path(tmp) / name.replace(" ", "_").replace("+", "")
             start = time.perf_counter()
-            summary = palettize(PalettizeConfig(model=str(model_dir), out=str(out), **options))
+            config = PalettizeConfig(
+                model=str(model_dir), out=str(out), embedding_bits=0, **options
+            )
+            summary = palettize(config)
             model, _, _ = load_model(out)
             rows.append((name, summary["projection_bpw"], summary["model_bpw"], ppl(model)))
             print(f"  {name}: palettized in {time.perf_counter() - start:.1f} s", flush=True)
         for bits in (4, 3):
-            model, proj, whole = affine_quantized(model_dir, bits)
+            model, proj, whole = affine_quantized(model_dir, bits, class_predicate=is_projection)
             # Same values, evaluated through dense weights: the CPU's quantized matmul is slow.
             rows.append((f"mlx-lm q{bits} g64", proj, whole, ppl(dequantize_model(model))))
 

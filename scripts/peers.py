@@ -11,6 +11,11 @@ from mlx.utils import tree_flatten
 from afm_mlx.model import load_model
 
 
+def is_projection(path: str, module: nn.Module) -> bool:
+    """The attention and MLP projections: the layers both sides compress in like-for-like rows."""
+    return isinstance(module, nn.Linear) and "embed" not in path and "lm_head" not in path
+
+
 def affine_quantized(model_dir: Path, bits: int, group_size: int = 64, class_predicate=None):
     """mlx-lm's affine quantization (what ``mlx_lm.convert -q`` does) of every Linear and the
     embedding (or what ``class_predicate`` picks), from fp16 weights so scales and biases are

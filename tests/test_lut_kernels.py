@@ -150,6 +150,135 @@ def test_row_kernels_neon_under_qemu(tmp_path):
     assert "widest: 480 layouts x rows ok (widest path here: neon)" in out
 
 
+# The GPU kernel body (Metal and CUDA share it). No GPU here: its logic runs on the CPU with 32
+# threads per simdgroup and a barrier-based simd_sum, and its CUDA text goes through nvcc.
+EMULATION = r"""
+#include <algorithm>
+#include <barrier>
+#include <cstdint>
+#include <cstdio>
+#include <random>
+#include <thread>
+#include <vector>
+using std::min;
+typedef uint64_t u64;
+
+struct Simdgroup {
+  std::barrier<> sync{32};
+  float slots[32];
+};
+
+template <typename T, int BITS, int GS, int AXIS, int K, int N, int LUT_SIZE>
+void lane_main(const T* x, const uint8_t* packed, const _Float16* lut, T* out, int lane,
+               int simdgroup, int row_block, int m, Simdgroup& group) {
+  auto simd_sum = [&](float v) {
+    group.slots[lane] = v;
+    group.sync.arrive_and_wait();
+    float s = 0;
+    for (int i = 0; i < 32; ++i) s += group.slots[i];
+    group.sync.arrive_and_wait();
+    return s;
+  };
+  BODY
+}
+
+template <int BITS, int GS, int AXIS>
+int check() {
+  constexpr int K = 64, N = 40, M = 3, P = 1 << BITS, ROW_BYTES = K * BITS / 8;
+  constexpr int GROUPS = AXIS == 0 ? N / GS : K / GS;
+  std::mt19937 rng(BITS * 10 + AXIS);
+  std::vector<int> idx(N * K);
+  std::vector<uint8_t> packed(N * ROW_BYTES, 0);
+  for (int n = 0; n < N; ++n)
+    for (int k = 0; k < K; ++k) {
+      int v = int(rng() % P);
+      idx[n * K + k] = v;
+      for (int b = 0; b < BITS; ++b)
+        if (v >> b & 1) packed[n * ROW_BYTES + (k * BITS + b) / 8] |= 1 << ((k * BITS + b) % 8);
+    }
+  std::vector<_Float16> lut(GROUPS * P);
+  for (auto& e : lut) e = _Float16(float(int(rng() % 2001) - 1000) / 256.0f);
+  std::vector<float> x(M * K), out(M * N, -1.0f);
+  for (auto& v : x) v = float(int(rng() % 2001) - 1000) / 1000.0f;
+  const int blocks = (N + 7) / 8;
+  for (int m = 0; m < M; ++m)
+    for (int rb = 0; rb < blocks; ++rb) {
+      Simdgroup groups[2];
+      std::vector<std::thread> threads;
+      for (int t = 0; t < 64; ++t)
+        threads.emplace_back([&, t] {
+          lane_main<float, BITS, GS, AXIS, K, N, P>(x.data(), packed.data(), lut.data(),
+                                                    out.data(), t % 32, t / 32, rb, m,
+                                                    groups[t / 32]);
+        });
+      for (auto& th : threads) th.join();
+    }
+  for (int m = 0; m < M; ++m)
+    for (int n = 0; n < N; ++n) {
+      double want = 0;
+      for (int k = 0; k < K; ++k) {
+        int g = AXIS == 0 ? n / GS : k / GS;
+        want += double(float(lut[g * P + idx[n * K + k]])) * x[m * K + k];
+      }
+      if (std::abs(out[m * N + n] - want) > 1e-3) {
+        std::printf("bits %d axis %d: out[%d, %d] = %g, want %g\n", BITS, AXIS, m, n,
+                    out[m * N + n], want);
+        return 1;
+      }
+    }
+  std::printf("bits %d axis %d ok\n", BITS, AXIS);
+  return 0;
+}
+
+int main() {
+  return check<1, 8, 0>() | check<2, 8, 0>() | check<3, 8, 0>() | check<4, 8, 0>() |
+         check<6, 8, 0>() | check<8, 8, 0>() | check<1, 16, 1>() | check<2, 16, 1>() |
+         check<3, 16, 1>() | check<4, 16, 1>() | check<6, 16, 1>() | check<8, 16, 1>();
+}
+"""
+
+
+@pytest.mark.skipif(not shutil.which("c++"), reason="no C++ compiler")
+def test_gpu_kernel_body_on_an_emulated_simdgroup(tmp_path):
+    source = tmp_path / "emulate.cpp"
+    source.write_text(EMULATION.replace("BODY", lut_kernels.GPU_BODY))
+    build = subprocess.run(
+        ["c++", "-O1", "-std=c++20", "-pthread", str(source), "-o", str(tmp_path / "emulate")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert build.returncode == 0, build.stderr[-3000:]
+    run = subprocess.run([str(tmp_path / "emulate")], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.count(" ok") == 12
+
+
+@pytest.mark.skipif(not shutil.which("nvcc"), reason="no CUDA compiler")
+def test_gpu_kernel_cuda_text_compiles(tmp_path):
+    """What mx.fast.cuda_kernel would compile: header, then the body inside a templated kernel."""
+    source = tmp_path / "kernel.cu"
+    instances = "\n".join(
+        f"template __global__ void afm_lut_gemv<{t}, {b}, {g}, {a}, 4096, 4096, {1 << b}>"
+        f"(const {t}*, const uint8_t*, const __half*, {t}*);"
+        for t, b, g, a in (("float", 4, 16, 0), ("__half", 2, 16, 1), ("float", 8, 1, 0))
+    )
+    source.write_text(
+        "#include <cuda_fp16.h>\n#include <cstdint>\n"
+        + lut_kernels.CUDA_HEADER
+        + "template <typename T, int BITS, int GS, int AXIS, int K, int N, int LUT_SIZE>\n"
+        "__global__ void afm_lut_gemv(const T* x, const uint8_t* packed, const __half* lut, "
+        "T* out) {\n" + lut_kernels.CUDA_PROLOGUE + lut_kernels.GPU_BODY + "}\n" + instances
+    )
+    build = subprocess.run(
+        ["nvcc", "-c", "-std=c++17", "-arch=sm_80", str(source), "-o", str(tmp_path / "k.o")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert build.returncode == 0, build.stderr[-3000:]
+
+
 # --- dispatch, first-use check, modes ------------------------------------------------------------
 
 
@@ -382,3 +511,12 @@ def test_install_without_a_compiler_keeps_the_pure_mlx_path(tmp_path):
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
     assert run.stderr.count("the CPU LUT kernel is not built") == 1  # one warning, not per call
     assert Path(tree / "afm_mlx" / "lut_kernels.py").is_file()
+
+
+@pytest.mark.skipif(mx.default_device().type == mx.gpu, reason="the gate under test is for CPUs")
+def test_gpu_kernel_check_is_gated_off_gpus():
+    script = REPO / "scripts" / "gpu_kernel_check.py"
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=REPO
+    )
+    assert "needs MLX on a GPU" in one_line_error(proc) and "nothing was run" in proc.stderr
