@@ -4,8 +4,8 @@ pure-MLX fallback.
 ``y = x @ W.T`` with ``W`` stored as packed LUT indices (``afm_mlx.palettized``) runs on the
 kernel of the default device for up to its ``max_rows`` rows of ``x`` (decode, short prefills):
 
-- CPU: ``afm_mlx._lut_cpu``, an MLX C++ primitive (AVX-512 / AVX2 / portable C++, threads over
-  output rows), built by ``pip install`` when a C++ compiler and CMake are present; up to 128
+- CPU: ``afm_mlx._lut_cpu``, an MLX C++ primitive (AVX-512 / AVX2 / NEON / portable C++, threads
+  over output rows), built by ``pip install`` when a C++ compiler and CMake are present; up to 128
   rows (measured on a 4096x4096 layer: 57 ms at 128 rows vs 105 ms for dequantize + GEMM; at 256
   rows they tie);
 - GPUs: one kernel body run by ``mx.fast.metal_kernel`` (Apple) and ``mx.fast.cuda_kernel``
