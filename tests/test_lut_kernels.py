@@ -123,17 +123,16 @@ HARNESS = REPO / "tests" / "csrc" / "lut_rows_check.cpp"
 CROSS = shutil.which("aarch64-linux-gnu-g++") and shutil.which("qemu-aarch64")
 
 
+def _ok(cmd: list[str]) -> str:
+    """Run a build or check command; its stdout, or the test fails with its output."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    return proc.stdout
+
+
 def _harness(compiler: str, runner: list[str], out: Path) -> str:
-    build = subprocess.run(
-        [compiler, "-O2", "-std=c++20", "-static", str(HARNESS), "-o", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert build.returncode == 0, build.stderr[-3000:]
-    run = subprocess.run([*runner, str(out)], capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
-    return run.stdout
+    _ok([compiler, "-O2", "-std=c++20", "-static", str(HARNESS), "-o", str(out)])
+    return _ok([*runner, str(out)])
 
 
 @pytest.mark.skipif(not shutil.which("c++"), reason="no C++ compiler")
@@ -242,16 +241,8 @@ int main() {
 def test_gpu_kernel_body_on_an_emulated_simdgroup(tmp_path):
     source = tmp_path / "emulate.cpp"
     source.write_text(EMULATION.replace("BODY", lut_kernels.GPU_BODY))
-    build = subprocess.run(
-        ["c++", "-O1", "-std=c++20", "-pthread", str(source), "-o", str(tmp_path / "emulate")],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert build.returncode == 0, build.stderr[-3000:]
-    run = subprocess.run([str(tmp_path / "emulate")], capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count(" ok") == 12
+    _ok(["c++", "-O1", "-std=c++20", "-pthread", str(source), "-o", str(tmp_path / "emulate")])
+    assert _ok([str(tmp_path / "emulate")]).count(" ok") == 12
 
 
 @pytest.mark.skipif(not shutil.which("nvcc"), reason="no CUDA compiler")
@@ -270,13 +261,7 @@ def test_gpu_kernel_cuda_text_compiles(tmp_path):
         "__global__ void afm_lut_gemv(const T* x, const uint8_t* packed, const __half* lut, "
         "T* out) {\n" + lut_kernels.CUDA_PROLOGUE + lut_kernels.GPU_BODY + "}\n" + instances
     )
-    build = subprocess.run(
-        ["nvcc", "-c", "-std=c++17", "-arch=sm_80", str(source), "-o", str(tmp_path / "k.o")],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert build.returncode == 0, build.stderr[-3000:]
+    _ok(["nvcc", "-c", "-std=c++17", "-arch=sm_80", str(source), "-o", str(tmp_path / "k.o")])
 
 
 # --- dispatch, first-use check, modes ------------------------------------------------------------
