@@ -22,7 +22,12 @@ def affine_quantized(model_dir: Path, bits: int, group_size: int = 64, class_pre
     stored in fp16. Returns (model, projection bpw, whole-model bpw); the model computes in fp32
     (the CPU's fast type; the stored values are unchanged)."""
     model, _, _ = load_model(model_dir)
-    model.set_dtype(mx.float16)
+    # Only the layers being quantized go through fp16 (their scales and biases are then fp16);
+    # every other parameter keeps the checkpoint's precision, as on our side.
+    chosen = class_predicate or (lambda _path, m: hasattr(m, "to_quantized"))
+    for path, module in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
+        if chosen(path, module):
+            module.set_dtype(mx.float16)
     nn.quantize(model, group_size=group_size, bits=bits, class_predicate=class_predicate)
     stored = proj_bits = proj_weights = total_weights = 0
     for _, m in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
