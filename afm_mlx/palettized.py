@@ -8,7 +8,7 @@ input dimension (``packed``: uint8, see ``afm_mlx.packing``). ``axis=0`` groups 
 Forward is ``x @ W.T`` (+ bias) with W's exact fp16 LUT values and the product in ``compute_dtype``
 (float32 by default: the CPU backend's fast matmul type). Small batches (decode) run on the
 device's LUT-matmul kernel straight from the packed indices (``afm_mlx.lut_kernels``: the CPU
-extension, or Metal); larger ones dequantize the layer and run a GEMM. ``cache_dense_weight()``
+extension, or the Metal/CUDA kernel); larger ones dequantize the layer and run a GEMM. ``cache_dense_weight()``
 keeps a dense copy instead, for speed where no kernel exists (never saved: not a parameter).
 """
 
