@@ -21,12 +21,9 @@ import numpy as np
 
 from afm_mlx.cli import UserError
 from afm_mlx.lora import DEFAULT_KEYS
-from afm_mlx.model import SUPPORTED_MODEL_TYPES
+from afm_mlx.model import validate_config
 from afm_mlx.packing import pack_indices
 
-# Architectures whose mlx-lm classes share the layout converted here: pre-norm decoder blocks with
-# q/k/v/o projections (optional per-head q/k RMSNorm) and a SwiGLU MLP.
-CONVERTIBLE_MODEL_TYPES = SUPPORTED_MODEL_TYPES
 PROJECTIONS = DEFAULT_KEYS  # every attention and FFN projection, as the adapters target
 FP16_MAX = float(np.finfo(np.float16).max)
 # Largest LM-head chunk: ANE tensors are limited to 16384 along a dimension.
@@ -168,13 +165,10 @@ class LoraWeights:
 
 
 def check_convertible(config: dict[str, Any], source: str) -> None:
-    """Refuse architectures the converters do not handle, before any weights are read."""
-    model_type = config.get("model_type")
-    if model_type not in CONVERTIBLE_MODEL_TYPES:
-        raise UserError(
-            f"{source}: model_type {model_type!r} cannot be converted "
-            f"(supported: {', '.join(CONVERTIBLE_MODEL_TYPES)})"
-        )
+    """Refuse architectures the converters do not handle, before any weights are read: the
+    families afm_mlx loads (all pre-norm decoders with q/k/v/o projections and a SwiGLU MLP, the
+    layout lowered here), with the SiLU gate."""
+    validate_config(config, source)
     if config.get("hidden_act", "silu") != "silu":
         raise UserError(f"{source}: hidden_act {config['hidden_act']!r} is not supported (silu)")
 
