@@ -19,7 +19,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from afm_mlx.checkpoint import OPTIMIZER_FILE, STATE_FILE, write_checkpoint
-from afm_mlx.cli import UserError
+from afm_mlx.engine import RUN_FILE, OptimConfig, Trainer, build_optimizer, check_run_dir, run_loop
+from afm_mlx.errors import UserError
 from afm_mlx.fileio import atomic_write_json, load_safetensors, read_json
 from afm_mlx.lora import (
     DEFAULT_KEYS,
@@ -31,7 +32,6 @@ from afm_mlx.lora import (
     save_adapter,
     set_adapter_weights,
 )
-from afm_mlx.train import RUN_FILE, OptimConfig, Trainer, build_optimizer, check_run_dir, run_loop
 
 
 @dataclass
@@ -90,7 +90,7 @@ class AdapterTrainConfig(OptimConfig):
 def prepare_run(cfg: AdapterTrainConfig) -> tuple[Path, Path | None]:
     """Validate options and the run folder (writing nothing): (folder, checkpoint to resume)."""
     cfg.validate()
-    return check_run_dir(cfg)  # same rules as afm_mlx.train: never clobber another run
+    return check_run_dir(cfg)  # same rules as every training stage: never clobber another run
 
 
 def save_adapter_checkpoint(

@@ -1,13 +1,16 @@
 """Resumable training checkpoints: model (HF layout), optimizer state, step and data position.
 
 A checkpoint is a folder ``checkpoints/step-NNNNNNN`` written under a temporary name and renamed
-into place when complete; ``checkpoints/latest`` (itself replaced atomically) names the newest.
-A process killed at any moment leaves the previous checkpoint intact and loadable.
+into place when complete, so every ``step-*`` folder is a complete checkpoint and the newest one is
+where a run resumes. ``checkpoints/latest`` (replaced atomically) names it for people and tools;
+it is never trusted as a path. A process killed at any moment leaves the previous checkpoint
+intact and loadable.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -18,11 +21,18 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
-from afm_mlx.cli import UserError
-from afm_mlx.fileio import atomic_save_safetensors, atomic_write_json, atomic_write_text, read_json
+from afm_mlx.errors import UserError
+from afm_mlx.fileio import (
+    atomic_save_safetensors,
+    atomic_write_json,
+    atomic_write_text,
+    exchange_paths,
+    read_json,
+)
 from afm_mlx.model import load_model, save_model
 
 STATE_FILE = "trainer_state.json"
+STEP_DIR = re.compile(r"step-\d{7}")
 OPTIMIZER_FILE = "optimizer.safetensors"
 
 
@@ -51,8 +61,17 @@ def write_checkpoint(
     atomic_save_safetensors(tmp / OPTIMIZER_FILE, dict(tree_flatten(optimizer.state)))
     atomic_write_json(tmp / STATE_FILE, {**state, "step": step})
     if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+        # A step written twice (rare: the newest checkpoint is where a run resumes): swap the new
+        # folder in, in one step where the OS can, so that a complete step-N exists throughout.
+        if exchange_paths(tmp, final):
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            old = root / f".tmp-{os.getpid()}-old-{final.name}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
     atomic_write_text(root / "latest", final.name + "\n")
     _prune(root, keep, final.name)
     return final
@@ -80,7 +99,7 @@ def save_checkpoint(
 
 
 def _prune(root: Path, keep: int, newest: str) -> None:
-    steps = sorted(p for p in root.glob("step-*") if p.is_dir())
+    steps = sorted(p for p in root.iterdir() if STEP_DIR.fullmatch(p.name) and p.is_dir())
     for old in steps[:-keep] if keep > 0 else []:
         if old.name != newest:
             shutil.rmtree(old, ignore_errors=True)
@@ -89,13 +108,21 @@ def _prune(root: Path, keep: int, newest: str) -> None:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run, or None."""
+    """The newest complete checkpoint of a run, or None.
+
+    Found by listing ``step-NNNNNNN`` folders (each renamed into place only when complete), not by
+    following ``latest``: a kill between the rename and the pointer update, or a pointer edited to
+    name something else (``../..``), cannot send a resume to the wrong place.
+    """
     root = checkpoint_root(run_dir)
-    pointer = root / "latest"
-    if not pointer.is_file():
+    if not root.is_dir():
         return None
-    path = root / pointer.read_text().strip()
-    return path if (path / STATE_FILE).is_file() else None
+    steps = sorted(
+        p
+        for p in root.iterdir()
+        if STEP_DIR.fullmatch(p.name) and p.is_dir() and (p / STATE_FILE).is_file()
+    )
+    return steps[-1] if steps else None
 
 
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any], dict[str, Any], dict]:

@@ -19,11 +19,11 @@ from typing import Any, TypeVar
 
 import yaml
 
+from afm_mlx.errors import UserError
+
+__all__ = ["UserError", "build_parser", "parse_config", "run_main", "stage_main"]
+
 T = TypeVar("T")
-
-
-class UserError(Exception):
-    """An error the user caused and can fix: reported as one line, never a traceback."""
 
 
 def _flag(name: str) -> str:
@@ -55,6 +55,9 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
             kwargs["action"] = argparse.BooleanOptionalAction
             kwargs["help"] = f"{help_text} (default: {default})"
         elif typing.get_origin(tp) is list:
+            # Repeating a list flag adds to it (``--adapter a --adapter b`` is both), as
+            # ``--adapter a b`` does.
+            kwargs["action"] = "extend"
             kwargs["nargs"] = "+"
             kwargs["type"] = typing.get_args(tp)[0]
             kwargs["help"] = f"{help_text} (default: {default})"
@@ -124,12 +127,15 @@ def stage_main(
     argv: list[str] | None = None,
     fast_blas: bool = True,
 ) -> None:
-    """``python -m afm_mlx.<stage>``: re-exec with the fast BLAS (Linux) when ``fast_blas``, parse
+    """``python -m afm_mlx.<stage>`` (``prog``) and its console script: re-exec with the fast BLAS
+    (Linux) when ``fast_blas``, parse
     ``cls`` from the flags / ``--config`` (description: the first line of ``doc``), then
     ``run(config)``; bad input is one line and exit status 2."""
     if fast_blas:
         from afm_mlx import runtime
 
-        runtime.ensure_fast_blas(argv)
+        # The module to re-run is named explicitly: a console script (``afm-train``) has no
+        # ``python -m`` spec to recover it from.
+        runtime.ensure_fast_blas(argv, module=prog.removeprefix("python -m ").split()[0])
     description = (doc or prog).strip().splitlines()[0]
     run_main(lambda: run(parse_config(cls, argv, prog, description)))

@@ -11,52 +11,25 @@ import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
 from afm_mlx import lut_kernels
-from afm_mlx.cli import UserError, stage_main
-from afm_mlx.data import PackedDataset, build_token_cache, eval_batches, split_train_valid
-from afm_mlx.task_data import decode_masked, task_datasets
-
-
-def token_nll(model: nn.Module, batches: Iterable[np.ndarray]) -> tuple[float, int]:
-    """(summed next-token NLL, number of target tokens) over windows of ``seq_len + 1`` tokens.
-
-    Windows may carry a loss mask (``afm_mlx.task_data.encode_masked``); plain token windows count
-    every token.
-    """
-    total, count = 0.0, 0
-    for b in batches:
-        ids, mask = decode_masked(mx.array(b))
-        logits = model(ids[:, :-1]).astype(mx.float32)
-        nll = nn.losses.cross_entropy(logits, ids[:, 1:]) * mask[:, 1:]
-        total += nll.sum().item()
-        count += int(mask[:, 1:].sum().item())
-    return total, count
+from afm_mlx.cli import stage_main
+from afm_mlx.data import corpus_splits, eval_batches
+from afm_mlx.errors import UserError
+from afm_mlx.losses import nll_sum
+from afm_mlx.model import load_base, resolve_model_path
+from afm_mlx.task_data import task_datasets
 
 
 def perplexity(model: nn.Module, batches: Iterable[np.ndarray]) -> float:
     """exp(mean NLL per target token)."""
-    total, count = token_nll(model, batches)
+    total, count = nll_sum(model, batches)
     if count == 0:
         raise UserError("no target tokens to evaluate")
     return math.exp(min(total / count, 50.0))
-
-
-def corpus_splits(
-    data: str, tokenizer_dir: str | Path, seq_len: int, valid_fraction: float, seed: int
-) -> tuple[PackedDataset, PackedDataset]:
-    """(train, held-out) packed windows of a corpus, split exactly as ``afm_mlx.train`` splits."""
-    cache = build_token_cache(data, tokenizer_dir)
-    train_tokens, valid_tokens = split_train_valid(cache, valid_fraction, seed)
-    return (
-        PackedDataset(train_tokens, seq_len, f"--data {data}"),
-        PackedDataset(valid_tokens, seq_len, "validation split"),
-    )
 
 
 @dataclass
@@ -98,7 +71,7 @@ class EvaluateConfig:
 
 def evaluate(cfg: EvaluateConfig) -> list[dict]:
     """Perplexity rows: the base (unless skipped) and each adapter."""
-    from afm_mlx.lora import AdapterCache, load_base, read_adapter
+    from afm_mlx.lora import AdapterCache, read_adapter
 
     cfg.validate()
     lut_kernels.apply_flag(cfg.lut_kernel)
@@ -107,14 +80,17 @@ def evaluate(cfg: EvaluateConfig) -> list[dict]:
     if cfg.data.endswith(".jsonl"):
         data, _ = task_datasets(cfg.data, tokenizer, cfg.seq_len, 0.0, cfg.seed)
     else:
-        _, data = corpus_splits(cfg.data, cfg.model, cfg.seq_len, cfg.valid_fraction, cfg.seed)
+        # The corpus is tokenized with the model's own tokenizer files: a hub repo id is resolved
+        # to its local snapshot first.
+        tokenizer_dir = resolve_model_path(cfg.model)
+        _, data = corpus_splits(cfg.data, tokenizer_dir, cfg.seq_len, cfg.valid_fraction, cfg.seed)
     if len(data) == 0:
         raise UserError(f"--data {cfg.data}: nothing to evaluate at --seq-len {cfg.seq_len}")
     cache = AdapterCache(model)
     rows = []
     for name, adapter in [(None, None)] * (not cfg.skip_base) + [(a.path, a) for a in adapters]:
         cache.activate(adapter)
-        total, count = token_nll(model, eval_batches(data, cfg.batch_size, cfg.max_batches))
+        total, count = nll_sum(model, eval_batches(data, cfg.batch_size, cfg.max_batches))
         rows.append(
             {
                 "adapter": str(name) if name else None,

@@ -13,18 +13,20 @@ from dataclasses import dataclass, field
 
 from afm_mlx import runtime
 from afm_mlx.adapter_training import AdapterTrainConfig, prepare_run, train_adapter
-from afm_mlx.cli import UserError, stage_main
-from afm_mlx.evaluate import corpus_splits
+from afm_mlx.cli import stage_main
+from afm_mlx.data import corpus_splits
+from afm_mlx.engine import locked_run
+from afm_mlx.errors import UserError
 from afm_mlx.lora import (
     DEFAULT_KEYS,
     Adapter,
     LoRASettings,
     check_base_fingerprint,
-    load_base,
     read_adapter,
 )
-from afm_mlx.model import model_fingerprint, resolve_model_path
-from afm_mlx.task_data import masked_cross_entropy, task_datasets
+from afm_mlx.losses import masked_nll
+from afm_mlx.model import load_base, model_fingerprint, resolve_model_path
+from afm_mlx.task_data import task_datasets
 
 
 @dataclass
@@ -85,6 +87,11 @@ def task_settings(cfg: FinetuneConfig, init: Adapter | None) -> LoRASettings:
 
 def finetune(cfg: FinetuneConfig, on_step=None) -> dict:
     """Train (or resume) the task adapter in ``cfg.out``; returns the training summary."""
+    with locked_run(cfg):
+        return _finetune(cfg, on_step)
+
+
+def _finetune(cfg: FinetuneConfig, on_step=None) -> dict:
     out, ckpt = prepare_run(cfg)
     init = None if cfg.init_adapter.lower() == "none" else read_adapter(cfg.init_adapter)
     settings = task_settings(cfg, init)
@@ -109,7 +116,7 @@ def finetune(cfg: FinetuneConfig, on_step=None) -> dict:
         ckpt,
         model,
         fingerprint,
-        masked_cross_entropy,
+        masked_nll,
         train_data,
         valid_data,
         init_adapter=init,

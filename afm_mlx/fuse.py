@@ -16,11 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from afm_mlx.cli import UserError, stage_main
-from afm_mlx.data import eval_batches
-from afm_mlx.evaluate import corpus_splits, token_nll
-from afm_mlx.lora import fuse_lora, is_lossless_base, load_adapter, load_base, lora_layers
-from afm_mlx.model import resolve_model_path, save_model
+from afm_mlx.cli import stage_main
+from afm_mlx.data import corpus_splits, eval_batches
+from afm_mlx.errors import UserError
+from afm_mlx.fileio import check_new_output, output_lock, staged_dir
+from afm_mlx.lora import fuse_lora, is_lossless_base, load_adapter, lora_layers
+from afm_mlx.losses import nll_sum
+from afm_mlx.model import load_base, resolve_model_path, save_model
+from afm_mlx.palettized import recorded_palettization
 
 
 @dataclass
@@ -40,14 +43,22 @@ class FuseConfig:
         for name in ("model", "adapter", "out"):
             if not getattr(self, name):
                 raise UserError(f"--{name} is required")
-        out = Path(self.out)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise UserError(f"--out {out}: exists and is not an empty folder; choose another")
+        check_new_output(Path(self.out))
 
 
 def fuse(cfg: FuseConfig) -> dict:
-    """Fuse as configured, save to ``cfg.out``; returns the measured report."""
+    """Fuse as configured, save to ``cfg.out``; returns the measured report.
+
+    The model is written beside ``--out`` and renamed into place when complete; ``--out`` is
+    locked against a second writer meanwhile.
+    """
     cfg.validate()
+    with output_lock(cfg.out):
+        check_new_output(Path(cfg.out))  # again, now that no one else can be writing it
+        return _fuse(cfg)
+
+
+def _fuse(cfg: FuseConfig) -> dict:
     model, _, config = load_base(cfg.model)
     load_adapter(model, cfg.adapter)
     lossy = not cfg.dequantize and not all(
@@ -59,7 +70,7 @@ def fuse(cfg: FuseConfig) -> dict:
 
     def ppl() -> float:
         _, valid = corpus_splits(cfg.data, path, cfg.seq_len, 0.05, 0)
-        total, count = token_nll(model, eval_batches(valid, 8, cfg.eval_batches))
+        total, count = nll_sum(model, eval_batches(valid, 8, cfg.eval_batches))
         return math.exp(total / max(count, 1))
 
     check = lossy and cfg.eval_batches > 0
@@ -77,13 +88,15 @@ def fuse(cfg: FuseConfig) -> dict:
     )
     if check:
         report["perplexity_fused"] = ppl()
-    # The config is kept as is: layers left compressed (embedding) are found by their stored
-    # scales/LUTs when the model is loaded, so a partly dense model loads too.
-    save_model(cfg.out, model, config, path)
+    # config.json lists the layers left palettized (the embedding, and every layer when the fuse
+    # re-compressed); with --dequantize the adapted projections are dense now. Layers of an mlx-lm
+    # affine-quantized base are found by their stored scales when mlx-lm loads the model.
+    with staged_dir(cfg.out) as staged:
+        save_model(staged, model, recorded_palettization(model, config), path)
     return report
 
 
-def _fuse(cfg: FuseConfig) -> None:
+def _fuse_cli(cfg: FuseConfig) -> None:
     r = fuse(cfg)
     if r["exact"]:
         print(f"fused {r['layers']} layers exactly into {cfg.out}")
@@ -102,7 +115,7 @@ def _fuse(cfg: FuseConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    stage_main(FuseConfig, _fuse, "python -m afm_mlx.fuse", __doc__, argv)
+    stage_main(FuseConfig, _fuse_cli, "python -m afm_mlx.fuse", __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,10 @@ from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
 from afm_mlx import lut_kernels
-from afm_mlx.cli import UserError, stage_main
-from afm_mlx.lora import Adapter, AdapterCache, load_base, read_adapter
+from afm_mlx.cli import stage_main
+from afm_mlx.errors import UserError
+from afm_mlx.lora import Adapter, AdapterCache, read_adapter
+from afm_mlx.model import load_base
 from afm_mlx.palettized import DENSE_CACHE, cache_dense_weights
 
 KV_BITS = (4, 8)

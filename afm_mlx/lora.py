@@ -24,7 +24,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.lora import LoRALinear as _MlxLmLoRALinear
 
-from afm_mlx.cli import UserError
+from afm_mlx.errors import UserError
 from afm_mlx.fileio import atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
 from afm_mlx.model import model_fingerprint
 
@@ -286,15 +286,18 @@ def save_adapter(
     dtype: mx.Dtype = SAVE_DTYPE,
     **info: Any,
 ) -> Path:
-    """Write ``adapters.safetensors`` (``dtype``) + ``adapter_config.json`` atomically.
+    """Write ``adapters.safetensors`` (``dtype``) + ``adapter_config.json``, each atomically.
 
     ``fingerprint`` is the base's; ``info`` (e.g. kind, base model path, steps) is recorded too.
+    The config, which makes the folder an adapter, is removed first and written last, so a kill
+    mid-save never leaves new weights under an old config (or the reverse).
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     weights = {k: v.astype(dtype) for k, v in adapter_weights(model).items()}
     if not weights:
         raise ValueError("model carries no LoRA layers to save")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ADAPTER_CONFIG).unlink(missing_ok=True)
     atomic_save_safetensors(out / ADAPTER_WEIGHTS, weights, metadata={"format": "mlx"})
     config = {
         "fine_tune_type": "lora",
@@ -447,33 +450,6 @@ class adapters_disabled:
     def __exit__(self, *exc) -> None:
         if self.wrapped:
             self.model.update_modules(tree_unflatten(self.wrapped))
-
-
-def load_base(path_or_repo: str | Path) -> tuple[nn.Module, Any, dict[str, Any]]:
-    """(model, tokenizer, config) of a base for adapters: afm_mlx checkpoints of any kind, and
-    mlx-lm affine-quantized ones (for QLoRA comparisons)."""
-    from mlx_lm.utils import load_tokenizer
-
-    from afm_mlx.model import load_model, resolve_model_path
-
-    path = resolve_model_path(path_or_repo)
-    config = read_json(path / "config.json", "model config (config.json)")
-    try:
-        model, config, path = load_model(path)
-    except UserError:
-        # afm_mlx's loader is authoritative; an mlx-lm affine-quantized checkpoint it does not
-        # know is opened by mlx-lm itself.
-        if "quantization" not in config:
-            raise
-        from mlx_lm.utils import load_model as mlx_lm_load_model
-
-        model, config = mlx_lm_load_model(path)
-    try:
-        tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
-    except Exception as e:
-        raise UserError(f"{path}: could not load the tokenizer ({e})") from e
-    model.eval()
-    return model, tokenizer, config
 
 
 class AdapterCache:

@@ -1,15 +1,23 @@
-"""Training objectives: next-token cross-entropy, and distillation from a frozen teacher.
+"""Every loss of afm_mlx, one name each, all built on one cross-entropy (``token_nll``).
 
-AFM's distillation target is a convex mix of the true label and the teacher's top-1 prediction
-(0.9 on the teacher); the KL alternative matches the teacher's full (tempered) distribution.
+* ``token_nll(logits, targets)``: next-token negative log-likelihood per position;
+* ``masked_nll(model, inputs, targets)``: the training loss, mean over target tokens (windows may
+  carry a loss mask, ``afm_mlx.task_data.encode_masked``; plain token windows count every token);
+* ``nll_sum(model, batches)``: (summed NLL, target tokens) for held-out evaluation;
+* ``make_loss(teacher, ...)``: ``masked_nll``, or distillation from a frozen teacher. AFM's
+  distillation target is a convex mix of the true label and the teacher's top-1 prediction (0.9 on
+  the teacher); the KL alternative matches the teacher's full (tempered) distribution.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
+
+from afm_mlx.task_data import decode_masked
 
 
 @mx.custom_function
@@ -43,8 +51,26 @@ def token_nll(logits: mx.array, targets: mx.array) -> mx.array:
     return _softmax_nll(logits, targets)[0]
 
 
-def _token_logprob(logits: mx.array, lse: mx.array, ids: mx.array) -> mx.array:
-    return mx.take_along_axis(logits, ids[..., None], axis=-1)[..., 0] - lse
+def masked_nll(model: nn.Module, inputs: mx.array, targets: mx.array) -> mx.array:
+    """Mean next-token loss over target tokens (inputs/targets as ``encode_masked`` stores them;
+    for plain token windows that is every token)."""
+    inputs, _ = decode_masked(inputs)
+    targets, mask = decode_masked(targets)
+    loss = token_nll(model(inputs).astype(mx.float32), targets) * mask
+    return loss.sum() / mx.maximum(mask.sum(), 1)
+
+
+def nll_sum(model: nn.Module, batches: Iterable[np.ndarray]) -> tuple[float, int]:
+    """(summed next-token NLL, number of target tokens) over windows of ``seq_len + 1`` tokens
+    (with or without a loss mask, as ``masked_nll``)."""
+    total, count = 0.0, 0
+    for b in batches:
+        ids, mask = decode_masked(mx.array(b))
+        targets = mask[:, 1:]
+        nll = token_nll(model(ids[:, :-1]).astype(mx.float32), ids[:, 1:]) * targets
+        total += nll.sum().item()
+        count += int(targets.sum().item())
+    return total, count
 
 
 def make_loss(
@@ -55,20 +81,15 @@ def make_loss(
 ) -> Callable[[nn.Module, mx.array, mx.array], mx.array]:
     """``loss(model, inputs, targets)`` -> mean loss per token, for ``nn.value_and_grad``."""
 
-    def cross_entropy(model: nn.Module, inputs: mx.array, targets: mx.array) -> mx.array:
-        return mx.mean(token_nll(model(inputs).astype(mx.float32), targets))
-
     if teacher is None:
-        return cross_entropy
+        return masked_nll
 
     def distill(model: nn.Module, inputs: mx.array, targets: mx.array) -> mx.array:
         logits = model(inputs).astype(mx.float32)
         teacher_logits = mx.stop_gradient(teacher(inputs).astype(mx.float32))
-        lse = mx.logsumexp(logits, axis=-1)
-        label_nll = -_token_logprob(logits, lse, targets)
+        label_nll = token_nll(logits, targets)
         if mode == "top1":
-            top1 = mx.argmax(teacher_logits, axis=-1)
-            teacher_nll = -_token_logprob(logits, lse, top1)
+            teacher_nll = token_nll(logits, mx.argmax(teacher_logits, axis=-1))
         else:
             t = temperature
             p_teacher = mx.softmax(teacher_logits / t, axis=-1)

@@ -36,7 +36,7 @@ from contextlib import contextmanager
 
 import mlx.core as mx
 
-from afm_mlx.cli import UserError
+from afm_mlx.errors import UserError
 from afm_mlx.kmeans import lut_to_dense
 from afm_mlx.packing import pack_indices, unpack_indices
 

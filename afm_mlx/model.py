@@ -21,7 +21,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path
 from mlx_lm.utils import _get_classes
 
-from afm_mlx.cli import UserError
+from afm_mlx.errors import UserError
 from afm_mlx.fileio import (
     atomic_copy,
     atomic_save_safetensors,
@@ -282,9 +282,16 @@ def save_model(
     tokenizer_dir: str | Path | None = None,
     max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> Path:
-    """Write ``config.json`` + safetensors (+ index when sharded) + tokenizer files, atomically."""
+    """Write safetensors (+ index when sharded) + tokenizer files + ``config.json``, each atomically.
+
+    ``config.json`` is what makes a folder a model (``load_model`` refuses one without it), so it
+    is removed first when the folder held a model and written last: a process killed mid-save
+    leaves a folder that is refused, never one that mixes old and new weights. Stages that write
+    a new model folder build it beside the target and rename it (``afm_mlx.fileio.staged_dir``).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").unlink(missing_ok=True)
     weights = dict(tree_flatten(model.parameters()))
     shards: list[dict[str, mx.array]] = [{}]
     size = 0
@@ -302,7 +309,7 @@ def save_model(
         else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     )
     # Remove stale weights from an earlier save with a different sharding.
-    for old in weight_files(out) if (out / "config.json").exists() else []:
+    for old in weight_files(out):
         if old.name not in names:
             old.unlink(missing_ok=True)
     for shard, name in zip(shards, names):
@@ -318,12 +325,12 @@ def save_model(
     dtype = max(set(floats), key=floats.count) if floats else mx.float32
     saved = copy.deepcopy(config)
     saved["torch_dtype"] = str(dtype).split(".")[-1]
-    atomic_write_json(out / "config.json", saved)
     if tokenizer_dir is not None and Path(tokenizer_dir).resolve() != out.resolve():
         for name in TOKENIZER_FILES:
             src = Path(tokenizer_dir) / name
             if src.is_file():
                 atomic_copy(src, out / name)
+    atomic_write_json(out / "config.json", saved)  # last: the folder is a model from here on
     return out
 
 
@@ -340,3 +347,28 @@ def load(path_or_repo: str | Path, lazy: bool = False):
     except Exception as e:
         raise UserError(f"{path}: could not load the tokenizer ({e})") from e
     return model, tokenizer
+
+
+def load_base(path_or_repo: str | Path) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """(model, tokenizer, config) of a base for adapters: afm_mlx checkpoints of any kind, and
+    mlx-lm affine-quantized ones (for QLoRA comparisons)."""
+    from mlx_lm.utils import load_tokenizer
+
+    path = resolve_model_path(path_or_repo)
+    config = read_json(path / "config.json", "model config (config.json)")
+    try:
+        model, config, path = load_model(path)
+    except UserError:
+        # afm_mlx's loader is authoritative; an mlx-lm affine-quantized checkpoint it does not
+        # know is opened by mlx-lm itself.
+        if "quantization" not in config:
+            raise
+        from mlx_lm.utils import load_model as mlx_lm_load_model
+
+        model, config = mlx_lm_load_model(path)
+    try:
+        tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    except Exception as e:
+        raise UserError(f"{path}: could not load the tokenizer ({e})") from e
+    model.eval()
+    return model, tokenizer, config

@@ -21,8 +21,10 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from afm_mlx.cli import UserError, stage_main
+from afm_mlx.cli import stage_main
 from afm_mlx.data import PackedDataset, build_token_cache, split_train_valid
+from afm_mlx.errors import UserError
+from afm_mlx.fileio import check_new_output, output_lock, staged_dir
 from afm_mlx.kmeans import SUPPORTED_BITS, check_palettization_settings
 from afm_mlx.losses import token_nll
 from afm_mlx.model import load_model, save_model
@@ -294,13 +296,22 @@ def allocate_bits(
 
 
 def palettize(cfg: PalettizeConfig) -> dict[str, Any]:
-    """Palettize ``cfg.model`` into ``cfg.out``; returns a summary (per-layer table and totals)."""
-    from tqdm import tqdm
+    """Palettize ``cfg.model`` into ``cfg.out``; returns a summary (per-layer table and totals).
 
+    The model is written beside ``--out`` and renamed into place when complete (a kill leaves no
+    half-written model), and ``--out`` is locked against a second writer meanwhile.
+    """
     cfg.validate()
     out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"--out {out}: folder is not empty; choose another")
+    check_new_output(out)
+    with output_lock(out):
+        check_new_output(out)  # again: another process may have finished it meanwhile
+        return _palettize(cfg, out)
+
+
+def _palettize(cfg: PalettizeConfig, out: Path) -> dict[str, Any]:
+    from tqdm import tqdm
+
     start = time.perf_counter()
     model, config, model_dir = load_model(cfg.model)
     paths = linear_paths(model)
@@ -367,8 +378,8 @@ def palettize(cfg: PalettizeConfig) -> dict[str, Any]:
         "target_bpw": cfg.target_bpw,
         "layers": chosen,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    save_model(out, model, new_config, model_dir)
+    with staged_dir(out) as staged:
+        save_model(staged, model, new_config, model_dir)
     bpw = bits_per_weight(model)
     size = sum(f.stat().st_size for f in out.glob("model*.safetensors"))
     proj_bits = sum(layer_storage_bits(shapes[p], bits[p], cfg.group_size, cfg.axis) for p in paths)

@@ -22,7 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from afm_mlx.cli import UserError
+from afm_mlx.errors import UserError
 from afm_mlx.kmeans import check_palettization_settings, kmeans_lut, lut_to_dense
 from afm_mlx.lut_kernels import kernel_matmul, kernel_usable
 from afm_mlx.packing import pack_indices, packed_length, unpack_indices
@@ -348,6 +348,19 @@ def apply_palettization_config(model: nn.Module, config: Mapping[str, Any]) -> N
 def palettized_layers(model: nn.Module) -> list[tuple[str, _Palettized]]:
     """(path, layer) for every palettized layer in ``model`` (path "" for the model itself)."""
     return sorted((p, m) for p, m in model.named_modules() if isinstance(m, _Palettized))
+
+
+def recorded_palettization(model: nn.Module, config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` with its ``"palettization"`` entry listing exactly the layers ``model`` still
+    has palettized (dropped when none are), so the saved checkpoint loads back; e.g. after a fuse
+    with ``--dequantize`` turned the adapted projections dense."""
+    new = dict(config)
+    layers = {path: m.settings for path, m in palettized_layers(model)}
+    if layers:
+        new["palettization"] = {**dict(config.get("palettization", {})), "layers": layers}
+    else:
+        new.pop("palettization", None)
+    return new
 
 
 def bits_per_weight(model: nn.Module) -> dict[str, float]:

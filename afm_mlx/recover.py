@@ -14,13 +14,14 @@ from typing import Any
 
 from afm_mlx import runtime
 from afm_mlx.adapter_training import AdapterTrainConfig, prepare_run, train_adapter
-from afm_mlx.cli import UserError, stage_main
-from afm_mlx.data import eval_batches
-from afm_mlx.evaluate import corpus_splits, token_nll
+from afm_mlx.cli import stage_main
+from afm_mlx.data import corpus_splits, eval_batches
+from afm_mlx.engine import locked_run
+from afm_mlx.errors import UserError
 from afm_mlx.fileio import atomic_write_json
-from afm_mlx.lora import adapters_disabled, load_base
-from afm_mlx.losses import make_loss
-from afm_mlx.model import model_fingerprint, resolve_model_path
+from afm_mlx.lora import adapters_disabled
+from afm_mlx.losses import make_loss, nll_sum
+from afm_mlx.model import load_base, model_fingerprint, resolve_model_path
 
 
 @dataclass
@@ -51,6 +52,11 @@ def gap_closed(fp: float, compressed: float, recovered: float) -> float:
 
 def recover(cfg: RecoverConfig, on_step=None) -> dict[str, Any]:
     """Train (or resume) the recovery adapter in ``cfg.out``; returns the perplexity report."""
+    with locked_run(cfg):
+        return _recover(cfg, on_step)
+
+
+def _recover(cfg: RecoverConfig, on_step=None) -> dict[str, Any]:
     out, ckpt = prepare_run(cfg)
     # Every input is loaded and checked before the run folder is touched.
     model, _, config = load_base(cfg.model)
@@ -83,7 +89,7 @@ def recover(cfg: RecoverConfig, on_step=None) -> dict[str, Any]:
     )
 
     def ppl(m) -> float:
-        total, count = token_nll(m, eval_batches(valid_data, cfg.batch_size, cfg.eval_batches))
+        total, count = nll_sum(m, eval_batches(valid_data, cfg.batch_size, cfg.eval_batches))
         return math.exp(total / count)
 
     report = {"teacher": ppl(teacher), "adapter": ppl(model)}

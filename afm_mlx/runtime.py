@@ -64,11 +64,12 @@ def preload_openblas() -> bool:
     return True
 
 
-def ensure_fast_blas(argv: list[str] | None = None) -> None:
+def ensure_fast_blas(argv: list[str] | None = None, module: str | None = None) -> None:
     """On Linux, re-run this process once with OpenBLAS preloaded, or print a one-time hint.
 
     Called at the top of each CLI ``main()``. ``argv`` is the module's own argument list; the
-    process is re-executed as ``python -m <module> argv`` so that ``python -m`` entry points work.
+    process is re-executed as ``python -m <module> argv``: ``module`` when given (console scripts
+    such as ``afm-train`` have no ``python -m`` spec), else the ``__main__`` module's spec.
     """
     global _hint_shown
     if not sys.platform.startswith("linux") or openblas_active():
@@ -77,14 +78,15 @@ def ensure_fast_blas(argv: list[str] | None = None) -> None:
     if lib and not os.environ.get(_REEXEC_FLAG):
         main_mod = sys.modules.get("__main__")
         spec = getattr(main_mod, "__spec__", None)
-        if spec is not None and spec.name:
+        name = module or (spec.name if spec is not None else None)
+        if name:
             env = dict(os.environ)
             env[_REEXEC_FLAG] = "1"
             env["LD_PRELOAD"] = ":".join(filter(None, [lib, env.get("LD_PRELOAD", "")]))
             args = sys.argv[1:] if argv is None else argv
             sys.stdout.flush()
             sys.stderr.flush()
-            os.execve(sys.executable, [sys.executable, "-m", spec.name, *args], env)
+            os.execve(sys.executable, [sys.executable, "-m", name, *args], env)
     if not _hint_shown:
         _hint_shown = True
         print(
@@ -129,7 +131,7 @@ def backend_report(gflops: float | None = None) -> str:
 def main(argv: list[str] | None = None) -> None:
     """``python -m afm_mlx.runtime``: print the backend, the BLAS in use and its speed, and the
     path palettized layers take (the LUT kernel, or dequantize + matmul and why)."""
-    ensure_fast_blas(argv)
+    ensure_fast_blas(argv, module="afm_mlx.runtime")
     from afm_mlx.lut_kernels import describe
 
     print(backend_report())

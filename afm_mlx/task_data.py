@@ -13,7 +13,7 @@ Each line of a ``.jsonl`` file is one of:
 
 Token ids and their loss mask travel together in one int32 array (``encode_masked``): a token
 that is not a target is stored as ``-(id + 1)``. That keeps the trainer's ``(inputs, targets)``
-step unchanged; the loss (``masked_cross_entropy``) decodes both.
+step unchanged; the loss (``afm_mlx.losses.masked_nll``) decodes both.
 """
 
 from __future__ import annotations
@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 
-from afm_mlx.cli import UserError
 from afm_mlx.data import iter_jsonl
+from afm_mlx.errors import UserError
 
 ROLES = ("system", "user", "assistant")
 BUILTIN_HEADERS = {
@@ -140,15 +139,6 @@ def decode_masked(x: mx.array) -> tuple[mx.array, mx.array]:
     """Inverse of ``encode_masked`` (works on numpy-encoded windows): (ids, target mask)."""
     mask = x >= 0
     return mx.where(mask, x, -x - 1), mask
-
-
-def masked_cross_entropy(model: nn.Module, inputs: mx.array, targets: mx.array) -> mx.array:
-    """Mean next-token loss over target tokens only (inputs/targets as ``encode_masked``)."""
-    inputs, _ = decode_masked(inputs)
-    targets, mask = decode_masked(targets)
-    logits = model(inputs).astype(mx.float32)
-    loss = nn.losses.cross_entropy(logits, targets) * mask
-    return loss.sum() / mx.maximum(mask.sum(), 1)
 
 
 class MaskedDataset:

@@ -10,7 +10,6 @@ CLI: ``python -m afm_mlx.tokenizer --data CORPUS --out DIR [--vocab-size 8192]``
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +17,17 @@ from pathlib import Path
 import sentencepiece as spm
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-from afm_mlx.cli import UserError, stage_main
-from afm_mlx.fileio import atomic_write_json, atomic_write_text
+from afm_mlx.cli import stage_main
+from afm_mlx.errors import UserError
+from afm_mlx.fileio import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    check_new_output,
+    output_lock,
+    read_json,
+    staged_dir,
+)
 
 SPECIAL_TOKENS = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}
 SPECIAL_IDS = {"unk": 0, "bos": 1, "eos": 2, "pad": 3}
@@ -111,9 +119,7 @@ def save_tokenizer(model_proto: bytes, out_dir: str | Path, model_max_length: in
     """Write tokenizer.model, tokenizer.json and tokenizer_config.json into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".tmp-tokenizer.model"
-    tmp.write_bytes(model_proto)
-    tmp.replace(out / "tokenizer.model")
+    atomic_write_bytes(out / "tokenizer.model", model_proto)
     atomic_write_text(
         out / "tokenizer.json", _hf_tokenizer_from_sentencepiece(model_proto).to_str()
     )
@@ -143,9 +149,15 @@ class TextTokenizer:
             raise UserError(
                 f"{tokenizer_dir}: no tokenizer.json (train one with afm_mlx.tokenizer)"
             )
-        self.tokenizer = Tokenizer.from_file(str(path))
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for unparsable files
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UserError(
+                f"{path}: not a valid tokenizer file ({msg}); re-create or re-download it"
+            ) from e
         config_path = Path(tokenizer_dir) / "tokenizer_config.json"
-        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        config = read_json(config_path, "tokenizer config") if config_path.is_file() else {}
         eos = config.get("eos_token", SPECIAL_TOKENS["eos"])
         eos = eos["content"] if isinstance(eos, dict) else eos
         eos_id = self.tokenizer.token_to_id(eos)
@@ -172,10 +184,16 @@ class TokenizerConfig:
 
 
 def _train_tokenizer(cfg: TokenizerConfig) -> None:
-    from afm_mlx.data import read_corpus
+    from afm_mlx.data import check_corpus, iter_corpus
 
-    docs = read_corpus(cfg.data)
-    out = save_tokenizer(train_sentencepiece(docs, cfg.vocab_size), cfg.out)
+    out = Path(cfg.out)
+    check_new_output(out)
+    with output_lock(out):
+        check_new_output(out)
+        check_corpus(cfg.data)
+        model_proto = train_sentencepiece(iter_corpus(cfg.data), cfg.vocab_size)
+        with staged_dir(out) as staged:
+            save_tokenizer(model_proto, staged)
     print(f"tokenizer with {cfg.vocab_size} pieces written to {out}")
 
 

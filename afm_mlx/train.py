@@ -8,95 +8,41 @@ for every option (CLI flags and ``--config file.yaml`` are derived from it).
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-import mlx.optimizers as optim
-import numpy as np
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten
 
 from afm_mlx import runtime
-from afm_mlx.checkpoint import (
-    latest_checkpoint,
-    load_checkpoint,
-    restore_optimizer,
-    save_checkpoint,
-)
-from afm_mlx.cli import UserError, stage_main
+from afm_mlx.checkpoint import load_checkpoint, save_checkpoint
+from afm_mlx.cli import stage_main
 from afm_mlx.data import (
-    DataPosition,
     PackedDataset,
     build_token_cache,
-    eval_batches,
-    read_corpus,
+    check_corpus,
+    iter_corpus,
     split_train_valid,
-    train_batches,
 )
-from afm_mlx.evaluate import token_nll
-from afm_mlx.fileio import atomic_write_json, atomic_write_text, read_json
+from afm_mlx.engine import (
+    RUN_FILE,
+    OptimConfig,
+    Trainer,
+    build_optimizer,
+    check_run_dir,
+    locked_run,
+    run_loop,
+)
+from afm_mlx.errors import UserError
+from afm_mlx.fileio import atomic_write_json, staged_dir
 from afm_mlx.losses import make_loss
 from afm_mlx.model import PRESETS, build_model, init_weights, load_model, preset_config, save_model
-from afm_mlx.report import plot_losses, sample_text
+from afm_mlx.report import sample_text
 
-RUN_FILE = "run.json"
-# Options that may change when a run is resumed; every other option must match the original.
-RESUMABLE_CHANGES = {
-    "resume",
-    "max_steps",
-    "eval_every",
-    "save_every",
-    "eval_batches",
-    "sample_tokens",
-    "sample_prompt",
-    "log_every",
-    "keep_checkpoints",
-    "progress",
-}
-
-
-@dataclass
-class OptimConfig:
-    """Optimization, evaluation and checkpoint options of every training stage (train, recover,
-    finetune); each stage's config extends it and may change the defaults."""
-
-    max_steps: int = field(default=300, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=16, metadata={"help": "sequences per micro-batch"})
-    seq_len: int = field(default=128, metadata={"help": "tokens per sequence"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    learning_rate: float = field(default=2e-3, metadata={"help": "peak learning rate"})
-    min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr as a fraction of peak"})
-    warmup_steps: int = field(default=30, metadata={"help": "linear warmup steps"})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW decay (matrices only)"})
-    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
-    beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
-    grad_clip: float = field(default=1.0, metadata={"help": "global gradient-norm clip (0: off)"})
-    valid_fraction: float = field(default=0.05, metadata={"help": "held-out share of the data"})
-    eval_every: int = field(default=50, metadata={"help": "steps between evaluations"})
-    eval_batches: int = field(default=20, metadata={"help": "validation batches (0: all)"})
-    save_every: int = field(default=100, metadata={"help": "steps between checkpoints"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
-    log_every: int = field(default=10, metadata={"help": "steps between metric log lines"})
-    seed: int = field(default=0, metadata={"help": "seed for init and data order"})
-    resume: bool = field(default=False, metadata={"help": "continue the run in --out"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
-
-    def validate(self) -> None:
-        positive = ["max_steps", "batch_size", "seq_len", "grad_accum", "eval_every", "save_every"]
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be positive")
-        if not 0 <= self.valid_fraction < 1:
-            raise UserError("--valid-fraction must be in [0, 1)")
-        if self.learning_rate <= 0:
-            raise UserError("--learning-rate must be positive")
+__all__ = ["TrainConfig", "OptimConfig", "Trainer", "build_optimizer", "train", "main"]
 
 
 @dataclass
@@ -150,42 +96,7 @@ def _param_dtype(name: str) -> mx.Dtype:
     return getattr(mx, name)
 
 
-def check_run_dir(cfg: TrainConfig) -> tuple[Path, Path | None]:
-    """Refuse to clobber another run or foreign files; returns (run folder, checkpoint to resume).
-
-    Writes nothing, so a refused start leaves the folder exactly as it was.
-    """
-    out = Path(cfg.out)
-    run_file = out / RUN_FILE
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: exists and is not a folder")
-    if run_file.is_file():
-        previous = read_json(run_file, "run description").get("config", {})
-        current = dataclasses.asdict(cfg)
-        diffs = [
-            f"{k}: {previous.get(k)!r} -> {v!r}"
-            for k, v in current.items()
-            if k not in RESUMABLE_CHANGES and previous.get(k) != v
-        ]
-        if diffs:
-            raise UserError(f"--out {out}: holds a different run ({'; '.join(diffs)})")
-        ckpt = latest_checkpoint(out)
-        if ckpt is not None and not cfg.resume:
-            raise UserError(
-                f"--out {out}: already holds a training run (at {ckpt.name}); pass --resume to "
-                "continue it or choose another --out"
-            )
-        return out, ckpt
-    if cfg.resume:
-        raise UserError(f"--resume: {out} holds no run to resume")
-    if out.exists() and any(out.iterdir()):
-        raise UserError(
-            f"--out {out}: folder is not empty and holds no afm_mlx run; choose another"
-        )
-    return out, None
-
-
-def prepare_tokenizer(cfg: TrainConfig, out: Path, docs: list[str]) -> Path:
+def prepare_tokenizer(cfg: TrainConfig, out: Path) -> Path:
     """The tokenizer folder: --tokenizer, the --init checkpoint's, or one trained on --data."""
     from afm_mlx.tokenizer import save_tokenizer, train_sentencepiece
 
@@ -202,31 +113,10 @@ def prepare_tokenizer(cfg: TrainConfig, out: Path, docs: list[str]) -> Path:
     if not (tok_dir / "tokenizer.json").is_file():
         vocab = PRESETS[cfg.preset]["vocab_size"]
         print(f"training a {vocab}-piece SentencePiece BPE tokenizer on {cfg.data} ...", flush=True)
-        save_tokenizer(train_sentencepiece(docs, vocab), tok_dir)
+        model_proto = train_sentencepiece(iter_corpus(cfg.data), vocab)
+        with staged_dir(tok_dir, replace=True) as staged:  # replaces only a partial folder
+            save_tokenizer(model_proto, staged)
     return tok_dir
-
-
-def make_optimizer(cfg: TrainConfig) -> optim.Optimizer:
-    """AdamW, decoupled decay on matrices only (norm gains are not decayed), warmup + cosine."""
-    warmup = min(cfg.warmup_steps, cfg.max_steps)
-    decay_steps = max(1, cfg.max_steps - warmup)
-    cosine = optim.cosine_decay(
-        cfg.learning_rate, decay_steps, cfg.learning_rate * cfg.min_lr_ratio
-    )
-    if warmup > 0:
-        schedule = optim.join_schedules(
-            [optim.linear_schedule(cfg.learning_rate / warmup, cfg.learning_rate, warmup), cosine],
-            [warmup],
-        )
-    else:
-        schedule = cosine
-
-    def adamw(wd: float) -> optim.AdamW:
-        return optim.AdamW(schedule, betas=[cfg.beta1, cfg.beta2], weight_decay=wd)
-
-    return optim.MultiOptimizer(
-        [adamw(cfg.weight_decay), adamw(0.0)], [lambda path, w: w.ndim >= 2]
-    )
 
 
 def flops_per_token(model: nn.Module, seq_len: int, config: dict[str, Any]) -> float:
@@ -236,176 +126,6 @@ def flops_per_token(model: nn.Module, seq_len: int, config: dict[str, Any]) -> f
         "head_dim", config["hidden_size"] // config["num_attention_heads"]
     )
     return 6 * n + 6 * config["num_hidden_layers"] * seq_len * heads_dim
-
-
-class Trainer:
-    """Owns the model, optimizer, compiled steps and the data position of one run."""
-
-    def __init__(
-        self,
-        model: nn.Module,
-        optimizer: optim.Optimizer,
-        loss_fn: Callable,
-        grad_accum: int,
-        grad_clip: float,
-        extra_state: list | None = None,
-    ):
-        self.model = model
-        self.optimizer = optimizer
-        self.grad_accum = grad_accum
-        self.grad_clip = grad_clip
-        value_and_grad = nn.value_and_grad(model, loss_fn)
-        state = [model.state, optimizer.state, mx.random.state, *(extra_state or [])]
-
-        def update(grads):
-            if grad_clip > 0:
-                grads, norm = optim.clip_grad_norm(grads, grad_clip)
-            else:
-                norm = mx.sqrt(
-                    sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads))
-                )
-            optimizer.update(model, grads)
-            return norm
-
-        @partial(mx.compile, inputs=state, outputs=state)
-        def full_step(inputs, targets):
-            loss, grads = value_and_grad(model, inputs, targets)
-            return loss, update(grads)
-
-        @partial(mx.compile, inputs=state, outputs=state)
-        def accumulate(inputs, targets, acc):
-            loss, grads = value_and_grad(model, inputs, targets)
-            return loss, tree_map(mx.add, acc, grads)
-
-        @partial(mx.compile, inputs=state, outputs=state)
-        def apply(acc):
-            return update(tree_map(lambda g: g / grad_accum, acc))
-
-        self._full_step, self._accumulate, self._apply = full_step, accumulate, apply
-
-    def step(self, micro_batches: list[np.ndarray]) -> tuple[mx.array, mx.array]:
-        """One optimizer step over ``grad_accum`` micro-batches; returns (mean loss, grad norm)."""
-        if self.grad_accum == 1:
-            batch = mx.array(micro_batches[0])
-            return self._full_step(batch[:, :-1], batch[:, 1:])
-        acc = tree_map(mx.zeros_like, self.model.trainable_parameters())
-        total = mx.array(0.0)
-        for b in micro_batches:
-            batch = mx.array(b)
-            loss, acc = self._accumulate(batch[:, :-1], batch[:, 1:], acc)
-            total = total + loss
-        return total / len(micro_batches), self._apply(acc)
-
-
-def build_optimizer(
-    cfg: OptimConfig, model: nn.Module, opt_state: dict[str, mx.array] | None = None
-) -> optim.Optimizer:
-    """``make_optimizer`` initialized on the model's trainable parameters, restored from a
-    checkpoint's flat ``opt_state`` when resuming."""
-    optimizer = make_optimizer(cfg)
-    optimizer.init(model.trainable_parameters())
-    if opt_state is not None:
-        restore_optimizer(optimizer, opt_state)
-        optimizer.init(model.trainable_parameters())  # no-op on a restored state; keeps the tree
-    return optimizer
-
-
-def run_loop(
-    cfg: OptimConfig,
-    out: Path,
-    trainer: Trainer,
-    train_data: PackedDataset,
-    valid_data: PackedDataset,
-    state: dict[str, Any],
-    save: Callable[[int, dict[str, Any]], Any],
-    resumed: bool,
-    on_step: Callable[[int], None] | None = None,
-    extra_metrics: Callable[[float], dict[str, float]] | None = None,
-) -> dict[str, Any]:
-    """The step loop of every training stage (train, recover, finetune).
-
-    Starts after ``state["step"]`` at data position (``epoch``, ``index``); logs to
-    ``out/metrics.jsonl`` (rewritten from ``state["history"]`` on a resume, dropping lines the
-    interrupted process logged after its last checkpoint), evaluates on ``valid_data``, plots
-    ``loss.png`` and calls ``save(step, {"epoch", "index", "history"})`` at each checkpoint.
-    ``extra_metrics(tokens_per_s)`` adds fields to each log record. Returns the history and the
-    measured training tokens/s (optimizer steps only: evaluation and checkpoints excluded).
-    """
-    from tqdm import tqdm
-
-    model, optimizer = trainer.model, trainer.optimizer
-    history: list[dict] = state.get("history", [])
-    metrics_path = out / "metrics.jsonl"
-    if resumed:
-        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
-    position = DataPosition(state.get("epoch", 0), state.get("index", 0))
-    batches = train_batches(train_data, cfg.batch_size, cfg.seed, position)
-    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
-
-    def log(record: dict) -> None:
-        history.append(record)
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    start_step = state.get("step", 0)
-    bar = tqdm(
-        total=cfg.max_steps,
-        initial=start_step,
-        disable=not cfg.progress,
-        dynamic_ncols=True,
-        unit="step",
-    )
-    window_tokens, window_start, losses = 0, time.perf_counter(), []
-    train_time, train_tokens = 0.0, 0
-    for step in range(start_step + 1, cfg.max_steps + 1):
-        t0 = time.perf_counter()
-        micro = []
-        for _ in range(cfg.grad_accum):
-            batch, position = next(batches)
-            micro.append(batch)
-        loss, grad_norm = trainer.step(micro)
-        mx.eval(loss, grad_norm, model.trainable_parameters(), optimizer.state)
-        train_time += time.perf_counter() - t0
-        train_tokens += tokens_per_step
-        losses.append(loss.item())
-        window_tokens += tokens_per_step
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            tps = window_tokens / (time.perf_counter() - window_start)
-            record = {
-                "step": step,
-                "loss": float(np.mean(losses)),
-                "grad_norm": grad_norm.item(),
-                "lr": float(optimizer.learning_rate.item()),
-                "tokens_per_s": tps,
-                **(extra_metrics(tps) if extra_metrics else {}),
-            }
-            log(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tps:.0f}")
-            window_tokens, window_start, losses = 0, time.perf_counter(), []
-        if len(valid_data) and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-            model.eval()
-            total, count = token_nll(
-                model, eval_batches(valid_data, cfg.batch_size, cfg.eval_batches)
-            )
-            model.train()
-            val = total / max(count, 1)
-            log({"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50))})
-            bar.write(f"step {step}: validation loss {val:.4f}, perplexity {math.exp(val):.2f}")
-            plot_losses(history, out / "loss.png")
-            window_start = time.perf_counter()
-        if step % cfg.save_every == 0 or step == cfg.max_steps:
-            save(step, {"epoch": position.epoch, "index": position.index, "history": history})
-            window_start = time.perf_counter()
-        bar.update(1)
-        if on_step is not None:
-            on_step(step)
-    bar.close()
-    model.eval()
-    plot_losses(history, out / "loss.png")
-    return {
-        "history": history,
-        "tokens_per_s": train_tokens / train_time if train_time else float("nan"),
-    }
 
 
 def _new_model(cfg: TrainConfig, tok_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -421,10 +141,14 @@ def _new_model(cfg: TrainConfig, tok_dir: Path) -> tuple[nn.Module, dict[str, An
 
 def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Path:
     """Run (or resume) training as configured; returns the run folder. ``on_step`` sees each step."""
-    cfg.validate()
+    with locked_run(cfg):
+        return _train(cfg, on_step)
+
+
+def _train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Path:
     out, ckpt = check_run_dir(cfg)
     # Validate every input before the run folder is touched.
-    docs = read_corpus(cfg.data)
+    check_corpus(cfg.data)  # streamed: nothing of the corpus is kept in memory
     teacher = None
     if cfg.teacher:
         teacher, teacher_config, _ = load_model(cfg.teacher)
@@ -436,7 +160,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Pat
     mx.random.seed(cfg.seed)
     peak_gflops = runtime.matmul_gflops(n=1024)
     print(runtime.backend_report(peak_gflops), flush=True)
-    tok_dir = prepare_tokenizer(cfg, out, docs)
+    tok_dir = prepare_tokenizer(cfg, out)
     cache = build_token_cache(cfg.data, tok_dir)
     train_tokens, valid_tokens = split_train_valid(cache, cfg.valid_fraction, cfg.seed)
     train_data = PackedDataset(train_tokens, cfg.seq_len, f"--data {cfg.data}")
@@ -450,7 +174,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Pat
         model, model_config = init or _new_model(cfg, tok_dir)
         state = {"step": 0, "epoch": 0, "index": 0, "history": []}
     model.set_dtype(_param_dtype(cfg.dtype))
-    if int(train_tokens.max(initial=0)) >= model_config["vocab_size"]:
+    if cache.max_id >= model_config["vocab_size"]:
         raise UserError(f"--tokenizer {tok_dir}: token ids exceed the model's vocab_size")
     if teacher is not None and teacher_config["vocab_size"] != model_config["vocab_size"]:
         raise UserError(

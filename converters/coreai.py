@@ -18,13 +18,13 @@ tight and fast (the Linux interpreter's fp16 path is slow and accumulates in fp1
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from afm_mlx.cli import UserError
+from afm_mlx.errors import UserError
+from converters.coreai_run import require_coreai
 from converters.export import (
     ConvertResult,
     ExportConfig,
@@ -34,7 +34,6 @@ from converters.export import (
 )
 
 PROG = "python -m converters.coreai"
-COREAI_VERSION = "1.0.0b3"  # pinned in pyproject.toml: the authoring API is a beta ("in flux")
 COMPUTE_DTYPE_CHOICES = ("float16", "float32")
 
 
@@ -48,25 +47,6 @@ class CoreAIConfig(ExportConfig):
             "choices": list(COMPUTE_DTYPE_CHOICES),
         },
     )
-
-
-def require_coreai() -> None:
-    """Import ``coreai`` (authoring first, then the dialect: the other order is circular), or
-    explain in one line why it cannot be used here."""
-    if sys.version_info < (3, 11):
-        major, minor = sys.version_info[:2]
-        raise UserError(
-            f"Core AI export needs Python >= 3.11 (coreai-core {COREAI_VERSION} has no wheels for "
-            f"Python {major}.{minor}); run it with a newer Python"
-        )
-    try:
-        import coreai.authoring  # noqa: F401
-        from coreai._compiler.dialects import coreai as _  # noqa: F401
-    except ImportError as e:
-        raise UserError(
-            f"Core AI export needs coreai-core ({e}); install it: "
-            f"pip install 'coreai-core=={COREAI_VERSION}'"
-        ) from e
 
 
 def _write_asset(

@@ -12,7 +12,7 @@ arguments (``k_cache_i``, ``v_cache_i``), reads them with ``read_handle`` and wr
 rows back with ``write_handle``, chaining tokens; the caller owns the buffers, so ``prefill`` then
 ``decode`` calls on the same arrays continue one sequence.
 
-Import this module only after ``converters.coreai.require_coreai()``: ``coreai.authoring`` must be
+Import this module only after ``converters.coreai_run.require_coreai()``: ``coreai.authoring`` must be
 imported before the dialect module (the other order is a circular import).
 """
 

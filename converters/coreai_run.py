@@ -15,13 +15,34 @@ runtime is async; this wraps it in a private event loop so callers stay synchron
 from __future__ import annotations
 
 import asyncio
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from afm_mlx.cli import UserError
-from converters.coreai import require_coreai
+from afm_mlx.errors import UserError
+
+COREAI_VERSION = "1.0.0b3"  # pinned in pyproject.toml: the authoring API is a beta ("in flux")
+
+
+def require_coreai() -> None:
+    """Import ``coreai`` (authoring first, then the dialect: the other order is circular), or
+    explain in one line why it cannot be used here."""
+    if sys.version_info < (3, 11):
+        major, minor = sys.version_info[:2]
+        raise UserError(
+            f"Core AI export needs Python >= 3.11 (coreai-core {COREAI_VERSION} has no wheels for "
+            f"Python {major}.{minor}); run it with a newer Python"
+        )
+    try:
+        import coreai.authoring  # noqa: F401
+        from coreai._compiler.dialects import coreai as _  # noqa: F401
+    except ImportError as e:
+        raise UserError(
+            f"Core AI export needs coreai-core ({e}); install it: "
+            f"pip install 'coreai-core=={COREAI_VERSION}'"
+        ) from e
 
 
 def asset_metadata(asset: Any) -> dict[str, Any]:

@@ -6,18 +6,15 @@ the plan, the list of functions, the metadata, and writing the output atomically
 
 from __future__ import annotations
 
-import os
-import shutil
-import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from afm_mlx.cli import UserError, parse_config, run_main
+from afm_mlx.cli import parse_config, run_main
+from afm_mlx.errors import UserError
+from afm_mlx.fileio import output_lock, staged_dir
 from converters.plan import (
     DEFAULT_HEAD_CHUNK,
     LoraWeights,
@@ -100,24 +97,6 @@ class ModelPlan:
         }
 
 
-def merge_repeated_adapter_flags(argv: list[str]) -> list[str]:
-    """``--adapter a=x --adapter b=y`` means both (argparse alone would keep only the last)."""
-    values, rest, i = [], [], 0
-    while i < len(argv):
-        if argv[i] == "--adapter":
-            i += 1
-            while i < len(argv) and not argv[i].startswith("--"):
-                values.append(argv[i])
-                i += 1
-        elif argv[i].startswith("--adapter="):
-            values.append(argv[i].split("=", 1)[1])
-            i += 1
-        else:
-            rest.append(argv[i])
-            i += 1
-    return rest + (["--adapter", *values] if values else [])
-
-
 def package_bytes(path: str | Path) -> int:
     """Total size of the files in a package / asset folder."""
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
@@ -173,28 +152,6 @@ def read_model(cfg: ExportConfig, model_dir: Path, adapters: list[tuple[str, Pat
     return ModelPlan(model_dir, weights, loras, fingerprint, functions)
 
 
-@contextmanager
-def staged_output(out: Path) -> Iterator[Path]:
-    """Yield a path beside ``out`` to write into; when the block succeeds it is renamed to ``out``
-    (an existing ``out`` is replaced only then), and on any failure nothing is left behind."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-", dir=out.parent))
-    staged = work / out.name
-    try:
-        yield staged
-        if out.exists():  # --overwrite: move the old output aside only once the new one is done
-            shutil.move(str(out), str(work / ("replaced" + out.suffix)))
-            try:
-                os.replace(staged, out)
-            except OSError:
-                shutil.move(str(work / ("replaced" + out.suffix)), str(out))
-                raise
-        else:
-            os.replace(staged, out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
 def convert_with(
     cfg: ExportConfig,
     suffix: str,
@@ -202,19 +159,21 @@ def convert_with(
     progress: Callable[[str], None] | None = None,
 ) -> ConvertResult:
     """Validate, read the model into the plan, let ``write`` build and save the output at the
-    staged path it is given (returning its phase timings), then move it into place."""
+    staged path it is given (returning its phase timings), then move it into place; ``--out``
+    is locked throughout."""
     say = progress or (lambda _msg: None)
     model_dir, out, adapter_specs = validate(cfg, suffix)
-    start = time.perf_counter()
-    plan = read_model(cfg, model_dir, adapter_specs)
-    phases = {"load": time.perf_counter() - start}
-    say(
-        f"read {model_dir} ({len(plan.weights.layers)} layers, {len(plan.loras)} adapters) "
-        f"in {phases['load']:.1f} s"
-    )
-    names, chunks = [f.name for f in plan.functions], plan.weights.logit_chunks()
-    with staged_output(out) as staged:
-        phases.update(write(plan, staged, say))
+    with output_lock(out):
+        start = time.perf_counter()
+        plan = read_model(cfg, model_dir, adapter_specs)
+        phases = {"load": time.perf_counter() - start}
+        say(
+            f"read {model_dir} ({len(plan.weights.layers)} layers, {len(plan.loras)} adapters) "
+            f"in {phases['load']:.1f} s"
+        )
+        names, chunks = [f.name for f in plan.functions], plan.weights.logit_chunks()
+        with staged_dir(out, replace=cfg.overwrite) as staged:
+            phases.update(write(plan, staged, say))
     return ConvertResult(
         path=out,
         functions=names,
@@ -232,12 +191,11 @@ def cli_main(
     doc: str,
     argv: list[str] | None,
 ) -> None:
-    """A converter's ``main()``: flags (repeated ``--adapter`` merged) -> config -> ``convert``
+    """A converter's ``main()``: flags -> config -> ``convert``
     with progress lines, a summary line, and one-line errors."""
 
     def body() -> None:
-        args = merge_repeated_adapter_flags(sys.argv[1:] if argv is None else argv)
-        cfg = parse_config(config_cls, args, prog, doc.splitlines()[0])
+        cfg = parse_config(config_cls, argv, prog, doc.splitlines()[0])
         result = convert(cfg, progress=print)
         print(
             f"wrote {result.path} ({result.bytes / 1e6:.1f} MB) in {result.seconds:.1f} s; "

@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from afm_mlx.cli import UserError
+from afm_mlx.errors import UserError
 from afm_mlx.lora import DEFAULT_KEYS
 from afm_mlx.model import validate_config
 from afm_mlx.packing import pack_indices

@@ -28,8 +28,8 @@ preload_openblas()
 from mlx_lm.utils import dequantize_model
 from peers import affine_quantized, is_projection
 
-from afm_mlx.data import eval_batches
-from afm_mlx.evaluate import corpus_splits, perplexity
+from afm_mlx.data import corpus_splits, eval_batches
+from afm_mlx.evaluate import perplexity
 from afm_mlx.model import load_model
 from afm_mlx.palettize import PalettizeConfig, palettize
 from afm_mlx.runtime import backend_report

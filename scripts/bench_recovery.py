@@ -37,24 +37,22 @@ import numpy as np
 from peers import is_projection
 
 from afm_mlx.adapter_training import AdapterTrainConfig, train_adapter
-from afm_mlx.data import DataPosition, eval_batches, read_corpus, train_batches
-from afm_mlx.evaluate import corpus_splits, token_nll
+from afm_mlx.data import DataPosition, corpus_splits, eval_batches, read_corpus, train_batches
+from afm_mlx.engine import Trainer, build_optimizer
 from afm_mlx.kmeans import SUPPORTED_BITS
 from afm_mlx.lora import (
     DEFAULT_KEYS,
     LoRASettings,
     attach_lora,
-    load_base,
     read_adapter,
     remove_lora,
 )
-from afm_mlx.losses import make_loss
-from afm_mlx.model import model_fingerprint
+from afm_mlx.losses import make_loss, masked_nll, nll_sum
+from afm_mlx.model import load_base, model_fingerprint
 from afm_mlx.palettize import PalettizeConfig, palettize
 from afm_mlx.palettized import cache_dense_weights
 from afm_mlx.runtime import backend_report
-from afm_mlx.task_data import masked_cross_entropy, task_datasets
-from afm_mlx.train import Trainer, build_optimizer
+from afm_mlx.task_data import task_datasets
 
 
 def bpw(model: nn.Module) -> float:
@@ -90,7 +88,7 @@ def variant_options(kind: str) -> dict:
 
 
 def perplexity(model, valid, args) -> float:
-    total, count = token_nll(model, eval_batches(valid, args.batch_size, args.eval_batches))
+    total, count = nll_sum(model, eval_batches(valid, args.batch_size, args.eval_batches))
     return math.exp(total / count)
 
 
@@ -299,9 +297,9 @@ def main() -> None:
             )
             train_adapter(
                 adapter_cfg(args, out, rank, args.task_steps, 1e-3), out, None, base, fp,
-                masked_cross_entropy, task_train, task_valid, init_adapter=init_adapter,
+                masked_nll, task_train, task_valid, init_adapter=init_adapter,
             )  # fmt: skip
-            total, count = token_nll(base, eval_batches(task_valid, args.batch_size, 0))
+            total, count = nll_sum(base, eval_batches(task_valid, args.batch_size, 0))
             task_loss[init] = total / count
             remove_lora(base)
         print(

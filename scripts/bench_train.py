@@ -26,10 +26,11 @@ from mlx_lm.tuner.trainer import TrainingArgs, TrainingCallback  # noqa: E402
 from mlx_lm.tuner.trainer import train as mlx_lm_train  # noqa: E402
 
 from afm_mlx.data import DataPosition, PackedDataset, train_batches  # noqa: E402
+from afm_mlx.engine import Trainer, build_optimizer  # noqa: E402
 from afm_mlx.losses import make_loss  # noqa: E402
 from afm_mlx.model import build_model, init_weights, preset_config  # noqa: E402
 from afm_mlx.runtime import backend_report  # noqa: E402
-from afm_mlx.train import TrainConfig, Trainer, build_optimizer  # noqa: E402
+from afm_mlx.train import TrainConfig  # noqa: E402
 
 
 def fresh_model(config: dict, seed: int = 0):

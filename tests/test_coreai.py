@@ -29,8 +29,8 @@ from afm_mlx.cli import UserError
 from afm_mlx.lora import AdapterCache, load_adapter
 from afm_mlx.model import build_model, init_weights, load_model, preset_config, save_model
 from afm_mlx.palettized import AFM_EMBEDDING_SETTINGS, palettize_model
-from converters.coreai import CoreAIConfig, convert, require_coreai
-from converters.coreai_run import CoreAISession
+from converters.coreai import CoreAIConfig, convert
+from converters.coreai_run import CoreAISession, require_coreai
 from converters.coreml import ConvertConfig
 from converters.coreml import convert as convert_coreml
 from converters.export import package_bytes

@@ -186,4 +186,4 @@ def test_existing_output_is_not_overwritten(tiny_model_dir, tmp_path):
     line = one_line_error(
         run_cli("afm_mlx.palettize", "--model", tiny_model_dir, "--out", tmp_path / "out")
     )
-    assert "not empty" in line and (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    assert "not an empty folder" in line and (tmp_path / "out" / "keep.txt").read_text() == "mine"

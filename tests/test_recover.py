@@ -13,9 +13,11 @@ from conftest import one_line_error, run_cli
 
 from afm_mlx.data import DataPosition, train_batches
 from afm_mlx.finetune import FinetuneConfig, finetune
-from afm_mlx.lora import adapters_disabled, load_adapter, load_base
+from afm_mlx.lora import adapters_disabled, load_adapter
+from afm_mlx.losses import masked_nll
+from afm_mlx.model import load_base
 from afm_mlx.recover import RecoverConfig, recover
-from afm_mlx.task_data import masked_cross_entropy, task_datasets
+from afm_mlx.task_data import task_datasets
 
 SMALL = dict(
     learning_rate=2e-3,  # a tiny model and few steps: faster than the default
@@ -175,9 +177,9 @@ def test_task_adapter_starts_exactly_at_its_init(
     load_adapter(model, rec_dir)
     if init == "none":  # mlx-lm's init: B = 0, so the model starts as the bare base
         with adapters_disabled(model):
-            expected = masked_cross_entropy(model, batch[:, :-1], batch[:, 1:]).item()
+            expected = masked_nll(model, batch[:, :-1], batch[:, 1:]).item()
     else:
-        expected = masked_cross_entropy(model, batch[:, :-1], batch[:, 1:]).item()
+        expected = masked_nll(model, batch[:, :-1], batch[:, 1:]).item()
     assert first["loss"] == pytest.approx(expected, rel=1e-5)
     config = json.loads(open(f"{cfg.out}/adapter_config.json").read())
     assert config["kind"] == "task" and config["lora_parameters"]["rank"] == (

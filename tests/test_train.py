@@ -21,9 +21,10 @@ from conftest import REPO, one_line_error, run_cli
 from mlx.utils import tree_flatten
 
 from afm_mlx.checkpoint import latest_checkpoint, load_checkpoint
+from afm_mlx.engine import Trainer
 from afm_mlx.losses import make_loss
 from afm_mlx.model import build_model, init_weights, load, load_model, preset_config
-from afm_mlx.train import TrainConfig, Trainer, train
+from afm_mlx.train import TrainConfig, train
 
 
 def _cfg(tmp_path, tiny_corpus, tiny_tokenizer, name, **kw) -> TrainConfig:
