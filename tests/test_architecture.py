@@ -26,13 +26,16 @@ STAGES = {
     "afm_mlx.evaluate",
     "afm_mlx.generate",
     "afm_mlx.fuse",
+    "afm_mlx.server",
     "converters.coreml",
     "converters.coreai",
 }
-# The engines the stages share: training (train, recover, finetune) and export (both converters).
+# The engines the stages share: training (train, recover, finetune), generation (generate,
+# server) and export (both converters).
 ENGINE = {
     "afm_mlx.engine",
     "afm_mlx.adapter_training",
+    "afm_mlx.generation",
     "converters.export",
     "converters.lowering",
     "converters.coreml_program",

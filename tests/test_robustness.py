@@ -17,7 +17,6 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-import tomllib
 from conftest import REPO, one_line_error, run_cli
 
 from afm_mlx.cli import parse_config
@@ -98,20 +97,27 @@ def test_repeated_list_flags_are_all_kept():
 
 
 def test_repeated_adapter_flag_reaches_the_cli(tiny_model_dir, tmp_path):
-    # Both adapters are read (the second one is reported missing); before, only "b" was seen.
-    real = tmp_path / "a"
+    # Every --adapter is read, the first one included: it is the one reported missing. Before,
+    # only the last flag's value was kept (and reported).
     proc = run_cli(
-        "afm_mlx.evaluate", "--model", tiny_model_dir, "--adapter", tmp_path / "missing",
-        "--adapter", real,
+        "afm_mlx.evaluate", "--model", tiny_model_dir, "--adapter", tmp_path / "first-missing",
+        "--adapter", tmp_path / "second-missing",
     )  # fmt: skip
-    assert "missing" in one_line_error(proc)
+    assert "first-missing" in one_line_error(proc)
 
 
 # --- 3. console scripts: one per stage, with the fast BLAS ----------------------------------------
 
 
 def _scripts() -> dict[str, str]:
-    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    """The console scripts afm_mlx's installed metadata declares (name -> module:function)."""
+    from importlib.metadata import entry_points
+
+    return {
+        e.name: e.value
+        for e in entry_points(group="console_scripts")
+        if e.value.startswith(("afm_mlx.", "converters."))
+    }
 
 
 def _script_path(name: str) -> Path:
