@@ -9,7 +9,8 @@ alternates the adapters on every request, one request at a time, streaming, gree
 the adapter with the request's ``adapters`` field; ours with ``model`` (adapters are loaded once
 and swapped without reloading the base). A warm-up request per adapter goes first on both.
 Printed: requests/s, median time to first token, generated tokens/s, the server's peak RSS, and
-ours / mlx-lm ratios. ``--palettized DIR`` adds a row for ours over a palettized copy (adapters
+ours / mlx-lm ratios; then the same with one adapter throughout (no switching), which shows how
+much of the difference is the switching. Both servers run on the same BLAS (OpenBLAS on Linux). ``--palettized DIR`` adds a row for ours over a palettized copy (adapters
 trained for the fp model do not fit it, so that row serves its own random adapters).
 """
 
@@ -111,7 +112,12 @@ def run_client(url: str, bodies: list[dict]) -> dict[str, float]:
 
 
 def bench(name: str, cmd: list[str], port: int, bodies_for, names, args) -> dict[str, float]:
+    from afm_mlx.runtime import find_openblas
+
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    blas = find_openblas()
+    if sys.platform.startswith("linux") and blas:  # both servers on the fast BLAS (like with like)
+        env["LD_PRELOAD"] = ":".join(filter(None, [blas, env.get("LD_PRELOAD", "")]))
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
@@ -155,37 +161,39 @@ def main() -> None:
             f"switched on every request ({', '.join(names)}); model {model}",
             flush=True,
         )
-        port = free_port()
-        peer = bench(
-            "mlx_lm.server (reloads per adapter)",
-            [sys.executable, "-m", "mlx_lm", "server", "--model", str(model), "--port", str(port)],
-            port,
-            lambda n, k: {
-                "model": str(model),
-                "adapters": str(dirs[n]),
-                "prompt": prompt,
-                "max_tokens": k,
-                "temperature": 0.0,
-            },  # fmt: skip
-            names,
-            args,
-        )
-        port = free_port()
-        ours = bench(
-            "afm_mlx.server (swaps adapters)",
-            [sys.executable, "-m", "afm_mlx.server", "--model", str(model), "--port", str(port)]
-            + [f"--adapter={n}={d}" for n, d in dirs.items()],
-            port,
-            lambda n, k: {"model": n, "prompt": prompt, "max_tokens": k, "temperature": 0.0},
-            names,
-            args,
-        )
-        print(
-            f"ours / mlx-lm: requests/s {ours['req_s'] / peer['req_s']:.2f}x, time to first "
-            f"token {peer['ttft_ms'] / ours['ttft_ms']:.2f}x faster, peak RSS "
-            f"{ours['peak_rss_mb'] / peer['peak_rss_mb']:.2f}x",
-            flush=True,
-        )
+        for switch in (True, False):
+            order = names if switch else names[:1]
+            label = "adapter switched every request" if switch else "one adapter throughout"
+            print(f"-- {label}", flush=True)
+            port = free_port()
+            peer = bench(
+                "mlx_lm.server",
+                [sys.executable, "-m", "mlx_lm", "server", "--model", str(model),
+                 "--port", str(port)],
+                port,
+                lambda n, k: {
+                    "model": str(model), "adapters": str(dirs[n]), "prompt": prompt,
+                    "max_tokens": k, "temperature": 0.0,
+                },
+                order,
+                args,
+            )  # fmt: skip
+            port = free_port()
+            ours = bench(
+                "afm_mlx.server",
+                [sys.executable, "-m", "afm_mlx.server", "--model", str(model), "--port", str(port)]
+                + [f"--adapter={n}={d}" for n, d in dirs.items()],
+                port,
+                lambda n, k: {"model": n, "prompt": prompt, "max_tokens": k, "temperature": 0.0},
+                order,
+                args,
+            )
+            print(
+                f"ours / mlx-lm ({label}): requests/s {ours['req_s'] / peer['req_s']:.2f}x, "
+                f"time to first token {peer['ttft_ms'] / ours['ttft_ms']:.2f}x faster, peak RSS "
+                f"{ours['peak_rss_mb'] / peer['peak_rss_mb']:.2f}x",
+                flush=True,
+            )
         if args.palettized:
             pal = Path(args.palettized)
             pdirs = make_adapters(pal, Path(tmp) / "pal", names)
