@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import socket
 import subprocess
@@ -30,16 +31,10 @@ PROMPTS = ["ROMEO.", "Enter the KING and", "O, what a"]
 MAX_TOKENS = 10
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(*args) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    """``python -m afm_mlx.server ARGS --port 0`` (an ephemeral port); returns (process, URL)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "afm_mlx.server", "--port", str(port), *map(str, args)],
+        [sys.executable, "-m", "afm_mlx.server", "--port", "0", *map(str, args)],
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
         stdout=subprocess.PIPE,
@@ -50,10 +45,9 @@ def start_server(*args) -> tuple[subprocess.Popen, str]:
     while time.time() < deadline:
         ready, _, _ = select.select([proc.stdout], [], [], 1.0)
         if ready:
-            line = proc.stdout.readline()
-            if line.startswith("serving "):
-                assert f"127.0.0.1:{port}" in line
-                return proc, f"http://127.0.0.1:{port}/v1"
+            found = re.search(r"on (http://127\.0\.0\.1:\d+/v1)$", proc.stdout.readline().strip())
+            if found:
+                return proc, found.group(1)
         if proc.poll() is not None:
             break
     proc.kill()
