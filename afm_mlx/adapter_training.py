@@ -19,7 +19,15 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from afm_mlx.checkpoint import OPTIMIZER_FILE, STATE_FILE, write_checkpoint
-from afm_mlx.engine import RUN_FILE, OptimConfig, Trainer, build_optimizer, check_run_dir, run_loop
+from afm_mlx.engine import (
+    RUN_FILE,
+    OptimConfig,
+    Trainer,
+    World,
+    build_optimizer,
+    check_run_dir,
+    run_loop,
+)
 from afm_mlx.errors import UserError
 from afm_mlx.fileio import atomic_write_json, load_safetensors, read_json
 from afm_mlx.lora import (
@@ -129,14 +137,17 @@ def train_adapter(
     info: dict[str, Any] | None = None,
     settings: LoRASettings | None = None,
     on_step: Callable[[int], None] | None = None,
+    world: World | None = None,
 ) -> dict[str, Any]:
     """Attach LoRA to the frozen ``model`` and train it (or resume ``ckpt``); save the adapter.
 
     ``settings`` (default: from ``cfg``) shape the adapter; ``init_adapter`` gives its starting
     values (else mlx-lm's init: random A, zero B).
     ``train_data``/``valid_data`` offer ``PackedDataset``'s interface. Returns a summary with the
-    history and the measured training tokens/s.
+    history and the measured training tokens/s. ``world``: data parallel over its ranks (rank 0
+    writes).
     """
+    world = world or World()
     settings = settings or cfg.lora_settings()
     attach_lora(model, settings, seed=cfg.seed)
     state: dict[str, Any] = {"step": 0, "epoch": 0, "index": 0, "history": []}
@@ -147,26 +158,33 @@ def train_adapter(
         set_adapter_weights(model, saved, mx.float32)
         state = read_json(ckpt / STATE_FILE, "trainer state")
         opt_state = load_safetensors(ckpt / OPTIMIZER_FILE)
-        print(f"resuming from {ckpt} (step {state['step']})", flush=True)
+        world.say(f"resuming from {ckpt} (step {state['step']})")
     elif init_adapter is not None:
         check_adapter_fits(model, init_adapter)
         set_adapter_weights(model, init_adapter, mx.float32)
     mx.eval(model.parameters())
 
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / RUN_FILE, {"afm_mlx_run": 1, "config": dataclasses.asdict(cfg)})
+    world.barrier()  # every rank has checked the run folder before rank 0 writes to it
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
+        run = {"afm_mlx_run": 1, "config": dataclasses.asdict(cfg), "world_size": world.size}
+        atomic_write_json(out / RUN_FILE, run)
+    if world.size > 1:
+        world.say(
+            f"data parallel over {world.size} ranks, {cfg.batch_size // world.size} sequences "
+            "per rank per step"
+        )
     mx.random.seed(cfg.seed)
     model.train()
     optimizer = build_optimizer(cfg, model, opt_state)
-    trainer = Trainer(model, optimizer, loss_fn, cfg.grad_accum, cfg.grad_clip, extra_state)
+    trainer = Trainer(model, optimizer, loss_fn, cfg.grad_accum, cfg.grad_clip, extra_state, world)
 
     n_train = sum(p.size for _, p in tree_flatten(model.trainable_parameters()))
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
-    print(
+    world.say(
         f"adapter: rank {settings.rank}, scale {settings.scale:g} (alpha {settings.alpha:g}), "
         f"{n_train / 1e6:.3f}M trainable parameters; {len(train_data)} train / "
-        f"{len(valid_data)} valid sequences; {tokens_per_step} tokens per step",
-        flush=True,
+        f"{len(valid_data)} valid sequences; {tokens_per_step} tokens per step"
     )
 
     def checkpoint(step: int, trainer_state: dict[str, Any]) -> None:
@@ -185,6 +203,8 @@ def train_adapter(
         resumed=ckpt is not None,
         on_step=on_step,
     )
+    if not world.main:
+        return {"out": out, **summary}
     save_adapter(
         out,
         model,

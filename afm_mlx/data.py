@@ -166,6 +166,18 @@ def _fingerprint(source: str, tokenizer_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def corpus_digest(source: str) -> str:
+    """A digest of a corpus's contents (file names relative to it, and their bytes): equal on
+    every machine that holds the same data, wherever it is stored."""
+    files = corpus_files(source)
+    root = Path(source).expanduser() if Path(source).expanduser().is_dir() else None
+    h = hashlib.sha256()
+    for path in files:
+        name = path.relative_to(root) if root else path.name
+        h.update(f"{name}\0{_file_sha256(path)}\n".encode())
+    return h.hexdigest()
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("AFM_MLX_CACHE", Path.home() / ".cache" / "afm_mlx")) / "tokens"
 
@@ -452,9 +464,20 @@ class DataPosition:
 
 
 def train_batches(
-    data: PackedDataset, batch_size: int, seed: int, position: DataPosition
+    data: PackedDataset,
+    batch_size: int,
+    seed: int,
+    position: DataPosition,
+    shard: tuple[int, int] = (0, 1),
 ) -> Iterator[tuple[np.ndarray, DataPosition]]:
-    """Endless (batch, position-after-batch) pairs in a seeded per-epoch order."""
+    """Endless (batch, position-after-batch) pairs in a seeded per-epoch order.
+
+    ``batch_size`` is the global batch; ``shard = (rank, ranks)`` yields only this rank's rows of
+    each (an equal, contiguous slice: no overlap, no gaps), and the position counts global
+    batches, so the same stream continues with any number of ranks.
+    """
+    rank, ranks = shard
+    per_rank = batch_size // ranks
     if len(data) < batch_size:
         raise UserError(
             f"{data.name}: only {len(data)} training sequences of the requested length, "
@@ -465,7 +488,8 @@ def train_batches(
         order = np.random.default_rng([seed, epoch]).permutation(len(data))
         usable = len(order) - len(order) % batch_size  # drop the ragged tail of each epoch
         while index < usable:
-            batch = data.batch(order[index : index + batch_size])
+            rows = order[index : index + batch_size][rank * per_rank : (rank + 1) * per_rank]
+            batch = data.batch(rows)
             index += batch_size
             yield batch, DataPosition(epoch, index)
         epoch, index = epoch + 1, 0

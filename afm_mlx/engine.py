@@ -10,6 +10,7 @@ evaluation and checkpoints at a resumable data position.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import time
@@ -47,6 +48,72 @@ RESUMABLE_CHANGES = {
     "keep_checkpoints",
     "progress",
 }
+
+
+@dataclass(frozen=True)
+class World:
+    """The processes training together (``mlx.launch``), or just this one.
+
+    Data parallelism: every rank holds the whole model, reads its own slice of each global batch,
+    and the gradients are combined across ranks before the (identical) optimizer step; rank 0
+    alone writes checkpoints, logs, plots and the final model.
+    """
+
+    group: Any = None  # mx.distributed.Group, None when alone
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def say(self, *args: Any, **kwargs: Any) -> None:
+        """``print`` on rank 0 only."""
+        if self.main:
+            print(*args, **kwargs, flush=True)
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            mx.eval(mx.distributed.all_sum(mx.array(1.0), group=self.group))
+
+    def check_agreement(self, parts: dict[str, Callable[[], str]]) -> None:
+        """Refuse to start unless every rank computed the same value of each part (e.g. config,
+        data, model). All ranks take part in one ``all_gather``, even a rank whose part failed
+        (its error is what it reports), so a disagreement is one line on every rank, not a hang.
+        """
+        if self.size == 1:
+            return
+        digests, errors = [], {}
+        for name, compute in parts.items():
+            try:
+                value = compute()
+            except UserError as e:
+                errors[name] = str(e)
+                value = f"error on rank {self.rank}: {e}"
+            digests.append(np.frombuffer(hashlib.sha256(value.encode()).digest(), np.uint8))
+        mine = mx.array(np.concatenate(digests))
+        everyone = np.array(mx.distributed.all_gather(mine[None], group=self.group))
+        everyone = everyone.reshape(self.size, len(parts), 32)
+        differ = [
+            name
+            for i, name in enumerate(parts)
+            if any((everyone[r, i] != everyone[0, i]).any() for r in range(self.size))
+        ]
+        if errors:
+            raise UserError(f"rank {self.rank}: {next(iter(errors.values()))}")
+        if differ:
+            raise UserError(
+                f"rank {self.rank} of {self.size}: the ranks do not agree on the "
+                f"{' and '.join(differ)}; start every rank with the same flags, data and model"
+            )
+
+
+def init_world() -> World:
+    """This process's ``World``: the ``mlx.launch`` group, or a world of one."""
+    if not mx.distributed.is_available():
+        return World()
+    group = mx.distributed.init()
+    return World(group, group.rank(), group.size()) if group.size() > 1 else World()
 
 
 @dataclass
@@ -87,10 +154,20 @@ class OptimConfig:
 
 
 @contextmanager
-def locked_run(cfg: Any) -> Iterator[None]:
+def locked_run(cfg: Any, world: World | None = None) -> Iterator[None]:
     """Validate ``cfg`` and hold the lock on its run folder (``cfg.out``) for the block: a second
-    process training into the same folder is refused with one line."""
+    process training into the same folder is refused with one line. Of a data-parallel world
+    only rank 0 writes, so only rank 0 holds it; the batch must split evenly over the ranks."""
     cfg.validate()
+    world = world or World()
+    if cfg.batch_size % world.size:
+        raise UserError(
+            f"--batch-size {cfg.batch_size} is the global batch: it must divide evenly over the "
+            f"{world.size} ranks"
+        )
+    if not world.main:
+        yield
+        return
     with output_lock(cfg.out):
         yield
 
@@ -164,13 +241,28 @@ class Trainer:
         grad_accum: int,
         grad_clip: float,
         extra_state: list | None = None,
+        world: World | None = None,
     ):
         self.model = model
         self.optimizer = optimizer
         self.grad_accum = grad_accum
         self.grad_clip = grad_clip
-        value_and_grad = nn.value_and_grad(model, loss_fn)
+        self.world = world = world or World()
+        local_value_and_grad = nn.value_and_grad(model, loss_fn)
         state = [model.state, optimizer.state, mx.random.state, *(extra_state or [])]
+
+        def value_and_grad(model, inputs, targets):
+            """Loss and gradients of the global batch: each rank's weighted by its share of the
+            target tokens, so that masked (task) data combine exactly as in one process."""
+            loss, grads = local_value_and_grad(model, inputs, targets)
+            if world.size == 1:
+                return loss, grads
+            weight = (targets >= 0).sum().astype(mx.float32)
+            total = mx.distributed.all_sum(weight, group=world.group)
+            share = weight * world.size / total  # average_gradients divides by the size
+            grads = nn.average_gradients(tree_map(lambda g: g * share, grads), group=world.group)
+            loss = mx.distributed.all_sum(loss * weight, group=world.group) / total
+            return loss, grads
 
         def update(grads):
             if grad_clip > 0:
@@ -248,25 +340,29 @@ def run_loop(
     """
     from tqdm import tqdm
 
-    model, optimizer = trainer.model, trainer.optimizer
+    model, optimizer, world = trainer.model, trainer.optimizer, trainer.world
     history: list[dict] = state.get("history", [])
     metrics_path = out / "metrics.jsonl"
-    if resumed:
+    if resumed and world.main:
         atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
     position = DataPosition(state.get("epoch", 0), state.get("index", 0))
-    batches = train_batches(train_data, cfg.batch_size, cfg.seed, position)
+    # The position counts global batches: a run resumes with any number of ranks.
+    batches = train_batches(
+        train_data, cfg.batch_size, cfg.seed, position, shard=(world.rank, world.size)
+    )
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
 
     def log(record: dict) -> None:
         history.append(record)
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        if world.main:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
 
     start_step = state.get("step", 0)
     bar = tqdm(
         total=cfg.max_steps,
         initial=start_step,
-        disable=not cfg.progress,
+        disable=not cfg.progress or not world.main,
         dynamic_ncols=True,
         unit="step",
     )
@@ -305,10 +401,11 @@ def run_loop(
             model.train()
             val = total / max(count, 1)
             log({"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50))})
-            bar.write(f"step {step}: validation loss {val:.4f}, perplexity {math.exp(val):.2f}")
-            plot_losses(history, out / "loss.png")
+            if world.main:
+                bar.write(f"step {step}: validation loss {val:.4f}, perplexity {math.exp(val):.2f}")
+                plot_losses(history, out / "loss.png")
             window_start = time.perf_counter()
-        if step % cfg.save_every == 0 or step == cfg.max_steps:
+        if world.main and (step % cfg.save_every == 0 or step == cfg.max_steps):
             save(step, {"epoch": position.epoch, "index": position.index, "history": history})
             window_start = time.perf_counter()
         bar.update(1)
@@ -316,7 +413,8 @@ def run_loop(
             on_step(step)
     bar.close()
     model.eval()
-    plot_losses(history, out / "loss.png")
+    if world.main:
+        plot_losses(history, out / "loss.png")
     return {
         "history": history,
         "tokens_per_s": train_tokens / train_time if train_time else float("nan"),

@@ -9,13 +9,15 @@ records (loss on answer tokens only; see ``afm_mlx.task_data``) or a plain text 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass, field
 
 from afm_mlx import runtime
 from afm_mlx.adapter_training import AdapterTrainConfig, prepare_run, train_adapter
 from afm_mlx.cli import stage_main
-from afm_mlx.data import corpus_splits
-from afm_mlx.engine import locked_run
+from afm_mlx.data import corpus_digest, corpus_splits
+from afm_mlx.engine import World, init_world, locked_run
 from afm_mlx.errors import UserError
 from afm_mlx.lora import (
     DEFAULT_KEYS,
@@ -25,7 +27,7 @@ from afm_mlx.lora import (
     read_adapter,
 )
 from afm_mlx.losses import masked_nll
-from afm_mlx.model import load_base, model_fingerprint, resolve_model_path
+from afm_mlx.model import checkpoint_digest, load_base, model_fingerprint, resolve_model_path
 from afm_mlx.task_data import task_datasets
 
 
@@ -87,11 +89,19 @@ def task_settings(cfg: FinetuneConfig, init: Adapter | None) -> LoRASettings:
 
 def finetune(cfg: FinetuneConfig, on_step=None) -> dict:
     """Train (or resume) the task adapter in ``cfg.out``; returns the training summary."""
-    with locked_run(cfg):
-        return _finetune(cfg, on_step)
+    world = init_world()
+    with locked_run(cfg, world):
+        world.check_agreement(
+            {
+                "configuration": lambda: json.dumps(dataclasses.asdict(cfg), sort_keys=True),
+                "data": lambda: corpus_digest(cfg.data),
+                "model": lambda: "|".join(checkpoint_digest(m) for m in (cfg.model,)),
+            }
+        )
+        return _finetune(cfg, world, on_step)
 
 
-def _finetune(cfg: FinetuneConfig, on_step=None) -> dict:
+def _finetune(cfg: FinetuneConfig, world: World, on_step=None) -> dict:
     out, ckpt = prepare_run(cfg)
     init = None if cfg.init_adapter.lower() == "none" else read_adapter(cfg.init_adapter)
     settings = task_settings(cfg, init)
@@ -104,12 +114,12 @@ def _finetune(cfg: FinetuneConfig, on_step=None) -> dict:
             cfg.data, tokenizer, cfg.seq_len, cfg.valid_fraction, cfg.seed
         )
         if train_data.truncated:
-            print(f"note: {train_data.truncated} records cut to --seq-len {cfg.seq_len} tokens")
+            world.say(f"note: {train_data.truncated} records cut to --seq-len {cfg.seq_len} tokens")
     else:
         train_data, valid_data = corpus_splits(
             cfg.data, resolve_model_path(cfg.model), cfg.seq_len, cfg.valid_fraction, cfg.seed
         )
-    print(runtime.backend_report(), flush=True)
+    world.say(runtime.backend_report())
     summary = train_adapter(
         cfg,
         out,
@@ -123,8 +133,9 @@ def _finetune(cfg: FinetuneConfig, on_step=None) -> dict:
         info={"kind": "task", "init_adapter": str(cfg.init_adapter)},
         settings=settings,
         on_step=on_step,
+        world=world,
     )
-    print(f"task adapter saved to {out} (use it with --adapter {out})")
+    world.say(f"task adapter saved to {out} (use it with --adapter {out})")
     return summary
 
 

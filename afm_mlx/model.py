@@ -212,6 +212,18 @@ def resolve_model_path(path_or_repo: str | Path) -> Path:
         raise UserError(f"{repo}: not a local folder and could not be fetched ({msg})") from e
 
 
+def checkpoint_digest(path_or_repo: str | Path) -> str:
+    """A cheap digest of a checkpoint: its config.json bytes and each weight file's name and
+    size (ranks of one run compare these before they start)."""
+    path = resolve_model_path(path_or_repo)
+    h = hashlib.sha256(
+        (path / "config.json").read_bytes() if (path / "config.json").is_file() else b""
+    )
+    for f in weight_files(path):
+        h.update(f"{f.name}:{f.stat().st_size};".encode())
+    return h.hexdigest()
+
+
 def weight_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():

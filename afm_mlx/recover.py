@@ -8,6 +8,8 @@ the teacher, the bare compressed base and base + adapter, and the share of the g
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,13 +17,13 @@ from typing import Any
 from afm_mlx import runtime
 from afm_mlx.adapter_training import AdapterTrainConfig, prepare_run, train_adapter
 from afm_mlx.cli import stage_main
-from afm_mlx.data import corpus_splits, eval_batches
-from afm_mlx.engine import locked_run
+from afm_mlx.data import corpus_digest, corpus_splits, eval_batches
+from afm_mlx.engine import World, init_world, locked_run
 from afm_mlx.errors import UserError
 from afm_mlx.fileio import atomic_write_json
 from afm_mlx.lora import adapters_disabled
 from afm_mlx.losses import make_loss, nll_sum
-from afm_mlx.model import load_base, model_fingerprint, resolve_model_path
+from afm_mlx.model import checkpoint_digest, load_base, model_fingerprint, resolve_model_path
 
 
 @dataclass
@@ -52,11 +54,19 @@ def gap_closed(fp: float, compressed: float, recovered: float) -> float:
 
 def recover(cfg: RecoverConfig, on_step=None) -> dict[str, Any]:
     """Train (or resume) the recovery adapter in ``cfg.out``; returns the perplexity report."""
-    with locked_run(cfg):
-        return _recover(cfg, on_step)
+    world = init_world()
+    with locked_run(cfg, world):
+        world.check_agreement(
+            {
+                "configuration": lambda: json.dumps(dataclasses.asdict(cfg), sort_keys=True),
+                "data": lambda: corpus_digest(cfg.data),
+                "model": lambda: "|".join(checkpoint_digest(m) for m in (cfg.model, cfg.teacher)),
+            }
+        )
+        return _recover(cfg, world, on_step)
 
 
-def _recover(cfg: RecoverConfig, on_step=None) -> dict[str, Any]:
+def _recover(cfg: RecoverConfig, world: World, on_step=None) -> dict[str, Any]:
     out, ckpt = prepare_run(cfg)
     # Every input is loaded and checked before the run folder is touched.
     model, _, config = load_base(cfg.model)
@@ -73,7 +83,7 @@ def _recover(cfg: RecoverConfig, on_step=None) -> dict[str, Any]:
         raise UserError(f"--data {cfg.data}: nothing held out to measure recovery on")
     teacher.freeze()
     fingerprint = model_fingerprint(model)
-    print(runtime.backend_report(), flush=True)
+    world.say(runtime.backend_report())
     summary = train_adapter(
         cfg,
         out,
@@ -86,7 +96,11 @@ def _recover(cfg: RecoverConfig, on_step=None) -> dict[str, Any]:
         extra_state=[teacher.state],
         info={"kind": "recovery", "teacher": str(cfg.teacher)},
         on_step=on_step,
+        world=world,
     )
+
+    if not world.main:
+        return {"tokens_per_s": summary["tokens_per_s"]}
 
     def ppl(m) -> float:
         total, count = nll_sum(m, eval_batches(valid_data, cfg.batch_size, cfg.eval_batches))

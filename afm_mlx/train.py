@@ -8,6 +8,7 @@ for every option (CLI flags and ``--config file.yaml`` are derived from it).
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from afm_mlx.data import (
     PackedDataset,
     build_token_cache,
     check_corpus,
+    corpus_digest,
     iter_corpus,
     split_train_valid,
 )
@@ -31,15 +33,25 @@ from afm_mlx.engine import (
     RUN_FILE,
     OptimConfig,
     Trainer,
+    World,
     build_optimizer,
     check_run_dir,
+    init_world,
     locked_run,
     run_loop,
 )
 from afm_mlx.errors import UserError
 from afm_mlx.fileio import atomic_write_json, staged_dir
 from afm_mlx.losses import make_loss
-from afm_mlx.model import PRESETS, build_model, init_weights, load_model, preset_config, save_model
+from afm_mlx.model import (
+    PRESETS,
+    build_model,
+    checkpoint_digest,
+    init_weights,
+    load_model,
+    preset_config,
+    save_model,
+)
 from afm_mlx.report import sample_text
 
 __all__ = ["TrainConfig", "OptimConfig", "Trainer", "build_optimizer", "train", "main"]
@@ -96,7 +108,7 @@ def _param_dtype(name: str) -> mx.Dtype:
     return getattr(mx, name)
 
 
-def prepare_tokenizer(cfg: TrainConfig, out: Path) -> Path:
+def prepare_tokenizer(cfg: TrainConfig, out: Path, world: World) -> Path:
     """The tokenizer folder: --tokenizer, the --init checkpoint's, or one trained on --data."""
     from afm_mlx.tokenizer import save_tokenizer, train_sentencepiece
 
@@ -112,7 +124,7 @@ def prepare_tokenizer(cfg: TrainConfig, out: Path) -> Path:
     tok_dir = out / "tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():
         vocab = PRESETS[cfg.preset]["vocab_size"]
-        print(f"training a {vocab}-piece SentencePiece BPE tokenizer on {cfg.data} ...", flush=True)
+        world.say(f"training a {vocab}-piece SentencePiece BPE tokenizer on {cfg.data} ...")
         model_proto = train_sentencepiece(iter_corpus(cfg.data), vocab)
         with staged_dir(tok_dir, replace=True) as staged:  # replaces only a partial folder
             save_tokenizer(model_proto, staged)
@@ -141,11 +153,19 @@ def _new_model(cfg: TrainConfig, tok_dir: Path) -> tuple[nn.Module, dict[str, An
 
 def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Path:
     """Run (or resume) training as configured; returns the run folder. ``on_step`` sees each step."""
-    with locked_run(cfg):
-        return _train(cfg, on_step)
+    world = init_world()
+    with locked_run(cfg, world):
+        return _train(cfg, world, on_step)
 
 
-def _train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Path:
+def _train(cfg: TrainConfig, world: World, on_step: Callable[[int], None] | None) -> Path:
+    world.check_agreement(
+        {
+            "configuration": lambda: json.dumps(dataclasses.asdict(cfg), sort_keys=True),
+            "data": lambda: corpus_digest(cfg.data),
+            "model": lambda: "|".join(checkpoint_digest(m) for m in (cfg.init, cfg.teacher) if m),
+        }
+    )
     out, ckpt = check_run_dir(cfg)
     # Validate every input before the run folder is touched.
     check_corpus(cfg.data)  # streamed: nothing of the corpus is kept in memory
@@ -155,12 +175,23 @@ def _train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Pa
         teacher.freeze()
     init = load_model(cfg.init)[:2] if cfg.init and ckpt is None else None
 
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / RUN_FILE, {"afm_mlx_run": 1, "config": dataclasses.asdict(cfg)})
+    world.barrier()  # every rank has checked the run folder before rank 0 writes to it
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
+        run = {"afm_mlx_run": 1, "config": dataclasses.asdict(cfg), "world_size": world.size}
+        atomic_write_json(out / RUN_FILE, run)
     mx.random.seed(cfg.seed)
     peak_gflops = runtime.matmul_gflops(n=1024)
-    print(runtime.backend_report(peak_gflops), flush=True)
-    tok_dir = prepare_tokenizer(cfg, out)
+    world.say(runtime.backend_report(peak_gflops))
+    if world.size > 1:
+        world.say(
+            f"data parallel over {world.size} ranks, {cfg.batch_size // world.size} sequences "
+            "per rank per step"
+        )
+    # Rank 0 trains the tokenizer (when one is needed); the others then read it.
+    tok_dir = prepare_tokenizer(cfg, out, world) if world.main else None
+    world.barrier()
+    tok_dir = tok_dir or prepare_tokenizer(cfg, out, world)
     cache = build_token_cache(cfg.data, tok_dir)
     train_tokens, valid_tokens = split_train_valid(cache, cfg.valid_fraction, cfg.seed)
     train_data = PackedDataset(train_tokens, cfg.seq_len, f"--data {cfg.data}")
@@ -169,7 +200,7 @@ def _train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Pa
     opt_state = None
     if ckpt is not None:
         model, model_config, state, opt_state = load_checkpoint(ckpt)
-        print(f"resuming from {ckpt} (step {state['step']})", flush=True)
+        world.say(f"resuming from {ckpt} (step {state['step']})")
     else:
         model, model_config = init or _new_model(cfg, tok_dir)
         state = {"step": 0, "epoch": 0, "index": 0, "history": []}
@@ -192,16 +223,16 @@ def _train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Pa
         cfg.grad_accum,
         cfg.grad_clip,
         [teacher.state] if teacher is not None else None,
+        world,
     )
 
     n_params = sum(p.size for _, p in tree_flatten(model.parameters()))
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
     peak = peak_gflops * 1e9
     fpt = flops_per_token(model, cfg.seq_len, model_config)
-    print(
+    world.say(
         f"model: {n_params / 1e6:.2f}M parameters; {len(train_data)} train / {len(valid_data)} "
-        f"valid sequences of {cfg.seq_len}; {tokens_per_step} tokens per step",
-        flush=True,
+        f"valid sequences of {cfg.seq_len}; {tokens_per_step} tokens per step"
     )
 
     def checkpoint(step: int, trainer_state: dict[str, Any]) -> None:
@@ -228,6 +259,8 @@ def _train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Pa
         on_step=on_step,
         extra_metrics=lambda tps: {"mfu": tps * fpt / peak},
     )
+    if not world.main:
+        return out
     save_model(out, model, model_config, tok_dir)
     if cfg.sample_tokens > 0:
         print("sample:", repr(sample_text(out, cfg.sample_prompt, cfg.sample_tokens, cfg.seed)))
