@@ -27,6 +27,7 @@ from afm_mlx.engine import (
     build_optimizer,
     check_run_dir,
     run_loop,
+    use_grad_checkpoint,
 )
 from afm_mlx.errors import UserError
 from afm_mlx.fileio import atomic_write_json, load_safetensors, read_json
@@ -163,6 +164,8 @@ def train_adapter(
         check_adapter_fits(model, init_adapter)
         set_adapter_weights(model, init_adapter, mx.float32)
     mx.eval(model.parameters())
+    if cfg.grad_checkpoint:
+        use_grad_checkpoint(model)
 
     world.barrier()  # every rank has checked the run folder before rank 0 writes to it
     if world.main:

@@ -30,15 +30,19 @@ from afm_mlx.data import (
     split_train_valid,
 )
 from afm_mlx.engine import (
+    ALLOCATOR_MARGIN,
     RUN_FILE,
     OptimConfig,
     Trainer,
     World,
     build_optimizer,
     check_run_dir,
+    device_memory,
     init_world,
     locked_run,
+    plan_memory,
     run_loop,
+    use_grad_checkpoint,
 )
 from afm_mlx.errors import UserError
 from afm_mlx.fileio import atomic_write_json, staged_dir
@@ -94,6 +98,13 @@ class TrainConfig(OptimConfig):
     sample_prompt: str = field(default="ROMEO.\n", metadata={"help": "prompt of the final sample"})
     sample_tokens: int = field(
         default=80, metadata={"help": "tokens of the final sample (0: none)"}
+    )
+    dry_run: bool = field(
+        default=False,
+        metadata={
+            "help": "print the parameter count and the memory estimate per rank, then stop "
+            "(allocates nothing)"
+        },
     )
 
     def validate(self) -> None:
@@ -154,8 +165,45 @@ def _new_model(cfg: TrainConfig, tok_dir: Path) -> tuple[nn.Module, dict[str, An
 def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Path:
     """Run (or resume) training as configured; returns the run folder. ``on_step`` sees each step."""
     world = init_world()
+    if cfg.dry_run:
+        cfg.validate()
+        print_memory_plan(cfg, world)
+        return Path(cfg.out)
     with locked_run(cfg, world):
         return _train(cfg, world, on_step)
+
+
+def print_memory_plan(cfg: TrainConfig, world: World) -> dict[str, float]:
+    """``--dry-run``: parameters and the estimated memory per rank; nothing is allocated."""
+    if cfg.init:
+        from afm_mlx.fileio import read_json
+        from afm_mlx.model import resolve_model_path, validate_config
+
+        path = resolve_model_path(cfg.init) / "config.json"
+        config = read_json(path, "model config (config.json)")
+        validate_config(config, str(path))
+        name = str(cfg.init)
+    else:
+        config, name = preset_config(cfg.preset), f"preset {cfg.preset}"
+    dtype = _param_dtype(cfg.dtype)
+    per_rank = cfg.batch_size // world.size
+    plan = plan_memory(config, per_rank, cfg.seq_len, dtype.size, cfg.grad_checkpoint)
+    available = device_memory()
+    gb = 1e9
+    world.say(
+        f"dry run: {name}, {plan['parameters'] / 1e9:.3f}B parameters, "
+        f"{str(dtype).split('.')[-1]}; {cfg.batch_size} sequences x {cfg.seq_len} tokens per "
+        f"step, {per_rank} per rank on {world.size} rank(s); grad checkpoint "
+        f"{'on' if cfg.grad_checkpoint else 'off'}\n"
+        f"  weights      {plan['weights'] / gb:9.3f} GB\n"
+        f"  gradients    {plan['gradients'] / gb:9.3f} GB\n"
+        f"  optimizer    {plan['optimizer'] / gb:9.3f} GB (AdamW: two moments)\n"
+        f"  activations  {plan['activations'] / gb:9.3f} GB\n"
+        f"  total        {plan['total'] / gb:9.3f} GB per rank (with a "
+        f"{round(100 * (ALLOCATOR_MARGIN - 1))}% allocator margin); this device has "
+        f"{available / gb:.1f} GB: {'fits' if plan['total'] <= available else 'does NOT fit'}"
+    )
+    return plan
 
 
 def _train(cfg: TrainConfig, world: World, on_step: Callable[[int], None] | None) -> Path:
@@ -205,6 +253,8 @@ def _train(cfg: TrainConfig, world: World, on_step: Callable[[int], None] | None
         model, model_config = init or _new_model(cfg, tok_dir)
         state = {"step": 0, "epoch": 0, "index": 0, "history": []}
     model.set_dtype(_param_dtype(cfg.dtype))
+    if cfg.grad_checkpoint:
+        use_grad_checkpoint(model)
     if cache.max_id >= model_config["vocab_size"]:
         raise UserError(f"--tokenizer {tok_dir}: token ids exceed the model's vocab_size")
     if teacher is not None and teacher_config["vocab_size"] != model_config["vocab_size"]:

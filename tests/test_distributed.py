@@ -138,3 +138,39 @@ def test_global_batch_must_split_over_the_ranks(tiny_corpus, tiny_tokenizer, tmp
     )  # fmt: skip
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 2 and all("divide evenly over the 2 ranks" in e for e in errors)
+
+
+# --- memory planning ---------------------------------------------------------------------------
+
+
+def _gb(text: str, pattern: str) -> float:
+    import re
+
+    found = re.search(pattern + r"\s+([0-9.]+) GB", text)
+    assert found, text[-2000:]
+    return float(found.group(1))
+
+
+def test_dry_run_estimate_and_grad_checkpoint(tiny_corpus, tiny_tokenizer, tmp_path):
+    """``--dry-run`` allocates nothing and prints the plan (afm-3b); for ``small`` its estimate is
+    within 25% of the measured peak, and ``--grad-checkpoint`` lowers the measured peak."""
+    big = run_ranks(1, "afm_mlx.train", "--preset", "afm-3b", "--dry-run", "--out", tmp_path / "x")
+    assert big.returncode == 0, big.stderr[-2000:]
+    assert "2.768B parameters" in big.stdout and "optimizer" in big.stdout
+    assert not (tmp_path / "x").exists()  # a dry run writes nothing
+    args = [
+        "--preset", "small", "--data", tiny_corpus, "--tokenizer", tiny_tokenizer,
+        "--batch-size", "16", "--seq-len", "128", "--max-steps", "2", "--eval-batches", "1",
+        "--save-every", "1000", "--sample-tokens", "0", "--no-progress",
+    ]  # fmt: skip
+    peaks, estimates = {}, {}
+    for gc in ("--no-grad-checkpoint", "--grad-checkpoint"):
+        plan = run_ranks(1, "afm_mlx.train", *args, gc, "--dry-run", "--out", tmp_path / gc)
+        assert plan.returncode == 0, plan.stderr[-2000:]
+        estimates[gc] = _gb(plan.stdout, "total")
+        run = run_ranks(1, "afm_mlx.train", *args, gc, "--out", tmp_path / gc)
+        assert run.returncode == 0, run.stderr[-2000:]
+        peaks[gc] = _gb(run.stdout, "peak memory of the training steps:")
+        assert abs(estimates[gc] / peaks[gc] - 1) < 0.25, (gc, estimates[gc], peaks[gc])
+    print(f"\nmemory: estimate/measured {estimates} / {peaks}")
+    assert peaks["--grad-checkpoint"] < 0.8 * peaks["--no-grad-checkpoint"]
