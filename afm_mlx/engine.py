@@ -95,7 +95,13 @@ class World:
                 value = f"error on rank {self.rank}: {e}"
             digests.append(np.frombuffer(hashlib.sha256(value.encode()).digest(), np.uint8))
         mine = mx.array(np.concatenate(digests))
-        everyone = np.array(mx.distributed.all_gather(mine[None], group=self.group))
+        try:
+            everyone = np.array(mx.distributed.all_gather(mine[None], group=self.group))
+        except RuntimeError as e:  # a rank stopped before the check (its own error says why)
+            raise UserError(
+                f"rank {self.rank} of {self.size}: lost the other ranks before starting ({e}); "
+                "see the first error above"
+            ) from None
         everyone = everyone.reshape(self.size, len(parts), 32)
         differ = [
             name

@@ -103,6 +103,10 @@ def launch(ranks: int, args: argparse.Namespace) -> dict:
             raise SystemExit("mlx.launch not found (it comes with the mlx package)")
         cmd = [launcher, "-n", str(ranks), "--backend", "ring", "--", *cmd]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # Ranks on one host share its cores: each BLAS gets its share, not all of them (with all of
+    # them, 2 ranks on 2 cores run 4 BLAS threads and thrash).
+    threads = str(max(1, (os.cpu_count() or 1) // ranks))
+    env.update(OPENBLAS_NUM_THREADS=threads, OMP_NUM_THREADS=threads)
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800)
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     if out.returncode != 0 or not lines:
