@@ -76,6 +76,11 @@ class AdapterTrainConfig(OptimConfig):
     beta2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
     save_every: int = field(default=50, metadata={"help": "steps between checkpoints"})
 
+    @staticmethod
+    def translate_config(values: dict[str, Any], source: str) -> dict[str, Any]:
+        """``--config`` YAML may be mlx-lm's LoRA config (``translate_mlx_lm_config``)."""
+        return translate_mlx_lm_config(values, source)
+
     def validate(self) -> None:
         for name in ("model", "out"):
             if not getattr(self, name):
@@ -94,6 +99,66 @@ class AdapterTrainConfig(OptimConfig):
             keys=list(self.keys),
             num_layers=self.num_layers,
         )
+
+
+# mlx-lm's LoRA YAML (``mlx_lm.lora --config``): its key -> ours.
+MLX_LM_KEYS = {
+    "model": "model",
+    "data": "data",
+    "adapter_path": "out",
+    "iters": "max_steps",
+    "batch_size": "batch_size",
+    "learning_rate": "learning_rate",
+    "num_layers": "num_layers",
+    "val_batches": "eval_batches",
+    "steps_per_report": "log_every",
+    "steps_per_eval": "eval_every",
+    "save_every": "save_every",
+    "max_seq_length": "seq_len",
+    "seed": "seed",
+    "grad_checkpoint": "grad_checkpoint",
+}
+MLX_LM_LORA_KEYS = {"rank": "rank", "scale": "scale", "dropout": "dropout", "keys": "keys"}
+# mlx-lm keys accepted only with the value that is what afm_mlx does anyway.
+MLX_LM_FIXED = {
+    "train": (True,),
+    "fine_tune_type": ("lora",),
+    "mask_prompt": (True,),  # afm_mlx trains on the completion / assistant tokens only
+    "optimizer": ("adam", "adamw"),  # AdamW; its decay is --weight-decay (0 for adapters)
+    "test": (False,),
+    "lr_schedule": (None,),
+}
+
+
+def translate_mlx_lm_config(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """mlx-lm LoRA YAML keys (``iters``, ``adapter_path``, ``lora_parameters``, ...) as afm_mlx
+    options; afm_mlx's own keys pass through. An mlx-lm option afm_mlx does not offer (or a
+    value it cannot honour) is refused in one line naming each."""
+    out: dict[str, Any] = {}
+    unsupported = []
+    for key, value in values.items():
+        if key in MLX_LM_KEYS:
+            out[MLX_LM_KEYS[key]] = value
+        elif key == "lora_parameters" and isinstance(value, dict):
+            for k, v in value.items():
+                if k in MLX_LM_LORA_KEYS:
+                    out[MLX_LM_LORA_KEYS[k]] = v
+                else:
+                    unsupported.append(f"lora_parameters.{k}")
+        elif key in MLX_LM_FIXED:
+            if value not in MLX_LM_FIXED[key]:
+                unsupported.append(f"{key}: {value!r}")
+        elif key in {"resume_adapter_file", "hf_dataset", "wandb", "report_to", "test_batches",
+                     "use_dora", "project_name"}:  # fmt: skip
+            if value not in (None, False):
+                unsupported.append(key)
+        else:
+            out[key] = value
+    if unsupported:
+        raise UserError(
+            f"{source}: mlx-lm option(s) afm_mlx does not support: {', '.join(unsupported)}"
+        )
+    return out
 
 
 def prepare_run(cfg: AdapterTrainConfig) -> tuple[Path, Path | None]:

@@ -102,7 +102,9 @@ def parse_config(cls: type[T], argv: list[str] | None, prog: str, description: s
             raise UserError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from e
         if not isinstance(loaded, dict):
             raise UserError(f"--config {path}: expected a mapping of option: value")
-        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+        loaded = {k.replace("-", "_"): v for k, v in loaded.items()}
+        translate = getattr(cls, "translate_config", None)  # e.g. mlx-lm's LoRA YAML keys
+        values.update(translate(loaded, f"--config {path}") if translate else loaded)
     values.update(args)
     return config_from_dict(cls, values, f"--config {config_path}" if config_path else prog)
 

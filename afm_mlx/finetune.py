@@ -4,7 +4,9 @@ Apple's step 4: a task adapter starts from the accuracy-recovery adapter's weigh
 scale and target layers too) and is fine-tuned on task data with the compressed base frozen and
 shared. ``--init-adapter none`` starts from mlx-lm's zero-output init instead (the baseline).
 ``--data`` is a ``.jsonl`` of ``{"text"}``, ``{"prompt","completion"}`` or chat ``{"messages"}``
-records (loss on answer tokens only; see ``afm_mlx.task_data``) or a plain text corpus.
+records (loss on answer tokens only; see ``afm_mlx.task_data``), an mlx-lm data folder
+(``train.jsonl`` + ``valid.jsonl``), or a plain text corpus. ``--config`` takes mlx-lm's LoRA YAML
+too (``iters``, ``adapter_path``, ``lora_parameters``, ...).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from afm_mlx.lora import (
 )
 from afm_mlx.losses import masked_nll
 from afm_mlx.model import checkpoint_digest, load_base, model_fingerprint, resolve_model_path
-from afm_mlx.task_data import task_datasets
+from afm_mlx.task_data import is_task_folder, task_datasets
 
 
 @dataclass
@@ -47,7 +49,7 @@ class FinetuneConfig(AdapterTrainConfig):
 
     def validate(self) -> None:
         if not self.data:
-            raise UserError("--data is required (a task .jsonl)")
+            raise UserError("--data is required (a task .jsonl, or an mlx-lm data folder)")
         if not self.init_adapter:
             raise UserError("--init-adapter is required: a recovery adapter folder, or 'none'")
         super().validate()
@@ -109,7 +111,7 @@ def _finetune(cfg: FinetuneConfig, world: World, on_step=None) -> dict:
     fingerprint = model_fingerprint(model)
     if init is not None:
         check_base_fingerprint(init, fingerprint)
-    if cfg.data.endswith(".jsonl"):
+    if cfg.data.endswith(".jsonl") or is_task_folder(cfg.data):
         train_data, valid_data = task_datasets(
             cfg.data, tokenizer, cfg.seq_len, cfg.valid_fraction, cfg.seed
         )

@@ -27,15 +27,25 @@ class GenerateConfig:
         default_factory=list,
         metadata={"help": "adapter folder(s), each answers the prompt ('none': bare base)"},
     )
-    prompt: str | None = field(default=None, metadata={"help": "prompt text (required)"})
+    prompt: str | None = field(
+        default=None, metadata={"help": "prompt text (required); '-' reads it from stdin"}
+    )
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "system message (implies --chat), as mlx-lm"}
+    )
     max_tokens: int = field(default=100, metadata={"help": "tokens to generate"})
-    temp: float = field(default=0.7, metadata={"help": "sampling temperature (0: greedy)"})
+    # mlx-lm's defaults: greedy unless a temperature is asked for.
+    temp: float = field(default=0.0, metadata={"help": "sampling temperature (0: greedy)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass (1: off)"})
     seed: int = field(default=0, metadata={"help": "sampling seed"})
     kv_bits: int | None = field(
         default=None, metadata={"help": "quantize the KV cache to 4 or 8 bits"}
     )
     kv_group_size: int = field(default=64, metadata={"help": "KV quantization group size"})
+    max_kv_size: int | None = field(
+        default=None,
+        metadata={"help": "keep at most this many tokens in the KV cache (a rotating cache)"},
+    )
     chat: bool = field(default=False, metadata={"help": "wrap the prompt in the chat template"})
     verbose: bool = field(
         default=True, metadata={"help": "print tokens/s and peak memory to stderr (as mlx-lm)"}
@@ -66,12 +76,18 @@ class GenerateConfig:
             raise UserError("--max-tokens must be positive")
         if self.temp < 0:
             raise UserError("--temp must be >= 0")
+        if self.max_kv_size is not None and self.max_kv_size <= 0:
+            raise UserError("--max-kv-size must be positive")
         if not 0 < self.top_p <= 1:
             raise UserError("--top-p must be in (0, 1]")
 
 
 def _generate(cfg: GenerateConfig) -> None:
     cfg.validate()
+    if cfg.prompt == "-":
+        cfg.prompt = sys.stdin.read()
+        if not cfg.prompt.strip():
+            raise UserError("--prompt -: nothing was read from stdin")
     lut_kernels.apply_flag(cfg.lut_kernel)
     names = cfg.adapter or [None]
     for name in names:  # validate every adapter folder before generating anything
@@ -93,6 +109,8 @@ def _generate(cfg: GenerateConfig) -> None:
             kv_bits=cfg.kv_bits,
             kv_group_size=cfg.kv_group_size,
             chat=cfg.chat,
+            system_prompt=cfg.system_prompt,
+            max_kv_size=cfg.max_kv_size,
         ):
             sys.stdout.write(piece)
             sys.stdout.flush()

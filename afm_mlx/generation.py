@@ -73,9 +73,12 @@ class Generator:
         text += BUILTIN_HEADERS["assistant"]
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
-    def prompt_tokens(self, prompt: str, chat: bool) -> list[int]:
-        if chat:
-            return self.chat_tokens([{"role": "user", "content": prompt}])
+    def prompt_tokens(self, prompt: str, chat: bool, system_prompt: str | None = None) -> list[int]:
+        """Token ids of a prompt: as is, or (``chat``, or a ``system_prompt`` given) a user turn
+        after the optional system message in the chat template."""
+        if chat or system_prompt is not None:
+            system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+            return self.chat_tokens([*system, {"role": "user", "content": prompt}])
         return list(self.tokenizer.encode(prompt, add_special_tokens=False))
 
     def stream_tokens(
@@ -86,6 +89,7 @@ class Generator:
         reuse_prefix: bool = False,
         kv_bits: int | None = None,
         kv_group_size: int = 64,
+        max_kv_size: int | None = None,
     ) -> Iterator:
         """mlx-lm ``GenerationResponse``s for prompt ``tokens`` under the active adapter.
 
@@ -109,6 +113,7 @@ class Generator:
                 prompt_cache=cache,
                 kv_bits=kv_bits,
                 kv_group_size=kv_group_size,
+                max_kv_size=max_kv_size if cache is None else None,
                 quantized_kv_start=0,  # mlx-lm's default (5000) would leave short chats unquantized
             )
             kept = reuse_prefix
@@ -144,22 +149,24 @@ class Generator:
         self,
         prompt: str,
         max_tokens: int = 100,
-        temp: float = 0.7,
+        temp: float = 0.0,
         top_p: float = 1.0,
         seed: int = 0,
         kv_bits: int | None = None,
         kv_group_size: int = 64,
         chat: bool = False,
+        system_prompt: str | None = None,
+        max_kv_size: int | None = None,
     ) -> Iterator[str]:
         """Text pieces as they are produced; the same seed gives the same text."""
         self.check_kv(kv_bits, kv_group_size)
-        tokens = self.prompt_tokens(prompt, chat)
+        tokens = self.prompt_tokens(prompt, chat, system_prompt)
         if not tokens:
             raise UserError("--prompt is empty")
         mx.random.seed(seed)
         sampler = make_sampler(temp=temp, top_p=top_p if 0 < top_p < 1 else 0.0)
         for response in self.stream_tokens(
-            tokens, max_tokens, sampler, False, kv_bits, kv_group_size
+            tokens, max_tokens, sampler, False, kv_bits, kv_group_size, max_kv_size
         ):
             self.last_stats = {
                 "prompt_tokens": response.prompt_tokens,

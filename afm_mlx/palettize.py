@@ -357,12 +357,17 @@ def _palettize(cfg: PalettizeConfig, out: Path) -> dict[str, Any]:
             return {"bits": cfg.embedding_bits, "group_size": cfg.embedding_group_size, "axis": 0}
         return False
 
-    with tqdm(total=1, desc="palettizing", unit="model") as bar:
+    n_layers = len(paths) + (1 if cfg.embedding_bits else 0)
+    with tqdm(total=n_layers, desc="palettizing", unit="layer") as bar:
+
+        def advance(path: str, done: int, total: int) -> None:
+            bar.set_postfix_str(path.removeprefix("model."), refresh=False)
+            bar.update(1)
+
         try:
-            chosen = palettize_model(model, predicate, importance=importance)
+            chosen = palettize_model(model, predicate, importance=importance, on_layer=advance)
         except ValueError as e:
             raise UserError(f"--group-size/--bits: {e}") from e
-        bar.update(1)
 
     modules = dict(tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module))
     table = []

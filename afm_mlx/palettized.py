@@ -257,20 +257,22 @@ def palettize_model(
     group_size: int = 16,
     axis: int = 0,
     importance: Mapping[str, mx.array] | Callable[[str, nn.Module], mx.array | None] | None = None,
+    on_layer: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, dict[str, int]]:
     """Replace ``nn.Linear`` (and, if the predicate accepts them, ``nn.Embedding``) layers in place.
 
     ``class_predicate(path, module)`` returns False, True (use ``bits``/``group_size``/``axis``) or a
     dict of per-layer settings; the default palettizes every ``nn.Linear``. ``importance`` maps a path
     (or a callable maps ``(path, module)``) to per-weight importance for weighted k-means.
-    Layers are palettized one at a time, each replaced right away so its dense weight can be freed.
+    Layers are palettized one at a time, each replaced right away so its dense weight can be freed;
+    ``on_layer(path, done, total)`` is called after each (a progress bar).
 
     Returns ``{path: {"bits", "group_size", "axis"}}`` for every palettized layer, the record that
     ``apply_palettization_config`` rebuilds the layers from.
     """
     predicate = class_predicate or _default_predicate
     chosen = _choose(model, predicate, {"bits": bits, "group_size": group_size, "axis": axis})
-    for path, settings in chosen.items():
+    for done, (path, settings) in enumerate(chosen.items(), 1):
         module = _module_at(model, path)
         if callable(importance):
             imp = importance(path, module)
@@ -282,6 +284,8 @@ def palettize_model(
             new = PalettizedLinear.from_linear(module, importance=imp, **settings)
         del module, imp
         model.update_modules(tree_unflatten([(path, new)]))
+        if on_layer is not None:
+            on_layer(path, done, len(chosen))
     return chosen
 
 

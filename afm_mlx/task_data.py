@@ -169,10 +169,27 @@ class MaskedDataset:
         return self.windows[np.asarray(indices, dtype=np.int64)]
 
 
+def is_task_folder(path: str | Path) -> bool:
+    """An mlx-lm data folder: ``train.jsonl`` (+ ``valid.jsonl``, ``test.jsonl``)."""
+    return Path(path).is_dir() and (Path(path) / "train.jsonl").is_file()
+
+
 def task_datasets(
     path: str | Path, tokenizer, seq_len: int, valid_fraction: float, seed: int
 ) -> tuple[MaskedDataset, MaskedDataset]:
-    """(train, held-out) datasets of a task file; whole records are held out (seeded)."""
+    """(train, held-out) datasets of a task file; whole records are held out (seeded).
+
+    ``path`` may also be an mlx-lm data folder: ``train.jsonl`` trains and ``valid.jsonl`` (when
+    there is one) is the held-out set, as ``mlx_lm.lora`` uses them.
+    """
+    if is_task_folder(path):
+        folder = Path(path)
+        if not (folder / "valid.jsonl").is_file():
+            return task_datasets(folder / "train.jsonl", tokenizer, seq_len, valid_fraction, seed)
+        train, _ = task_datasets(folder / "train.jsonl", tokenizer, seq_len, 0.0, seed)
+        valid, _ = task_datasets(folder / "valid.jsonl", tokenizer, seq_len, 0.0, seed)
+        valid.name = "validation split"
+        return train, valid
     records = read_task_records(path)
     examples = [encode_record(r, tokenizer) for r in records]
     n_valid = round(valid_fraction * len(examples)) if len(examples) >= 2 else 0

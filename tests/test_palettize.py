@@ -26,6 +26,8 @@ def lut4_dir(tiny_model_dir, tmp_path_factory):
     proc = run_cli("afm_mlx.palettize", "--model", tiny_model_dir, "--out", out, "--bits", "4")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "bpw" in proc.stdout and "model.layers.1.mlp.down_proj" in proc.stdout
+    # Progress per layer (14 projections + the embedding), not one step for the whole model.
+    assert "15/15" in proc.stderr and "layer" in proc.stderr, proc.stderr[-500:]
     return out
 
 
