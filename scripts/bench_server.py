@@ -153,6 +153,20 @@ def main() -> None:
 
     print(backend_report(), flush=True)
     prompt = "ROMEO.\nWhat light through yonder window breaks?\n"
+
+    def serve_ours(label: str, model_dir: Path, adapters: dict, order: list) -> dict:
+        port = free_port()
+        cmd = [sys.executable, "-m", "afm_mlx.server", "--model", str(model_dir), "--port"]
+        cmd += [str(port), *[f"--adapter={n}={d}" for n, d in adapters.items()]]
+        return bench(
+            label,
+            cmd,
+            port,
+            lambda n, k: {"model": n, "prompt": prompt, "max_tokens": k, "temperature": 0.0},
+            order,
+            args,
+        )
+
     with tempfile.TemporaryDirectory() as tmp:
         names = ["chat", "code"]
         dirs = make_adapters(model, Path(tmp), names)
@@ -178,16 +192,7 @@ def main() -> None:
                 order,
                 args,
             )  # fmt: skip
-            port = free_port()
-            ours = bench(
-                "afm_mlx.server",
-                [sys.executable, "-m", "afm_mlx.server", "--model", str(model), "--port", str(port)]
-                + [f"--adapter={n}={d}" for n, d in dirs.items()],
-                port,
-                lambda n, k: {"model": n, "prompt": prompt, "max_tokens": k, "temperature": 0.0},
-                order,
-                args,
-            )
+            ours = serve_ours("afm_mlx.server", model, dirs, order)
             print(
                 f"ours / mlx-lm ({label}): requests/s {ours['req_s'] / peer['req_s']:.2f}x, "
                 f"time to first token {peer['ttft_ms'] / ours['ttft_ms']:.2f}x faster, peak RSS "
@@ -197,16 +202,7 @@ def main() -> None:
         if args.palettized:
             pal = Path(args.palettized)
             pdirs = make_adapters(pal, Path(tmp) / "pal", names)
-            port = free_port()
-            bench(
-                "afm_mlx.server, palettized base",
-                [sys.executable, "-m", "afm_mlx.server", "--model", str(pal), "--port", str(port)]
-                + [f"--adapter={n}={d}" for n, d in pdirs.items()],
-                port,
-                lambda n, k: {"model": n, "prompt": prompt, "max_tokens": k, "temperature": 0.0},
-                names,
-                args,
-            )
+            serve_ours("afm_mlx.server, palettized base", pal, pdirs, names)
 
 
 if __name__ == "__main__":

@@ -91,6 +91,7 @@ def test_mlx_lm_data_folder_splits_as_mlx_lm_does(data_folder, tiny_model_dir):
     assert (len(train), len(valid)) == (30, 6)  # valid.jsonl is the held-out set, whole
 
 
+@pytest.mark.slow  # a subprocess-heavy CLI check: in the slow suite
 def test_finetune_with_mlx_lm_yaml_and_folder(data_folder, tiny_model_dir, tmp_path):
     from afm_mlx.lora import read_adapter
 
@@ -125,6 +126,7 @@ def test_generate_defaults_and_flags_follow_mlx_lm(tiny_model_dir):
     assert text.startswith("### System:")  # the built-in template (no chat template here)
 
 
+@pytest.mark.slow  # a subprocess-heavy CLI check: in the slow suite
 def test_generate_reads_the_prompt_from_stdin(tiny_model_dir):
     args = ["-m", "afm_mlx.generate", "--model", str(tiny_model_dir), "--max-tokens", "8"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}

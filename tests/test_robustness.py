@@ -138,6 +138,7 @@ def test_every_stage_has_a_console_script():
         _script_path(name)
 
 
+@pytest.mark.slow  # a subprocess-heavy CLI check: in the slow suite
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the BLAS preload is Linux-only")
 def test_console_script_gets_the_fast_blas(tiny_corpus, tiny_tokenizer, tmp_path):
     from afm_mlx.runtime import find_openblas
@@ -171,6 +172,7 @@ def _hub_cache(model_dir: Path, root: Path, repo: str) -> Path:
     return root
 
 
+@pytest.mark.slow  # a subprocess-heavy CLI check: in the slow suite
 def test_evaluate_by_repo_id_offline(tiny_model_dir, tiny_corpus, tmp_path, monkeypatch):
     cache = _hub_cache(tiny_model_dir, tmp_path / "hub", "afm-test/tiny")
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
