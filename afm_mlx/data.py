@@ -144,7 +144,7 @@ def check_corpus(source: str) -> int:
 
 
 HASH_CHUNK = 1 << 20
-CACHE_FORMAT = b"afm_mlx token cache v2\n"
+CACHE_FORMAT = b"afm_mlx token cache v3\n"
 
 
 def _file_sha256(path: Path) -> str:
@@ -158,10 +158,9 @@ def _file_sha256(path: Path) -> str:
 
 
 def _fingerprint(source: str, tokenizer_dir: Path) -> str:
-    """Cache key: each corpus file's resolved path and content hash, plus the tokenizer.json."""
+    """Cache key: the corpus's contents (``corpus_digest``) and the tokenizer.json."""
     h = hashlib.sha256(CACHE_FORMAT)
-    for path in corpus_files(source):
-        h.update(f"{path.resolve()}\0{_file_sha256(path)}\n".encode())
+    h.update(corpus_digest(source).encode())
     h.update((tokenizer_dir / "tokenizer.json").read_bytes())
     return h.hexdigest()[:16]
 
@@ -325,10 +324,6 @@ class TokenStream:
     @property
     def num_segments(self) -> int:
         return len(self.starts)
-
-    @property
-    def nbytes(self) -> int:
-        return len(self) * self.dtype.itemsize
 
     def __len__(self) -> int:
         return int(self.offsets[-1])

@@ -202,8 +202,7 @@ def parse_request(body: Any, chat: bool, cfg: ServerConfig, models: dict[str, st
         or not all(isinstance(s, str) and s for s in stop)
     ):
         raise RequestError(400, "'stop' must be a string or a list of up to 4 strings", "stop")
-    n = _integer(body, "n", 1, 1, 1)
-    del n  # only n=1 is served; the check refuses anything else
+    _integer(body, "n", 1, 1, 1)  # only n=1 is served: anything else is refused
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError(400, "'stream' must be a boolean", "stream")
