@@ -6,6 +6,8 @@
 # set-up; otherwise from the start of this script), so CI stays inside its 30 minutes on a slow day.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The interpreter scripts/setup.sh installed into (see scripts/afm), unless PYTHON is set.
+if [ -z "${PYTHON:-}" ] && [ -s .afm_python ]; then PYTHON="$(cat .afm_python)"; fi
 PYTHON="${PYTHON:-python3}"
 START_S="${AFM_MLX_START_S:-$(date +%s)}"
 BUDGET_S="${AFM_MLX_TIME_BUDGET_S:-1500}"
