@@ -2,7 +2,9 @@
 
 ``--data`` is a corpus (``shakespeare``, a text file or folder: its held-out documents, split as
 training splits them) or a task ``.jsonl`` (every record; loss on answer tokens only, as
-``afm_mlx.finetune`` trains). Every ``--adapter`` is evaluated on the one loaded base.
+``afm_mlx.finetune`` trains). Every ``--adapter`` is evaluated on the one loaded base. When every
+record of a task file carries ``"choices"`` (a multiple-choice task, e.g. ``afm_mlx.speakers``),
+each row also reports ``accuracy``: the choice the model finds most likely, against the answer.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ from afm_mlx import lut_kernels
 from afm_mlx.cli import stage_main
 from afm_mlx.data import corpus_splits, eval_batches
 from afm_mlx.errors import UserError
-from afm_mlx.losses import nll_sum
+from afm_mlx.losses import choice_accuracy, nll_sum
 from afm_mlx.model import load_base, resolve_model_path
-from afm_mlx.task_data import task_datasets
+from afm_mlx.task_data import read_task_records, task_datasets
 
 
 def perplexity(model: nn.Module, batches: Iterable[np.ndarray]) -> float:
@@ -77,8 +79,12 @@ def evaluate(cfg: EvaluateConfig) -> list[dict]:
     lut_kernels.apply_flag(cfg.lut_kernel)
     adapters = [read_adapter(p) for p in cfg.adapter]  # validate every input first
     model, tokenizer, _ = load_base(cfg.model)
+    choices = None
     if cfg.data.endswith(".jsonl"):
         data, _ = task_datasets(cfg.data, tokenizer, cfg.seq_len, 0.0, cfg.seed)
+        records = read_task_records(cfg.data)
+        if all("choices" in r for r in records):
+            choices = records
     else:
         # The corpus is tokenized with the model's own tokenizer files: a hub repo id is resolved
         # to its local snapshot first.
@@ -91,14 +97,15 @@ def evaluate(cfg: EvaluateConfig) -> list[dict]:
     for name, adapter in [(None, None)] * (not cfg.skip_base) + [(a.path, a) for a in adapters]:
         cache.activate(adapter)
         total, count = nll_sum(model, eval_batches(data, cfg.batch_size, cfg.max_batches))
-        rows.append(
-            {
-                "adapter": str(name) if name else None,
-                "nll": total / count,
-                "perplexity": math.exp(min(total / count, 50.0)),
-                "tokens": count,
-            }
-        )
+        row = {
+            "adapter": str(name) if name else None,
+            "nll": total / count,
+            "perplexity": math.exp(min(total / count, 50.0)),
+            "tokens": count,
+        }
+        if choices is not None:
+            row.update(choice_accuracy(model, tokenizer, choices), examples=len(choices))
+        rows.append(row)
     return rows
 
 
@@ -107,10 +114,19 @@ def _report(cfg: EvaluateConfig) -> None:
     if cfg.json:
         print(json.dumps({"model": cfg.model, "data": cfg.data, "results": rows}))
         return
-    print(f"{'adapter':<40} {'perplexity':>11} {'nll':>8} {'tokens':>9}")
+    accuracy = "accuracy" in rows[0]
+    print(
+        f"{'adapter':<40} {'perplexity':>11} {'nll':>8} {'tokens':>9}"
+        + (f" {'accuracy':>9}" if accuracy else "")
+    )
     for r in rows:
         name = r["adapter"] or "(base)"
-        print(f"{name:<40} {r['perplexity']:>11.3f} {r['nll']:>8.4f} {r['tokens']:>9}")
+        print(
+            f"{name:<40} {r['perplexity']:>11.3f} {r['nll']:>8.4f} {r['tokens']:>9}"
+            + (f" {r['accuracy']:>9.3f}" if accuracy else "")
+        )
+    if accuracy:
+        print(f"accuracy over {rows[0]['examples']} examples; chance {rows[0]['chance']:.3f}")
 
 
 def main(argv: list[str] | None = None) -> None:

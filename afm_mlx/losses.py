@@ -99,3 +99,50 @@ def make_loss(
         return mx.mean((1 - weight) * label_nll + weight * teacher_nll)
 
     return distill
+
+
+def choice_nll(model: nn.Module, prompt: list[int], choices: list[list[int]]) -> list[float]:
+    """Summed NLL of each choice's tokens after ``prompt`` (multiple-choice scoring).
+
+    The prompt runs once; its KV cache is then repeated for every choice, which run as one batch
+    (right-padded: causal attention keeps the padding out of the positions that count).
+    """
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    last = model(mx.array(prompt)[None], cache=cache)[:, -1:].astype(mx.float32)
+    for c in cache:
+        c.state = tuple(
+            mx.repeat(a, len(choices), axis=0) if isinstance(a, mx.array) else a for a in c.state
+        )
+    width = max(len(c) for c in choices)
+    ids = np.zeros((len(choices), width), dtype=np.int32)
+    mask = np.zeros((len(choices), width), dtype=np.float32)
+    for i, c in enumerate(choices):
+        ids[i, : len(c)], mask[i, : len(c)] = c, 1
+    ids_mx = mx.array(ids)
+    logits = model(ids_mx[:, :-1], cache=cache).astype(mx.float32) if width > 1 else None
+    first = mx.repeat(last, len(choices), axis=0)
+    logits = first if logits is None else mx.concatenate([first, logits], axis=1)
+    nll = (token_nll(logits, ids_mx) * mx.array(mask)).sum(axis=1)
+    return nll.tolist()
+
+
+def choice_accuracy(model: nn.Module, tokenizer, records: list[dict]) -> dict[str, float]:
+    """Accuracy on ``{"prompt", "completion", "choices"}`` records: the prediction is the choice
+    (followed by EOS, as the task adapter is trained) with the lowest NLL; ``chance`` is the mean
+    of 1 / number of choices."""
+    from afm_mlx.task_data import encode_record
+
+    correct, chance = 0, 0.0
+    for r in records:
+        prompt_ids, _ = encode_record({"prompt": r["prompt"], "completion": ""}, tokenizer)
+        prompt_ids = prompt_ids[:-1]  # drop the empty completion's EOS
+        choice_ids = []
+        for c in r["choices"]:
+            ids, _ = encode_record({"prompt": r["prompt"], "completion": c}, tokenizer)
+            choice_ids.append(ids[len(prompt_ids) :])
+        scores = choice_nll(model, prompt_ids, choice_ids)
+        correct += r["choices"][int(np.argmin(scores))] == r["completion"]
+        chance += 1 / len(r["choices"])
+    return {"accuracy": correct / len(records), "chance": chance / len(records)}

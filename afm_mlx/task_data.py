@@ -73,6 +73,16 @@ def _format_problem(record: Any) -> str | None:
             record.get("completion"), str
         ):
             return '"prompt" and "completion" must both be strings'
+        if "choices" in record:  # a multiple-choice record (evaluate reports accuracy)
+            choices = record["choices"]
+            if (
+                not isinstance(choices, list)
+                or len(choices) < 2
+                or not all(isinstance(c, str) for c in choices)
+            ):
+                return '"choices" must be a list of at least two strings'
+            if record["completion"] not in choices:
+                return '"completion" must be one of "choices"'
         return None
     if isinstance(record.get("text"), str):
         return None
