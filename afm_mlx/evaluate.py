@@ -104,7 +104,10 @@ def evaluate(cfg: EvaluateConfig) -> list[dict]:
             "tokens": count,
         }
         if choices is not None:
-            row.update(choice_accuracy(model, tokenizer, choices), examples=len(choices))
+            row.update(
+                choice_accuracy(model, tokenizer, choices, desc=str(name or "base")),
+                examples=len(choices),
+            )
         rows.append(row)
     return rows
 

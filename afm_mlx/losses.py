@@ -128,14 +128,18 @@ def choice_nll(model: nn.Module, prompt: list[int], choices: list[list[int]]) ->
     return nll.tolist()
 
 
-def choice_accuracy(model: nn.Module, tokenizer, records: list[dict]) -> dict[str, float]:
+def choice_accuracy(
+    model: nn.Module, tokenizer, records: list[dict], desc: str = "choices"
+) -> dict[str, float]:
     """Accuracy on ``{"prompt", "completion", "choices"}`` records: the prediction is the choice
     (followed by EOS, as the task adapter is trained) with the lowest NLL; ``chance`` is the mean
-    of 1 / number of choices."""
+    of 1 / number of choices. A progress bar (``desc``) shows on a terminal."""
+    from tqdm import tqdm
+
     from afm_mlx.task_data import encode_record
 
     correct, chance = 0, 0.0
-    for r in records:
+    for r in tqdm(records, desc=desc, unit="example", disable=None, leave=False):
         prompt_ids, _ = encode_record({"prompt": r["prompt"], "completion": ""}, tokenizer)
         prompt_ids = prompt_ids[:-1]  # drop the empty completion's EOS
         choice_ids = []

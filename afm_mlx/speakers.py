@@ -97,7 +97,7 @@ def build_speaker_task(
     train_per_speaker: int = 120,
     eval_per_speaker: int = 30,
     min_words: int = 8,
-    max_words: int = 40,
+    max_words: int = 32,
     seed: int = 0,
     files: list[Path] | None = None,
 ) -> tuple[dict[str, list[dict]], dict[str, set[int]], dict]:

@@ -27,6 +27,7 @@ STAGES = {
     "afm_mlx.generate",
     "afm_mlx.fuse",
     "afm_mlx.server",
+    "afm_mlx.pipeline",
     "converters.coreml",
     "converters.coreai",
 }
@@ -58,6 +59,7 @@ LIBRARY = {
     "afm_mlx.lora",
     "afm_mlx.kmeans",
     "afm_mlx.packing",
+    "afm_mlx.speakers",
     "afm_mlx.palettized",
     "afm_mlx.lut_kernels",
     "afm_mlx.report",
