@@ -120,16 +120,19 @@ def _report(cfg: EvaluateConfig) -> None:
     accuracy = "accuracy" in rows[0]
     print(
         f"{'adapter':<40} {'perplexity':>11} {'nll':>8} {'tokens':>9}"
-        + (f" {'accuracy':>9}" if accuracy else "")
+        + (f" {'accuracy':>9} {'balanced':>9}" if accuracy else "")
     )
     for r in rows:
         name = r["adapter"] or "(base)"
         print(
             f"{name:<40} {r['perplexity']:>11.3f} {r['nll']:>8.4f} {r['tokens']:>9}"
-            + (f" {r['accuracy']:>9.3f}" if accuracy else "")
+            + (f" {r['accuracy']:>9.3f} {r['balanced_accuracy']:>9.3f}" if accuracy else "")
         )
     if accuracy:
-        print(f"accuracy over {rows[0]['examples']} examples; chance {rows[0]['chance']:.3f}")
+        print(
+            f"accuracy over {rows[0]['examples']} examples (balanced: the mean over answers); "
+            f"chance {rows[0]['chance']:.3f}"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

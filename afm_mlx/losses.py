@@ -132,13 +132,16 @@ def choice_accuracy(
     model: nn.Module, tokenizer, records: list[dict], desc: str = "choices"
 ) -> dict[str, float]:
     """Accuracy on ``{"prompt", "completion", "choices"}`` records: the prediction is the choice
-    (followed by EOS, as the task adapter is trained) with the lowest NLL; ``chance`` is the mean
-    of 1 / number of choices. A progress bar (``desc``) shows on a terminal."""
+    (followed by EOS, as the task adapter is trained) with the lowest NLL. Also
+    ``balanced_accuracy``, the mean over answers of the share predicted right (a model that always
+    names the same choice scores 1 / number of answers however the test set is skewed), and
+    ``chance``, the mean of 1 / number of choices. A progress bar (``desc``) shows on a terminal."""
     from tqdm import tqdm
 
     from afm_mlx.task_data import encode_record
 
-    correct, chance = 0, 0.0
+    hits: dict[str, list[bool]] = {}
+    chance = 0.0
     for r in tqdm(records, desc=desc, unit="example", disable=None, leave=False):
         prompt_ids, _ = encode_record({"prompt": r["prompt"], "completion": ""}, tokenizer)
         prompt_ids = prompt_ids[:-1]  # drop the empty completion's EOS
@@ -147,6 +150,12 @@ def choice_accuracy(
             ids, _ = encode_record({"prompt": r["prompt"], "completion": c}, tokenizer)
             choice_ids.append(ids[len(prompt_ids) :])
         scores = choice_nll(model, prompt_ids, choice_ids)
-        correct += r["choices"][int(np.argmin(scores))] == r["completion"]
+        predicted = r["choices"][int(np.argmin(scores))]
+        hits.setdefault(r["completion"], []).append(predicted == r["completion"])
         chance += 1 / len(r["choices"])
-    return {"accuracy": correct / len(records), "chance": chance / len(records)}
+    every = [h for per_answer in hits.values() for h in per_answer]
+    return {
+        "accuracy": sum(every) / len(every),
+        "balanced_accuracy": float(np.mean([np.mean(h) for h in hits.values()])),
+        "chance": chance / len(records),
+    }

@@ -93,7 +93,7 @@ def _prompt(text: str, max_words: int) -> str:
 
 
 def build_speaker_task(
-    n_speakers: int = 8,
+    n_speakers: int = 6,
     train_per_speaker: int = 120,
     eval_per_speaker: int = 30,
     min_words: int = 8,
@@ -103,8 +103,9 @@ def build_speaker_task(
 ) -> tuple[dict[str, list[dict]], dict[str, set[int]], dict]:
     """(records per split, held-out scene indices per play, description).
 
-    The ``n_speakers`` characters with the most speeches of at least ``min_words`` words (a name
-    that speaks in two plays is skipped: it would not name one character). In the plays they come
+    The ``n_speakers`` characters with the most speeches of at least ``min_words`` words, one per
+    play (a name that speaks in two plays is skipped: it would not name one character). In the
+    plays they come
     from, scenes are dealt 70/10/20 to train/valid/test; each split takes at most
     ``train_per_speaker`` (train) or ``eval_per_speaker`` (valid, test) speeches per speaker,
     seeded, so the classes are balanced and chance is ``1 / n_speakers``.
@@ -117,9 +118,12 @@ def build_speaker_task(
     name_plays: dict[str, set[str]] = defaultdict(set)
     for play, name in counts:
         name_plays[name].add(play)
-    chosen = [
-        (play, name) for (play, name), _ in counts.most_common() if len(name_plays[name]) == 1
-    ][:n_speakers]
+    chosen: list[tuple[str, str]] = []
+    for (play, name), _ in counts.most_common():
+        # One character per play: who speaks is then told apart by more than a shared plot.
+        if len(name_plays[name]) == 1 and all(play != p for p, _ in chosen):
+            chosen.append((play, name))
+    chosen = chosen[:n_speakers]
     if len(chosen) < 2:
         raise UserError("the corpus has fewer than two speakers to tell apart")
     names = sorted(name for _, name in chosen)

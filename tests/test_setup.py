@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,31 @@ def test_setup_on_an_externally_managed_python_then_the_readme_commands(tmp_path
         ["scripts/afm", "nosuchstage"], cwd=project, capture_output=True, text=True
     )
     assert err.returncode == 2 and "unknown stage" in err.stderr
+
+
+def test_setup_installs_into_the_active_virtual_environment(tmp_path):
+    """Run from inside a venv, setup.sh installs there and creates no .venv of its own."""
+    project = _fresh_copy(tmp_path / "project")
+    env_dir = tmp_path / "mine"
+    # The venv sees this interpreter's packages, so only afm_mlx itself is installed into it.
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--system-site-packages", str(env_dir)], check=True
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "PYTHONPATH")}
+    env["VIRTUAL_ENV"] = str(env_dir)
+    env["PATH"] = f"{env_dir / 'bin'}:{env['PATH']}"  # what `source mine/bin/activate` does
+    setup = subprocess.run(
+        ["bash", "scripts/setup.sh"], cwd=project, capture_output=True, text=True, env=env,
+        timeout=1500,
+    )  # fmt: skip
+    assert setup.returncode == 0, (setup.stdout[-2000:], setup.stderr[-4000:])
+    assert not (project / ".venv").exists()
+    assert Path((project / ".afm_python").read_text().strip()).parent == env_dir / "bin"
+    where = subprocess.run(
+        [str(env_dir / "bin" / "python"), "-c", "import afm_mlx; print(afm_mlx.__file__)"],
+        capture_output=True,
+        text=True,
+        cwd="/",
+        env=env,
+    ).stdout
+    assert where.startswith(str(project)), where

@@ -43,8 +43,9 @@ def test_parse_play_finds_scenes_speakers_and_drops_stage_directions():
 def test_split_holds_out_whole_scenes_and_is_balanced(task):
     out, description = task
     names = [s["name"] for s in description["speakers"]]
-    assert len(names) == 8 and len(set(names)) == 8
-    assert description["chance"] == pytest.approx(1 / 8)
+    assert len(names) == 6 and len(set(names)) == 6
+    assert len({s["play"] for s in description["speakers"]}) == 6  # one character per play
+    assert description["chance"] == pytest.approx(1 / 6)
     splits = {s: _records(out, s) for s in ("train", "valid", "test")}
     for split, records in splits.items():
         assert len(records) == description["examples"][split]
@@ -93,7 +94,21 @@ def test_choice_scoring_with_a_shared_prompt_cache_equals_full_sequences(tiny_mo
         for c in names
     ]
     result = choice_accuracy(model, tokenizer, records)
-    assert result == {"accuracy": pytest.approx(1 / 3), "chance": pytest.approx(1 / 3)}
+    # One prompt, three answers: whatever the model prefers, it is right exactly once.
+    assert result == {
+        "accuracy": pytest.approx(1 / 3),
+        "balanced_accuracy": pytest.approx(1 / 3),
+        "chance": pytest.approx(1 / 3),
+    }
+    # A skewed test set: the same prompt, answered A twice and B once. Whichever name the model
+    # prefers, its balanced accuracy is 1/2, while its plain accuracy is 2/3 or 1/3.
+    skewed = [
+        {"prompt": "Who speaks?\nSpeaker:", "completion": c, "choices": [" IAGO", " HAMLET"]}
+        for c in (" IAGO", " IAGO", " HAMLET")
+    ]
+    result = choice_accuracy(model, tokenizer, skewed)
+    assert result["balanced_accuracy"] == pytest.approx(0.5)
+    assert result["accuracy"] in (pytest.approx(2 / 3), pytest.approx(1 / 3))
     assert int(np.argmin(cached)) in range(3)
 
 
