@@ -311,27 +311,21 @@ def _stages(run: Run) -> list[tuple[str, Any]]:
         atomic_write_json(r.out / "samples.json", found)
         return {}
 
-    def coreml() -> dict:
-        _clear(r.mlpackage)
-        _run(
-            _module_cmd(
-                "converters.coreml", "--model", r.palettized, "--adapter",
-                f"recovery={r.recovery}", "--adapter", f"task={r.task_adapters['recovery']}",
-                "--out", r.mlpackage, "--context", p["context"],
-            )
-        )  # fmt: skip
-        return {}
+    def convert(module: str, out: Path):
+        """Both converters take the palettized base with the recovery and task adapters."""
 
-    def coreai() -> dict:
-        _clear(r.aimodel)
-        _run(
-            _module_cmd(
-                "converters.coreai", "--model", r.palettized, "--adapter",
-                f"recovery={r.recovery}", "--adapter", f"task={r.task_adapters['recovery']}",
-                "--out", r.aimodel, "--context", p["context"],
-            )
-        )  # fmt: skip
-        return {}
+        def action() -> dict:
+            _clear(out)
+            _run(
+                _module_cmd(
+                    module, "--model", r.palettized, "--adapter", f"recovery={r.recovery}",
+                    "--adapter", f"task={r.task_adapters['recovery']}", "--out", out,
+                    "--context", p["context"],
+                )
+            )  # fmt: skip
+            return {}
+
+        return action
 
     stages: list[tuple[str, Any]] = [("task data", task)]
     if not p["model"]:
@@ -345,9 +339,9 @@ def _stages(run: Run) -> list[tuple[str, Any]]:
         ("samples", samples),
     ]
     if p["coreml"]:
-        stages.append(("Core ML", coreml))
+        stages.append(("Core ML", convert("converters.coreml", r.mlpackage)))
     if p["coreai"]:
-        stages.append(("Core AI", coreai))
+        stages.append(("Core AI", convert("converters.coreai", r.aimodel)))
     return stages
 
 

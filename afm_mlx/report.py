@@ -117,15 +117,20 @@ def _plot_pipeline(
     fig.clf()
     for k, (name, history) in enumerate(curves.items(), 1):
         ax = fig.add_subplot((len(curves) + 1) // 2, 2, k)
-        for key, style, label in (("loss", "-", "train"), ("val_loss", "o-", "validation")):
-            points = [(r["step"], r[key]) for r in history if key in r]
-            if points:
-                ax.plot(*zip(*points), style, label=label)
+        train = [(r["step"], r["loss"]) for r in history if "loss" in r]
+        valid = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
+        if train:
+            ax.plot(*zip(*train), "-", color="#4c72b0", label="train")
+        # The validation loss gets its own axis: a recovery run trains on the KL to the teacher
+        # but is validated on next-token loss, on another scale.
+        twin = ax.twinx()
+        if valid:
+            twin.plot(*zip(*valid), "o-", color="#dd8452", label="validation")
         ax.set_title(name)
         ax.set_xlabel("step")
-        ax.set_ylabel("loss (nats/token)")
+        ax.set_ylabel("train loss (nats/token)", color="#4c72b0")
+        twin.set_ylabel("validation loss", color="#dd8452")
         ax.grid(alpha=0.3)
-        ax.legend()
     _save(fig, out / "losses.png")
     pngs.append(out / "losses.png")
 
@@ -133,6 +138,9 @@ def _plot_pipeline(
     fig, ax = _figure(6, 3.6)
     bars = ax.bar(list(ppl), list(ppl.values()), color=["#4c72b0", "#c44e52", "#55a868"])
     ax.bar_label(bars, fmt="%.2f")
+    values = list(ppl.values())
+    span = max(values) - min(values) or max(values) * 0.01
+    ax.set_ylim(min(values) - 2 * span, max(values) + span)  # the differences are what matters
     ax.set_ylabel("held-out perplexity")
     ax.set_title("perplexity at each stage (lower is better)")
     _save(fig, out / "perplexity.png")
@@ -217,7 +225,12 @@ def write_pipeline_report(run: Any) -> dict[str, Any]:
         "seconds": seconds,
         "sizes": sizes,
         "table": [
-            [name, None if p is None else round(p, 3), None if a is None else round(a, 3), t]
+            [
+                name,
+                None if p is None else round(p, 3),
+                None if a is None else round(a, 3),
+                None if t is None else round(t),
+            ]
             for name, p, a, t in table
         ],
         "facts": {

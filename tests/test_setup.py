@@ -49,6 +49,17 @@ def _fresh_copy(dest: Path) -> Path:
     return dest
 
 
+def _imported_from(python: Path, env: dict) -> str:
+    """Where ``python`` imports afm_mlx from (run outside the copy, so never from its folder)."""
+    return subprocess.run(
+        [str(python), "-c", "import afm_mlx; print(afm_mlx.__file__)"],
+        capture_output=True,
+        text=True,
+        cwd="/",
+        env=env,
+    ).stdout
+
+
 @pytest.mark.skipif(
     not _externally_managed(SYSTEM_PYTHON), reason="no externally managed /usr/bin/python3 here"
 )
@@ -95,14 +106,7 @@ def test_setup_on_an_externally_managed_python_then_the_readme_commands(tmp_path
     assert train.returncode == 0, train.stderr[-3000:]
     assert (tmp_path / "run" / "model.safetensors").is_file()
     # The installed package is the copy's own, in the copy's .venv.
-    where = subprocess.run(
-        [str(venv_python), "-c", "import afm_mlx; print(afm_mlx.__file__)"],
-        capture_output=True,
-        text=True,
-        cwd="/",
-        env=env,
-    ).stdout
-    assert where.startswith(str(project)), where
+    assert _imported_from(venv_python, env).startswith(str(project))
     err = subprocess.run(
         ["scripts/afm", "nosuchstage"], cwd=project, capture_output=True, text=True
     )
@@ -127,11 +131,4 @@ def test_setup_installs_into_the_active_virtual_environment(tmp_path):
     assert setup.returncode == 0, (setup.stdout[-2000:], setup.stderr[-4000:])
     assert not (project / ".venv").exists()
     assert Path((project / ".afm_python").read_text().strip()).parent == env_dir / "bin"
-    where = subprocess.run(
-        [str(env_dir / "bin" / "python"), "-c", "import afm_mlx; print(afm_mlx.__file__)"],
-        capture_output=True,
-        text=True,
-        cwd="/",
-        env=env,
-    ).stdout
-    assert where.startswith(str(project)), where
+    assert _imported_from(env_dir / "bin" / "python", env).startswith(str(project))
