@@ -4,7 +4,8 @@
 training splits them) or a task ``.jsonl`` (every record; loss on answer tokens only, as
 ``afm_mlx.finetune`` trains). Every ``--adapter`` is evaluated on the one loaded base. When every
 record of a task file carries ``"choices"`` (a multiple-choice task, e.g. ``afm_mlx.speakers``),
-each row also reports ``accuracy``: the choice the model finds most likely, against the answer.
+each row also reports ``accuracy`` (the choice the model finds most likely, against the answer)
+and ``balanced_accuracy`` (its mean over answers: chance for a model that always says the same).
 """
 
 from __future__ import annotations

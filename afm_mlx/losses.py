@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from afm_mlx.errors import UserError
 from afm_mlx.task_data import decode_masked
 
 
@@ -142,9 +143,11 @@ def choice_accuracy(
 
     hits: dict[str, list[bool]] = {}
     chance = 0.0
-    for r in tqdm(records, desc=desc, unit="example", disable=None, leave=False):
+    for n, r in enumerate(tqdm(records, desc=desc, unit="example", disable=None, leave=False), 1):
         prompt_ids, _ = encode_record({"prompt": r["prompt"], "completion": ""}, tokenizer)
         prompt_ids = prompt_ids[:-1]  # drop the empty completion's EOS
+        if not prompt_ids:
+            raise UserError(f"record {n}: a multiple-choice record needs a non-empty prompt")
         choice_ids = []
         for c in r["choices"]:
             ids, _ = encode_record({"prompt": r["prompt"], "completion": c}, tokenizer)

@@ -258,10 +258,10 @@ def _stages(run: Run) -> list[tuple[str, Any]]:
         return action
 
     def evaluate() -> dict:
-        def ev(model: Path, data: Path, *adapters: Path, skip_base: bool = False) -> list[dict]:
+        def ev(model: Path, data: Path, *adapters: Path) -> list[dict]:
+            """evaluate --json's rows: the bare model, then each adapter."""
             cmd = _module_cmd("afm_mlx.evaluate", "--model", model, "--data", data, "--json")
             cmd += [*p["eval_flags"], *seed, *(["--adapter", *adapters] if adapters else [])]
-            cmd += ["--skip-base"] if skip_base else []
             return json.loads(_run(cmd, capture=True))["results"]
 
         fp = ev(r.fp, r.corpus)[0]

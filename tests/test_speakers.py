@@ -110,6 +110,8 @@ def test_choice_scoring_with_a_shared_prompt_cache_equals_full_sequences(tiny_mo
     assert result["balanced_accuracy"] == pytest.approx(0.5)
     assert result["accuracy"] in (pytest.approx(2 / 3), pytest.approx(1 / 3))
     assert int(np.argmin(cached)) in range(3)
+    with pytest.raises(UserError, match="record 1: .*non-empty prompt"):
+        choice_accuracy(model, tokenizer, [{**skewed[0], "prompt": ""}])
 
 
 @pytest.mark.parametrize(
