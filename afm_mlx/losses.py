@@ -148,10 +148,11 @@ def choice_accuracy(
         prompt_ids = prompt_ids[:-1]  # drop the empty completion's EOS
         if not prompt_ids:
             raise UserError(f"record {n}: a multiple-choice record needs a non-empty prompt")
-        choice_ids = []
-        for c in r["choices"]:
-            ids, _ = encode_record({"prompt": r["prompt"], "completion": c}, tokenizer)
-            choice_ids.append(ids[len(prompt_ids) :])
+        # A prompt and its completion are encoded apart (as for training), so each choice's ids
+        # are those of the completion alone; the prompt is encoded once.
+        choice_ids = [
+            encode_record({"prompt": "", "completion": c}, tokenizer)[0] for c in r["choices"]
+        ]
         scores = choice_nll(model, prompt_ids, choice_ids)
         predicted = r["choices"][int(np.argmin(scores))]
         hits.setdefault(r["completion"], []).append(predicted == r["completion"])
