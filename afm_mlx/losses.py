@@ -102,8 +102,14 @@ def make_loss(
     return distill
 
 
-def choice_nll(model: nn.Module, prompt: list[int], choices: list[list[int]]) -> list[float]:
-    """Summed NLL of each choice's tokens after ``prompt`` (multiple-choice scoring).
+def choice_nll(
+    model: nn.Module,
+    prompt: list[int],
+    choices: list[list[int]],
+    targets: list[list[bool]] | None = None,
+) -> list[float]:
+    """Summed NLL of each choice's tokens after ``prompt`` (multiple-choice scoring); with
+    ``targets``, of the tokens marked there only.
 
     The prompt runs once; its KV cache is then repeated for every choice, which run as one batch
     (right-padded: causal attention keeps the padding out of the positions that count).
@@ -120,7 +126,8 @@ def choice_nll(model: nn.Module, prompt: list[int], choices: list[list[int]]) ->
     ids = np.zeros((len(choices), width), dtype=np.int32)
     mask = np.zeros((len(choices), width), dtype=np.float32)
     for i, c in enumerate(choices):
-        ids[i, : len(c)], mask[i, : len(c)] = c, 1
+        ids[i, : len(c)] = c
+        mask[i, : len(c)] = 1 if targets is None else targets[i]
     ids_mx = mx.array(ids)
     logits = model(ids_mx[:, :-1], cache=cache).astype(mx.float32) if width > 1 else None
     first = mx.repeat(last, len(choices), axis=0)
@@ -144,16 +151,27 @@ def choice_accuracy(
     hits: dict[str, list[bool]] = {}
     chance = 0.0
     for n, r in enumerate(tqdm(records, desc=desc, unit="example", disable=None, leave=False), 1):
-        prompt_ids, _ = encode_record({"prompt": r["prompt"], "completion": ""}, tokenizer)
-        prompt_ids = prompt_ids[:-1]  # drop the empty completion's EOS
-        if not prompt_ids:
-            raise UserError(f"record {n}: a multiple-choice record needs a non-empty prompt")
-        # A prompt and its completion are encoded apart (as for training), so each choice's ids
-        # are those of the completion alone; the prompt is encoded once.
-        choice_ids = [
-            encode_record({"prompt": "", "completion": c}, tokenizer)[0] for c in r["choices"]
+        # Each choice is tokenized together with the prompt, as training tokenizes a record; the
+        # tokens every choice shares (the prompt, unless a choice merges with its last token)
+        # run once.
+        encoded = [
+            encode_record({"prompt": r["prompt"], "completion": c}, tokenizer) for c in r["choices"]
         ]
-        scores = choice_nll(model, prompt_ids, choice_ids)
+        shared = 0
+        first = encoded[0][0]
+        while all(
+            shared < len(ids) and not mask[shared] and ids[shared] == first[shared]
+            for ids, mask in encoded
+        ):
+            shared += 1
+        if shared == 0:
+            raise UserError(f"record {n}: a multiple-choice record needs a non-empty prompt")
+        scores = choice_nll(
+            model,
+            first[:shared],
+            [ids[shared:] for ids, _ in encoded],
+            [mask[shared:] for _, mask in encoded],
+        )
         predicted = r["choices"][int(np.argmin(scores))]
         hits.setdefault(r["completion"], []).append(predicted == r["completion"])
         chance += 1 / len(r["choices"])

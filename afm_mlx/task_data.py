@@ -93,20 +93,55 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-def _chat_segments(tokenizer, messages: list[dict]) -> list[tuple[list[int], bool]]:
+def _encode_parts(tokenizer, parts: list[tuple[str | int, bool]]) -> list[tuple[list[int], bool]]:
+    """(ids, is_target) segments of ``parts``: texts, or token ids (EOS) that texts cannot spell.
+
+    Consecutive texts are tokenized together, as generation tokenizes them: a part's ids are what
+    encoding the text through it adds past the encoding of the text before it. Encoding each part
+    alone would not give the same ids: a SentencePiece tokenizer starts every encoding with a
+    word boundary, so a completion " Paris" would become ``"▁", "▁Paris"`` after its prompt
+    instead of ``"▁Paris"`` (mlx-lm, too, takes a completion's ids from the joint encoding). A
+    token that straddles a boundary belongs to the later part. A token id ends the run of text.
+    """
+    segments: list[tuple[list[int], bool]] = []
+    text, run = "", []  # the current run of text and its encoding
+    for part, target in parts:
+        if isinstance(part, int):
+            segments.append(([part], target))
+            text, run = "", []
+            continue
+        text += part
+        ids = _encode(tokenizer, text)
+        keep = 0
+        while keep < min(len(run), len(ids)) and run[keep] == ids[keep]:
+            keep += 1
+        drop = len(run) - keep  # tokens of earlier parts that the new text re-tokenized
+        while drop:
+            seg, was_target = segments.pop()
+            if len(seg) > drop:
+                segments.append((seg[: len(seg) - drop], was_target))
+                drop = 0
+            else:
+                drop -= len(seg)
+        segments.append((ids[keep:], target))
+        run = ids
+    return [(ids, target) for ids, target in segments if ids]
+
+
+def _chat_parts(tokenizer, messages: list[dict]) -> list[tuple[list[int], bool]]:
     """(ids, is_target) segments of a conversation."""
     eos = tokenizer.eos_token_id
     template = getattr(tokenizer, "chat_template", None)
     if not template:
-        segments = []
+        # The text ``GenerationSession.chat_tokens`` renders, EOS as its id.
+        parts: list[tuple[str | int, bool]] = []
         for m in messages:
-            header = _encode(tokenizer, BUILTIN_HEADERS[m["role"]])
             if m["role"] == "assistant":
-                segments += [(header, False), (_encode(tokenizer, m["content"]) + [eos], True)]
-                segments.append((_encode(tokenizer, "\n\n"), False))
+                parts += [(BUILTIN_HEADERS["assistant"], False), (m["content"], True), (eos, True)]
+                parts.append(("\n\n", False))
             else:
-                segments.append((header + _encode(tokenizer, m["content"] + "\n\n"), False))
-        return segments
+                parts.append((BUILTIN_HEADERS[m["role"]] + m["content"] + "\n\n", False))
+        return _encode_parts(tokenizer, parts)
     # With a real template: each assistant turn's tokens are what the full rendering adds past
     # the rendering of the conversation before it with the generation prompt.
     segments, done = [], []
@@ -126,12 +161,10 @@ def encode_record(record: dict[str, Any], tokenizer) -> tuple[list[int], list[bo
     """Token ids of one record and, per token, whether it is a loss target."""
     eos = tokenizer.eos_token_id
     if "messages" in record:
-        segments = _chat_segments(tokenizer, record["messages"])
+        segments = _chat_parts(tokenizer, record["messages"])
     elif "prompt" in record:
-        segments = [
-            (_encode(tokenizer, record["prompt"]), False),
-            (_encode(tokenizer, record["completion"]) + [eos], True),
-        ]
+        parts = [(record["prompt"], False), (record["completion"], True), (eos, True)]
+        segments = _encode_parts(tokenizer, parts)
     else:
         segments = [(_encode(tokenizer, record["text"]) + [eos], True)]
     ids = [t for seg, _ in segments for t in seg]

@@ -120,6 +120,42 @@ def test_loss_is_on_answer_tokens_only(tmp_path):
         read_task_records(path)
 
 
+def test_a_completion_is_tokenized_with_its_prompt(tiny_model_dir):
+    """A SentencePiece tokenizer starts every encoding at a word boundary: encoded alone, the
+    completion " HAMLET" would be ``"▁", "▁HAMLET"`` after "Speaker:", a token pair that text
+    never produces. Records are tokenized as generation tokenizes their text (as mlx-lm does)."""
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    from afm_mlx.losses import choice_accuracy
+
+    tok = load_tokenizer(tiny_model_dir)
+    eos = tok.eos_token_id
+    alone = tok.encode(" king", add_special_tokens=False)
+    joint = tok.encode("The king", add_special_tokens=False)
+    assert len(alone) > len(joint) - len(tok.encode("The", add_special_tokens=False))  # the trap
+    ids, mask = encode_record({"prompt": "The", "completion": " king"}, tok)
+    assert ids == joint + [eos]
+    assert tok.decode([i for i, m in zip(ids, mask) if m and i != eos]).strip() == "king"
+    assert mask == [False] * (len(ids) - sum(mask)) + [True] * sum(mask)
+
+    messages = [
+        {"role": "user", "content": "Who is there?"},
+        {"role": "assistant", "content": "Nay, answer me."},
+    ]
+    ids, mask = encode_record({"messages": messages}, tok)
+    first = mask.index(True)
+    generator = Generator(tiny_model_dir)
+    assert ids[:first] == generator.chat_tokens(messages[:1])  # the prompt generation sees
+    answer = [i for i, m in zip(ids, mask) if m and i != eos]
+    assert tok.decode(answer).strip() == "Nay, answer me."
+
+    # Multiple-choice scoring tokenizes each choice with its prompt too (scores checked against
+    # full-sequence scoring in test_speakers); here: it runs on a real tokenizer.
+    record = {"prompt": "The", "completion": " king", "choices": [" king", " queen"]}
+    result = choice_accuracy(generator.model, generator.tokenizer, [record] * 2)
+    assert result["chance"] == 0.5 and result["accuracy"] in (0.0, 1.0)
+
+
 @pytest.fixture(scope="module")
 def palettized_dir(tiny_model_dir, tmp_path_factory):
     from afm_mlx.palettize import PalettizeConfig, palettize

@@ -16,6 +16,7 @@ import pytest
 
 from afm_mlx.errors import UserError
 from afm_mlx.speakers import PROMPT_SUFFIX, build_speaker_task, parse_play, write_task
+from afm_mlx.task_data import encode_record
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,8 @@ def test_choice_scoring_with_a_shared_prompt_cache_equals_full_sequences(tiny_mo
     from afm_mlx.model import load
 
     model, tokenizer = load(tiny_model_dir)
-    prompt = tokenizer.encode("Who speaks these words?\nSpeaker:", add_special_tokens=False)
+    text = "Who speaks these words?\nSpeaker:"
+    prompt = tokenizer.encode(text, add_special_tokens=False)
     choices = [tokenizer.encode(c, add_special_tokens=False) + [tokenizer.eos_token_id]
                for c in (" HAMLET", " IAGO", " DUKE VINCENTIO")]  # fmt: skip
     cached = choice_nll(model, prompt, choices)
@@ -87,6 +89,28 @@ def test_choice_scoring_with_a_shared_prompt_cache_equals_full_sequences(tiny_mo
         seq = mx.array(prompt + c)[None]
         nll = token_nll(model(seq[:, :-1]).astype(mx.float32), seq[:, 1:])[0, len(prompt) - 1 :]
         assert got == pytest.approx(nll.sum().item(), rel=1e-5)
+    # With a target mask only the marked tokens count (a choice's leading tokens that belong to
+    # its prompt, when the choice merged with the prompt's last token).
+    masks = [[False] + [True] * (len(c) - 1) for c in choices]
+    masked = choice_nll(model, prompt, choices, masks)
+    for c, got in zip(choices, masked):
+        seq = mx.array(prompt + c)[None]
+        nll = token_nll(model(seq[:, :-1]).astype(mx.float32), seq[:, 1:])[0, len(prompt) :]
+        assert got == pytest.approx(nll.sum().item(), rel=1e-5)
+    # choice_accuracy scores each choice as training tokenizes the record (prompt and
+    # completion together): its prediction is the argmin of those full-sequence scores.
+    names = [" HAMLET", " IAGO", " DUKE VINCENTIO"]
+    full = []
+    for c in names:
+        ids, mask = encode_record({"prompt": text, "completion": c}, tokenizer)
+        seq = mx.array(ids)[None]
+        nll = token_nll(model(seq[:, :-1]).astype(mx.float32), seq[:, 1:])[0]
+        full.append(float((nll * mx.array(mask[1:], dtype=mx.float32)).sum()))
+    best = names[int(np.argmin(full))]
+    record = {"prompt": text, "completion": best, "choices": names}
+    assert choice_accuracy(model, tokenizer, [record])["accuracy"] == 1.0
+    other = next(n for n in names if n != best)
+    assert choice_accuracy(model, tokenizer, [{**record, "completion": other}])["accuracy"] == 0.0
     # The prediction is the most likely choice; accuracy counts it against the answer.
     records = [
         {"prompt": "Who speaks these words?\nSpeaker:", "completion": c, "choices": names}
