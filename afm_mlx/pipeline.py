@@ -61,7 +61,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "recover_flags": ["--batch-size", "8", "--learning-rate", "1e-3", "--eval-every", "20",
                           "--eval-batches", "10", "--save-every", "20"],
         "task_steps": 70,
-        "task_flags": ["--batch-size", "16", "--seq-len", "64", "--learning-rate", "2e-3",
+        "task_flags": ["--batch-size", "16", "--seq-len", "64", "--learning-rate", "5e-4",
                        "--eval-every", "35", "--eval-batches", "8", "--save-every", "35"],
         "task_caps": {"train_per_speaker": 200, "eval_per_speaker": 30},
         "eval_flags": ["--seq-len", "128", "--batch-size", "8", "--max-batches", "25"],
@@ -397,10 +397,12 @@ def pipeline(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def _summary_table(summary: dict[str, Any]) -> str:
-    rows = [("stage", "held-out perplexity", "task: balanced accuracy", "time (s)")]
+    from afm_mlx.report import TABLE_HEADER
+
+    rows = [tuple(TABLE_HEADER)]
     for row in summary["table"]:
         rows.append(tuple("" if v is None else v for v in row))
-    widths = [max(len(str(r[i])) for r in rows) for i in range(4)]
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines += [f"{k}: {v}" for k, v in summary["facts"].items()]

@@ -11,6 +11,11 @@ from typing import Any
 
 from afm_mlx.fileio import atomic_write_json, atomic_write_text, read_json, safetensors_shapes
 
+# The pipeline's summary table, in report.html and in the terminal.
+TABLE_HEADER = [
+    "stage", "held-out perplexity", "task: balanced accuracy", "task: answer loss", "time (s)",
+]  # fmt: skip
+
 
 def _figure(width: float = 7, height: float = 4):
     import matplotlib
@@ -204,14 +209,18 @@ def write_pipeline_report(run: Any) -> dict[str, Any]:
         "Core ML package": _folder_bytes(run.mlpackage),
         "Core AI asset": _folder_bytes(run.aimodel),
     }
+
+    def task_row(name: str) -> tuple[float, float]:
+        return acc[name]["balanced_accuracy"], acc[name]["nll"]
+
     table = [
-        ("full precision", ppl["full precision"], None, seconds.get("train")),
-        (f"palettized ({bpw:.2f} bpw)", ppl["palettized"], acc["palettized"]["balanced_accuracy"],
+        ("full precision", ppl["full precision"], None, None, seconds.get("train")),
+        (f"palettized ({bpw:.2f} bpw)", ppl["palettized"], *task_row("palettized"),
          seconds.get("palettize")),
-        ("palettized + recovery", ppl["palettized + recovery"], None, seconds.get("recover")),
-        ("task adapter from zero", None, acc["task adapter from zero"]["balanced_accuracy"],
+        ("palettized + recovery", ppl["palettized + recovery"], None, None, seconds.get("recover")),
+        ("task adapter from zero", None, *task_row("task adapter from zero"),
          seconds.get("task adapter from zero")),
-        ("task adapter from recovery", None, acc["task adapter from recovery"]["balanced_accuracy"],
+        ("task adapter from recovery", None, *task_row("task adapter from recovery"),
          seconds.get("task adapter from recovery")),
     ]  # fmt: skip
     summary = {
@@ -220,6 +229,7 @@ def write_pipeline_report(run: Any) -> dict[str, Any]:
         "bpw": bpw,
         "task": {name: row["balanced_accuracy"] for name, row in acc.items()},
         "task_accuracy": {name: row["accuracy"] for name, row in acc.items()},
+        "task_nll": {name: row["nll"] for name, row in acc.items()},
         "chance": next(iter(acc.values()))["chance"],
         "test_examples": task["examples"]["test"],
         "seconds": seconds,
@@ -229,9 +239,10 @@ def write_pipeline_report(run: Any) -> dict[str, Any]:
                 name,
                 None if p is None else round(p, 3),
                 None if a is None else round(a, 3),
+                None if n is None else round(n, 3),
                 None if t is None else round(t),
             ]
-            for name, p, a, t in table
+            for name, p, a, n, t in table
         ],
         "facts": {
             "bits per projection weight": f"{bpw:.3f}",
@@ -281,14 +292,15 @@ th {{ background: #f2f2f2; }} img {{ max-width: 100%; }} figure {{ margin: 1em 0
 <h1>afm_mlx: the on-device recipe, end to end</h1>
 <p>Train &rarr; palettize &rarr; recover &rarr; task adapters &rarr; evaluate &rarr; Core ML / Core AI.</p>
 <h2>Summary</h2>
-{_table(["stage", "held-out perplexity", "task: balanced accuracy", "time (s)"], summary["table"])}
+{_table(TABLE_HEADER, summary["table"])}
 {_table(["fact", "value"], [[k, v] for k, v in summary["facts"].items()])}
 <h2>Task</h2>
 <p>Speaker attribution: name who speaks a speech, among {len(task["speakers"])} characters:
 {html.escape(speakers)}. Test speeches come from scenes held out of both the task data and the
 language-model corpus; the prediction is the most likely name. Balanced accuracy is the mean over
 speakers of the share of their speeches named right: always naming one speaker scores chance
-(1 / number of speakers), however the test set is skewed.</p>
+(1 / number of speakers), however the test set is skewed. The answer loss is the mean negative
+log-likelihood per answer token (the name, as the plays write it, and EOS) on the test speeches.</p>
 <h2>Sizes</h2>
 {_table(["artifact", "size"], mb)}
 <h2>Plots</h2>

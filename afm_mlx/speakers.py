@@ -7,9 +7,13 @@ adapter never saw; and the language-model corpus the pipeline trains on (``write
 ``corpus/``) is the plays with every validation and test scene cut out, so the base model never
 saw those lines either.
 
-Records are ``{"prompt": speech + "\\nSpeaker:", "completion": " NAME", "choices": [...]}``: a
-prompt/completion task for ``finetune`` (loss on the name only), and a multiple-choice test for
-``evaluate`` (accuracy: the choice with the highest likelihood).
+Records are ``{"prompt": speech + "\\nSpoken by **", "completion": "NAME**", "choices": [...]}``:
+a prompt/completion task for ``finetune`` (loss on the name only), and a multiple-choice test for
+``evaluate`` (accuracy: the choice with the highest likelihood). The name is written as the plays
+write a speaker's heading (``**HAMLET**``), so the answer's tokens are ones the language model
+learned to predict; as a plain " HAMLET" it is a token the corpus has a dozen times, and the task
+adapters mostly spent their steps learning to spell it (measured: answer loss 3.6 against 0.8
+per token after the same 70 steps).
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from afm_mlx.data import shakespeare_files
 from afm_mlx.errors import UserError
 from afm_mlx.fileio import atomic_write_json, atomic_write_text
 
-PROMPT_SUFFIX = "\nSpeaker:"
+PROMPT_SUFFIX = "\nSpoken by **"
+ANSWER_SUFFIX = "**"
 SPLITS = ("train", "valid", "test")
 _SCENE = re.compile(r"^#{2,3}\s*(ACT|SCENE|PROLOGUE|EPILOGUE|INDUCTION)\b", re.IGNORECASE)
 _SPEAKER = re.compile(r"^\*\*([A-Z][A-Z .,'&-]*[A-Z.])\*\*\s*$")
@@ -151,8 +156,8 @@ def build_speaker_task(
                 records[split].append(
                     {
                         "prompt": _prompt(pool[i].text, max_words),
-                        "completion": " " + name,
-                        "choices": [" " + n for n in names],
+                        "completion": name + ANSWER_SUFFIX,
+                        "choices": [n + ANSWER_SUFFIX for n in names],
                     }
                 )
     for split in SPLITS:

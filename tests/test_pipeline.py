@@ -146,6 +146,7 @@ def test_report_equals_evaluate_json(run):
     assert report["task"]["task adapter from zero"] == task[0]["balanced_accuracy"]
     assert report["task"]["task adapter from recovery"] == task[1]["balanced_accuracy"]
     assert report["task_accuracy"]["task adapter from recovery"] == task[1]["accuracy"]
+    assert report["task_nll"]["task adapter from zero"] == task[0]["nll"]
     # ... and the numbers a reader sees in report.html are those.
     html = (out / "report.html").read_text()
     for value in (pal[0]["perplexity"], pal[1]["perplexity"], task[1]["balanced_accuracy"]):

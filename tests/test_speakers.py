@@ -15,7 +15,13 @@ import numpy as np
 import pytest
 
 from afm_mlx.errors import UserError
-from afm_mlx.speakers import PROMPT_SUFFIX, build_speaker_task, parse_play, write_task
+from afm_mlx.speakers import (
+    ANSWER_SUFFIX,
+    PROMPT_SUFFIX,
+    build_speaker_task,
+    parse_play,
+    write_task,
+)
 from afm_mlx.task_data import encode_record
 
 
@@ -51,7 +57,7 @@ def test_split_holds_out_whole_scenes_and_is_balanced(task):
     for split, records in splits.items():
         assert len(records) == description["examples"][split]
         counts = Counter(r["completion"] for r in records)
-        assert set(counts) <= {" " + n for n in names}
+        assert set(counts) <= {n + ANSWER_SUFFIX for n in names}
         assert max(counts.values()) <= (40 if split == "train" else 10)
         for r in records:
             assert r["prompt"].endswith(PROMPT_SUFFIX) and r["completion"] in r["choices"]
