@@ -40,6 +40,7 @@ from afm_mlx.lora import (
     read_adapter,
     save_adapter,
     set_adapter_weights,
+    settings_for_model,
 )
 
 
@@ -214,7 +215,7 @@ def train_adapter(
     writes).
     """
     world = world or World()
-    settings = settings or cfg.lora_settings()
+    settings = settings_for_model(settings or cfg.lora_settings(), model)
     attach_lora(model, settings, seed=cfg.seed)
     state: dict[str, Any] = {"step": 0, "epoch": 0, "index": 0, "history": []}
     opt_state = None

@@ -14,6 +14,7 @@ An adapter folder is mlx-lm's layout, so ``mlx_lm.load(base, adapter_path=folder
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,21 +26,14 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.lora import LoRALinear as _MlxLmLoRALinear
 
 from afm_mlx.errors import UserError
+from afm_mlx.families import LLAMA_PROJECTIONS, model_family
 from afm_mlx.fileio import atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
 from afm_mlx.model import model_fingerprint
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 # Apple's recipe: every attention and FFN projection of every layer.
-DEFAULT_KEYS = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
+DEFAULT_KEYS = LLAMA_PROJECTIONS
 # float16 rather than bfloat16: adapter values are small, and fp16's 10-bit mantissa keeps them
 # 8x more precisely; it is also the Neural Engine's native type.
 SAVE_DTYPE = mx.float16
@@ -192,6 +186,16 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     return [(p, m) for p, m in model.named_modules() if isinstance(m, _MlxLmLoRALinear)]
 
 
+def settings_for_model(settings: LoRASettings, model: nn.Module) -> LoRASettings:
+    """``settings`` with the default keys (every projection of a Llama-layout block) replaced by
+    the projections of the model's family when they are named otherwise (Phi-3's fused
+    ``qkv_proj`` ...); keys given explicitly are kept as they are."""
+    projections = model_family(model).projections
+    if list(settings.keys) == list(DEFAULT_KEYS) and tuple(projections) != DEFAULT_KEYS:
+        return dataclasses.replace(settings, keys=list(projections))
+    return settings
+
+
 def attach_lora(model: nn.Module, settings: LoRASettings, seed: int = 0) -> list[str]:
     """Wrap the target layers of ``model`` in place and freeze everything but the adapters.
 
@@ -228,7 +232,7 @@ def attach_lora(model: nn.Module, settings: LoRASettings, seed: int = 0) -> list
     if missing:
         raise UserError(
             f"LoRA keys {', '.join(missing)} name no linear layer of this model "
-            f"(the defaults are {', '.join(DEFAULT_KEYS)})"
+            f"(its projections are {', '.join(model_family(model).projections)})"
         )
     model.freeze()
     for _, layer in lora_layers(model):

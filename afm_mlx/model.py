@@ -22,6 +22,7 @@ from mlx.utils import tree_flatten, tree_map_with_path
 from mlx_lm.utils import _get_classes
 
 from afm_mlx.errors import UserError
+from afm_mlx.families import family_for
 from afm_mlx.fileio import (
     atomic_copy,
     atomic_save_safetensors,
@@ -84,7 +85,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-SUPPORTED_MODEL_TYPES = ("qwen3", "llama", "qwen2", "mistral")
 MAX_SHARD_BYTES = 5 * 1024**3
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -107,12 +107,7 @@ def preset_config(name: str, **overrides: Any) -> dict[str, Any]:
 
 def validate_config(config: dict[str, Any], source: str) -> None:
     """Refuse configs that cannot build a model, naming ``source`` and the bad keys."""
-    model_type = config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UserError(
-            f"{source}: model_type '{model_type}' is not supported "
-            f"(afm_mlx handles {', '.join(SUPPORTED_MODEL_TYPES)})"
-        )
+    family_for(config, source)
     required = [
         "hidden_size",
         "num_hidden_layers",

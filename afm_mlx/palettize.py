@@ -24,6 +24,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from afm_mlx.cli import stage_main
 from afm_mlx.data import PackedDataset, build_token_cache, split_train_valid
 from afm_mlx.errors import UserError
+from afm_mlx.families import family_for
 from afm_mlx.fileio import check_new_output, output_lock, staged_dir
 from afm_mlx.kmeans import SUPPORTED_BITS, check_palettization_settings
 from afm_mlx.losses import token_nll
@@ -188,6 +189,40 @@ def _logits_from_hidden(model: nn.Module, h: mx.array) -> mx.array:
     return head(h).astype(mx.float32)
 
 
+class _BlockCall:
+    """Stands in for a block during one forward pass, recording how the model calls it."""
+
+    def __init__(self, block: nn.Module):
+        self.block, self.calls = block, []
+
+    def __getattr__(self, name: str):  # a model may read its blocks' settings (use_sliding, ...)
+        return getattr(self.block, name)
+
+    def __call__(self, x, *args, **kwargs):
+        self.calls.append((x, args, kwargs))
+        return self.block(x, *args, **kwargs)
+
+
+def _block_inputs(model: nn.Module, inputs: list[mx.array]) -> list[list[tuple]]:
+    """calls[i][j]: (hidden state, args, kwargs) with which the model calls block i on batch j.
+
+    The model's own forward pass computes them, so what a family does before and between its
+    blocks (Gemma's embedding scale, its sliding-window and global masks, layers without RoPE)
+    is replayed exactly; nothing here knows the family.
+    """
+    blocks = model.model.layers
+    recorders = [_BlockCall(b) for b in blocks]
+    try:
+        for i, r in enumerate(recorders):
+            blocks[i] = r
+        for x in inputs:
+            mx.eval(model(x))
+    finally:
+        for i, r in enumerate(recorders):
+            blocks[i] = r.block
+    return [r.calls for r in recorders]
+
+
 def measure_sensitivity(
     model: nn.Module,
     paths: list[str],
@@ -199,20 +234,15 @@ def measure_sensitivity(
 ) -> dict[str, dict[int, float]]:
     """KL(fp || model with only ``path`` palettized at b bits) for every layer and choice.
 
-    Only the blocks from the changed layer's block onwards are re-run: the fp hidden states
-    entering every block are computed once.
+    Only the blocks from the changed layer's block onwards are re-run, from the fp hidden states
+    (and masks) the model passed to each block, recorded once.
     """
     blocks = model.model.layers
     inputs = [b[:, :-1] for b in batches]
-    hidden = []  # hidden[i][j]: input of block i for batch j
-    h = [model.model.embed_tokens(x) for x in inputs]
-    for block in blocks:
-        hidden.append(h)
-        h = [block(x, mask="causal") for x in h]
-        mx.eval(h)
-    ref = [_logits_from_hidden(model, x) for x in h]
+    ref = [model(x).astype(mx.float32) for x in inputs]
     ref = [r - mx.logsumexp(r, axis=-1, keepdims=True) for r in ref]
     mx.eval(ref)
+    calls = _block_inputs(model, inputs)
     modules = dict(tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module))
     result: dict[str, dict[int, float]] = {}
     for path in paths:
@@ -225,9 +255,10 @@ def measure_sensitivity(
             _swap(model, path, candidate)
             kls = []
             for j in range(len(batches)):
-                x = hidden[block_index][j]
-                for block in blocks[block_index:]:
-                    x = block(x, mask="causal")
+                x = calls[block_index][j][0]
+                for k in range(block_index, len(blocks)):
+                    _, args, kwargs = calls[k][j]
+                    x = blocks[k](x, *args, **kwargs)
                 kls.append(_kl_to_reference(_logits_from_hidden(model, x), ref[j]))
             result[path][bits] = float(np.mean(kls))
             _swap(model, path, original)
@@ -309,6 +340,23 @@ def palettize(cfg: PalettizeConfig) -> dict[str, Any]:
         return _palettize(cfg, out)
 
 
+def check_fused_groups(
+    fused: dict[str, list[int]], paths: list[str], group_size: int, axis: int
+) -> None:
+    """A fused projection (q|k|v rows in one matrix) is palettized as its slices would be one by
+    one: with groups of output rows (``axis`` 0), every slice must be a whole number of groups,
+    so that no LUT is shared across two slices."""
+    if axis != 0:
+        return  # groups of input columns span every row of every slice alike
+    for p in paths:
+        for rel, slices in fused.items():
+            if p.endswith("." + rel) and any(n % group_size for n in slices):
+                raise UserError(
+                    f"--group-size {group_size}: {p} fuses slices of {slices} rows; a group of "
+                    f"rows would straddle two of them: pick a group size dividing each"
+                )
+
+
 def _palettize(cfg: PalettizeConfig, out: Path) -> dict[str, Any]:
     from tqdm import tqdm
 
@@ -333,6 +381,7 @@ def _palettize(cfg: PalettizeConfig, out: Path) -> dict[str, Any]:
             check_palettization_settings(tuple(shape), cfg.bits, group, axis)
         except ValueError as e:
             raise UserError(f"{flag} {group}: {p}: {e}") from e
+    check_fused_groups(family_for(config, cfg.model).fused(config), paths, cfg.group_size, cfg.axis)
     need_calibration = cfg.target_bpw is not None or cfg.sensitivity != "none"
     batches = calibration_batches(cfg, model_dir, config["vocab_size"]) if need_calibration else []
 

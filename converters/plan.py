@@ -20,6 +20,7 @@ import mlx.nn as nn
 import numpy as np
 
 from afm_mlx.errors import UserError
+from afm_mlx.families import family_for
 from afm_mlx.lora import DEFAULT_KEYS
 from afm_mlx.model import validate_config
 from afm_mlx.packing import pack_indices
@@ -166,9 +167,16 @@ class LoraWeights:
 
 def check_convertible(config: dict[str, Any], source: str) -> None:
     """Refuse architectures the converters do not handle, before any weights are read: the
-    families afm_mlx loads (all pre-norm decoders with q/k/v/o projections and a SwiGLU MLP, the
-    layout lowered here), with the SiLU gate."""
+    Llama-layout families (pre-norm decoders with q/k/v/o projections and a SwiGLU MLP, the
+    layout lowered here), with the SiLU gate; other families afm_mlx loads are named with what
+    the layer plan lacks for them."""
     validate_config(config, source)
+    family = family_for(config, source)
+    if family.converter_missing:
+        raise UserError(
+            f"{source}: the converters do not handle {family.name} models yet: their layer plan "
+            f"lacks {family.converter_missing} (palettize, recover, finetune and generate do)"
+        )
     if config.get("hidden_act", "silu") != "silu":
         raise UserError(f"{source}: hidden_act {config['hidden_act']!r} is not supported (silu)")
 

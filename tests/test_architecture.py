@@ -47,6 +47,7 @@ ENGINE = {
 LIBRARY = {
     "afm_mlx",
     "afm_mlx.errors",
+    "afm_mlx.families",
     "afm_mlx.cli",
     "afm_mlx.fileio",
     "afm_mlx.runtime",

@@ -1,0 +1,266 @@
+"""Gemma 3, SmolLM3 and Phi-3 through the MLX stages, each as a tiny random model: our loader's logits
+equal mlx-lm's, the palettized forward is the dense forward of the dequantized weights, mixed-bit
+sensitivity replays the family's own masks, a recovery adapter trains and loads back, generate
+runs with it; the converters refuse what their layer plan lacks in one line, and so does every
+stage for a family afm_mlx does not handle."""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import one_line_error, run_cli
+from mlx.utils import tree_flatten
+
+from afm_mlx.families import family_for, supported_types
+from afm_mlx.lora import AdapterCache, read_adapter
+from afm_mlx.model import build_model, load, load_model, save_model
+from afm_mlx.palettize import PalettizeConfig, _swap, measure_sensitivity, palettize
+from afm_mlx.palettized import PalettizedLinear
+from afm_mlx.recover import RecoverConfig, recover
+
+# Longer than Gemma's sliding window below, so its local layers really mask.
+TOKENS = mx.array([[5, 17, 300, 42, 9, 77, 123, 4, 250, 8, 61, 99, 31, 7, 140, 12, 3, 88, 27, 64]])
+
+CONFIGS = {
+    "gemma3_text": {
+        "model_type": "gemma3_text",
+        "hidden_size": 64,
+        "num_hidden_layers": 4,
+        "intermediate_size": 128,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 32,
+        "query_pre_attn_scalar": 32,
+        "sliding_window": 6,
+        "sliding_window_pattern": 2,  # local, global, local, global
+        "rope_theta": 1_000_000.0,
+        "rope_local_base_freq": 10_000.0,
+        "rms_norm_eps": 1e-6,
+        "hidden_activation": "gelu_pytorch_tanh",
+    },
+    "smollm3": {
+        "model_type": "smollm3",
+        "hidden_size": 64,
+        "num_hidden_layers": 4,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10_000.0,
+        "no_rope_layer_interval": 2,  # RoPE, none, RoPE, none
+        "tie_word_embeddings": False,
+    },
+    "phi3": {  # fused projections: qkv_proj rows 64 | 32 | 32, gate_up_proj 128 | 128
+        "model_type": "phi3",
+        "hidden_size": 64,
+        "num_hidden_layers": 4,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10_000.0,
+        "tie_word_embeddings": False,
+    },
+}
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def family_dir(request, tiny_corpus, tiny_tokenizer, tmp_path_factory):
+    """A model of the family, briefly trained (``train --init``) from a random init: a random
+    model predicts almost uniformly, leaving a recovery adapter nothing to learn."""
+    from tokenizers import Tokenizer
+
+    from afm_mlx.train import TrainConfig, train
+
+    vocab = Tokenizer.from_file(str(tiny_tokenizer / "tokenizer.json")).get_vocab_size()
+    config = {**CONFIGS[request.param], "vocab_size": vocab, "eos_token_id": 2}
+    tmp = tmp_path_factory.mktemp(request.param)
+    mx.random.seed(7)
+    model = build_model(config)
+    mx.eval(model.parameters())
+    save_model(tmp / "random", model, config, tiny_tokenizer)
+    cfg = TrainConfig(
+        init=str(tmp / "random"),
+        data=str(tiny_corpus),
+        out=str(tmp / "fp"),
+        max_steps=60,
+        batch_size=8,
+        seq_len=32,
+        learning_rate=3e-3,
+        warmup_steps=5,
+        eval_every=1000,
+        save_every=1000,
+        sample_tokens=0,
+        progress=False,
+    )
+    return train(cfg)
+
+
+@pytest.fixture(scope="module")
+def palettized_dir(family_dir):
+    out = family_dir.parent / "lut"
+    cfg = PalettizeConfig(
+        model=str(family_dir),
+        out=str(out),
+        target_bpw=3.0,
+        bit_choices=[2, 4],
+        group_size=16,
+        calibration_batches=1,
+        calibration_seq_len=24,
+    )
+    palettize(cfg)
+    return out
+
+
+def test_our_loader_computes_mlx_lms_logits(family_dir):
+    from mlx_lm.utils import load_model as mlx_lm_load_model
+
+    ours, _, _ = load_model(family_dir)
+    theirs, _ = mlx_lm_load_model(family_dir)
+    assert type(ours) is type(theirs)
+    np.testing.assert_array_equal(np.array(ours(TOKENS)), np.array(theirs(TOKENS)))
+
+
+def test_palettized_forward_is_the_dense_forward_of_its_dequantized_weights(
+    family_dir, palettized_dir
+):
+    model, config, _ = load_model(palettized_dir)
+    bits = {v["bits"] for k, v in config["palettization"]["layers"].items() if "layers." in k}
+    assert bits == {2, 4}, bits  # the budget was met by mixing, as chosen by sensitivity
+    dense, _, _ = load_model(family_dir)
+    replacement = [
+        (f"{name}.weight", module.dequantize(mx.float32))
+        for name, module in tree_flatten(model.leaf_modules(), is_leaf=lambda m: hasattr(m, "lut"))
+        if hasattr(module, "dequantize")
+    ]
+    family = family_for(config, "t")
+    # Every projection of every block, plus the embedding (8-bit rows, AFM's default).
+    assert len(replacement) == len(family.projections) * config["num_hidden_layers"] + 1
+    fp = np.array(dense(TOKENS))
+    dense.load_weights(replacement, strict=False)
+    np.testing.assert_allclose(np.array(model(TOKENS)), np.array(dense(TOKENS)), atol=1e-4)
+    assert np.abs(np.array(model(TOKENS)) - fp).max() > 1e-3  # and it is not the fp model
+
+
+def test_sensitivity_replays_the_familys_masks(family_dir):
+    """Replaying blocks from recorded inputs gives the KL a full forward pass gives."""
+    model, _, _ = load_model(family_dir)
+    cfg = PalettizeConfig(model=str(family_dir), out="unused", group_size=16)
+    batches = [mx.concatenate([TOKENS, TOKENS[:, :1]], axis=1)]
+    paths = ["model.layers.1.self_attn.o_proj", "model.layers.2.mlp.down_proj"]
+    got = measure_sensitivity(model, paths, [2], cfg, batches, None)
+    ref = model(TOKENS).astype(mx.float32)
+    ref = ref - mx.logsumexp(ref, axis=-1, keepdims=True)
+    modules = dict(tree_flatten(model.leaf_modules(), is_leaf=lambda m: hasattr(m, "weight")))
+    for path in paths:
+        original = modules[path]
+        _swap(model, path, PalettizedLinear.from_linear(original, 2, 16, 0, None))
+        logits = model(TOKENS).astype(mx.float32)
+        logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        want = mx.mean(mx.sum(mx.exp(ref) * (ref - logp), axis=-1)).item()
+        _swap(model, path, original)
+        assert want > 0 and got[path][2] == pytest.approx(want, rel=1e-4)
+
+
+@pytest.mark.slow  # about 15 s per family
+def test_recovery_adapter_trains_loads_back_and_generates(
+    family_dir, palettized_dir, tiny_corpus, tmp_path
+):
+    out = tmp_path / "recovery"
+    cfg = RecoverConfig(
+        model=str(palettized_dir),
+        teacher=str(family_dir),
+        data=str(tiny_corpus),
+        out=str(out),
+        rank=4,
+        max_steps=24,
+        learning_rate=2e-3,
+        batch_size=4,
+        seq_len=24,
+        warmup_steps=2,
+        eval_every=1000,
+        eval_batches=2,
+        log_every=1,
+        progress=False,
+    )
+    report = recover(cfg)
+    saved = json.loads((out / "adapter_config.json").read_text())
+    config = json.loads((family_dir / "config.json").read_text())
+    assert saved["lora_parameters"]["keys"] == list(family_for(config, "t").projections)
+    # Loaded back onto a fresh base, the adapter moves the compressed model's distribution
+    # toward the teacher's (KL on tokens it never trained on), the same way each time.
+    teacher, tokenizer = load(family_dir)
+    text = sorted(tiny_corpus.rglob("*.txt"))[-1].read_text()[-4000:]
+    tokens = mx.array(tokenizer.encode(text)[-256:])[None]
+    ref = teacher(tokens).astype(mx.float32)
+    ref = ref - mx.logsumexp(ref, axis=-1, keepdims=True)
+
+    def kl(m) -> float:
+        logits = m(tokens).astype(mx.float32)
+        logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return mx.mean(mx.sum(mx.exp(ref) * (ref - logp), axis=-1)).item()
+
+    model, _, _ = load_model(palettized_dir)
+    before = kl(model)
+    AdapterCache(model).activate(read_adapter(out))
+    after = kl(model)
+    assert after < 0.9 * before, (before, after, report)
+    model2, _, _ = load_model(palettized_dir)
+    AdapterCache(model2).activate(read_adapter(out))
+    np.testing.assert_array_equal(np.array(model2(TOKENS)), np.array(model(TOKENS)))
+    proc = run_cli(
+        "afm_mlx.generate", "--model", palettized_dir, "--adapter", out, "--prompt", "The king",
+        "--max-tokens", "8", "--no-verbose",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    # mlx-lm's default is greedy: the CLI prints the argmax continuation of the adapted model.
+    ids = tokenizer.encode("The king")
+    for _ in range(8):
+        ids.append(int(mx.argmax(model(mx.array(ids)[None])[0, -1]).item()))
+        if ids[-1] == tokenizer.eos_token_id:
+            ids.pop()
+            break
+    expected = tokenizer.decode(ids[len(tokenizer.encode("The king")) :])
+    assert proc.stdout == expected + "\n", (proc.stdout, expected)
+
+
+def test_converters_refuse_what_their_layer_plan_lacks(family_dir, tmp_path):
+    family = family_for(json.loads((family_dir / "config.json").read_text()), "t")
+    for module, name in (("converters.coreml", "m.mlpackage"), ("converters.coreai", "m.aimodel")):
+        out = tmp_path / name
+        proc = run_cli(module, "--model", family_dir, "--out", out)
+        line = one_line_error(proc)
+        assert family.name in line and family.converter_missing in line, line
+        assert not out.exists()
+
+
+def test_an_unsupported_family_is_one_line(tiny_model_dir, tmp_path):
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    moe = tmp_path / "moe"
+    moe.mkdir()
+    (moe / "config.json").write_text(json.dumps({**config, "model_type": "qwen3_moe"}))
+    for module, args in (
+        ("afm_mlx.palettize", ["--model", moe, "--out", tmp_path / "out", "--bits", "4"]),
+        ("afm_mlx.generate", ["--model", moe, "--prompt", "x"]),
+        ("converters.coreml", ["--model", moe, "--out", tmp_path / "m.mlpackage"]),
+    ):
+        line = one_line_error(run_cli(module, *args))
+        assert "qwen3_moe" in line and "mixture-of-experts" in line, line
+        assert all(t in line for t in supported_types())
+    assert not (tmp_path / "out").exists() and not (tmp_path / "m.mlpackage").exists()
+
+
+def test_a_lut_group_never_straddles_two_slices_of_a_fused_projection(family_dir, tmp_path):
+    config = json.loads((family_dir / "config.json").read_text())
+    fused = family_for(config, "t").fused(config)
+    if not fused:
+        pytest.skip("no fused projections in this family")
+    # 64 divides every fused matrix's 128 or 256 rows, but not qkv_proj's 32-row k and v slices.
+    out = tmp_path / "out"
+    proc = run_cli("afm_mlx.palettize", "--model", family_dir, "--out", out, "--group-size", "64")
+    line = one_line_error(proc)
+    assert "qkv_proj" in line and "[64, 32, 32]" in line and "straddle" in line, line
+    assert not out.exists()
