@@ -203,8 +203,11 @@ class _BlockCall:
         return self.block(x, *args, **kwargs)
 
 
-def _block_inputs(model: nn.Module, inputs: list[mx.array]) -> list[list[tuple]]:
-    """calls[i][j]: (hidden state, args, kwargs) with which the model calls block i on batch j.
+def _block_inputs(
+    model: nn.Module, inputs: list[mx.array]
+) -> tuple[list[list[tuple]], list[mx.array]]:
+    """(calls, log-probabilities): calls[i][j] is (hidden state, args, kwargs) with which the
+    model calls block i on batch j, and the model's next-token log-probabilities on each batch.
 
     The model's own forward pass computes them, so what a family does before and between its
     blocks (Gemma's embedding scale, its sliding-window and global masks, layers without RoPE)
@@ -212,15 +215,18 @@ def _block_inputs(model: nn.Module, inputs: list[mx.array]) -> list[list[tuple]]
     """
     blocks = model.model.layers
     recorders = [_BlockCall(b) for b in blocks]
+    logprobs = []
     try:
         for i, r in enumerate(recorders):
             blocks[i] = r
         for x in inputs:
-            mx.eval(model(x))
+            logits = model(x).astype(mx.float32)
+            logprobs.append(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+            mx.eval(logprobs[-1], [c[0] for r in recorders for c in r.calls[-1:]])
     finally:
         for i, r in enumerate(recorders):
             blocks[i] = r.block
-    return [r.calls for r in recorders]
+    return [r.calls for r in recorders], logprobs
 
 
 def measure_sensitivity(
@@ -238,11 +244,7 @@ def measure_sensitivity(
     (and masks) the model passed to each block, recorded once.
     """
     blocks = model.model.layers
-    inputs = [b[:, :-1] for b in batches]
-    ref = [model(x).astype(mx.float32) for x in inputs]
-    ref = [r - mx.logsumexp(r, axis=-1, keepdims=True) for r in ref]
-    mx.eval(ref)
-    calls = _block_inputs(model, inputs)
+    calls, ref = _block_inputs(model, [b[:, :-1] for b in batches])
     modules = dict(tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module))
     result: dict[str, dict[int, float]] = {}
     for path in paths:

@@ -133,7 +133,7 @@ def _chat_parts(tokenizer, messages: list[dict]) -> list[tuple[list[int], bool]]
     eos = tokenizer.eos_token_id
     template = getattr(tokenizer, "chat_template", None)
     if not template:
-        # The text ``GenerationSession.chat_tokens`` renders, EOS as its id.
+        # The text ``Generator.chat_tokens`` renders for generation, EOS as its id.
         parts: list[tuple[str | int, bool]] = []
         for m in messages:
             if m["role"] == "assistant":
