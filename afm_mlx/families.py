@@ -71,7 +71,7 @@ FAMILIES = (
             "with its extra sandwich norms"
         ),
     ),
-    Family("SmolLM3", ("smollm3",), converter_missing="layers without RoPE (NoPE)"),
+    Family("SmolLM3", ("smollm3",)),  # its layers without RoPE: converters skip the rotation
     Family(
         "Phi-3",
         ("phi3",),

@@ -184,8 +184,9 @@ def _attention(em, h, i: int, mw: ModelWeights, lora, seq: int, ctx: dict) -> Va
     if layer.q_norm is not None:
         q = _rms_norm(em, q, layer.q_norm, mw.eps, 1, p + "q_norm")
         k = _rms_norm(em, k, layer.k_norm, mw.eps, 1, p + "k_norm")
-    q = _rope(em, q, ctx, hd // 2, p + "q_rope")
-    k = _rope(em, k, ctx, hd // 2, p + "k_rope")
+    if layer.rope:
+        q = _rope(em, q, ctx, hd // 2, p + "q_rope")
+        k = _rope(em, k, ctx, hd // 2, p + "k_rope")
     q = em.mul(q, np.float32(mw.attn_scale), p + "q_scaled")
 
     # Write this chunk's keys/values into the cache rows [position, position + S), then attend

@@ -87,6 +87,7 @@ class Layer:
     q_norm: np.ndarray | None
     k_norm: np.ndarray | None
     proj: dict[str, Projection]  # keyed by PROJECTIONS
+    rope: bool = True  # False: a layer without positional rotation (SmolLM3's NoPE layers)
 
 
 @dataclass
@@ -258,6 +259,12 @@ def _rope_tables(rope: nn.Module, head_dim: int, max_context: int) -> tuple[np.n
     return cos.astype(np.float32), sin.astype(np.float32)
 
 
+def _rotates(rope: nn.Module, head_dim: int) -> bool:
+    """Whether a layer's RoPE module changes its input at all (SmolLM3's NoPE layers do not)."""
+    probe = mx.random.normal((1, 1, 4, head_dim), key=mx.random.key(1))
+    return not np.array_equal(np.array(rope(probe, offset=3)), np.array(probe))
+
+
 def extract_weights(
     model: nn.Module,
     config: dict[str, Any],
@@ -280,6 +287,7 @@ def extract_weights(
                 raise UserError(f"model.layers.{i}.{rel}: missing; architecture not supported")
             proj[rel] = _projection(module, f"model.layers.{i}.{rel}")
         has_qk_norm = hasattr(attn, "q_norm")
+        head_dim = proj["self_attn.q_proj"].shape[0] // heads
         layers.append(
             Layer(
                 input_norm=_f32(block.input_layernorm.weight, f"layer {i} input_layernorm"),
@@ -287,11 +295,28 @@ def extract_weights(
                 q_norm=_f32(attn.q_norm.weight, f"layer {i} q_norm") if has_qk_norm else None,
                 k_norm=_f32(attn.k_norm.weight, f"layer {i} k_norm") if has_qk_norm else None,
                 proj=proj,
+                rope=_rotates(attn.rope, head_dim),
             )
         )
-    q_out = layers[0].proj["self_attn.q_proj"].shape[0]
-    head_dim = q_out // heads
-    cos, sin = _rope_tables(attn0.rope, head_dim, max_context)
+    # One cos/sin table serves every rotating layer: refuse layers whose rotations differ.
+    tables = [
+        _rope_tables(block.self_attn.rope, head_dim, max_context)
+        for block, layer in zip(inner.layers, layers)
+        if layer.rope
+    ]
+    if any(not (np.array_equal(t[0], tables[0][0]) and np.array_equal(t[1], tables[0][1]))
+           for t in tables[1:]):  # fmt: skip
+        raise UserError(
+            "layers rotate with different RoPE tables; one table per model is supported"
+        )
+    cos, sin = (
+        tables[0]
+        if tables
+        else (
+            np.ones((max_context, head_dim), np.float32),
+            np.zeros((max_context, head_dim), np.float32),
+        )
+    )
     tied = config.get("tie_word_embeddings", True) or not hasattr(model, "lm_head")
     embedding = _matrix(inner.embed_tokens, "model.embed_tokens")
     weights = ModelWeights(

@@ -7,6 +7,7 @@ stage for a family afm_mlx does not handle."""
 from __future__ import annotations
 
 import json
+import sys
 
 import mlx.core as mx
 import numpy as np
@@ -227,8 +228,39 @@ def test_recovery_adapter_trains_loads_back_and_generates(
     assert proc.stdout == expected + "\n", (proc.stdout, expected)
 
 
+def test_converted_package_and_asset_compute_mlxs_logits(family_dir, palettized_dir, tmp_path):
+    """Core ML (our reference executor of the saved program) and Core AI (Apple's runtime, float32
+    compute) run the palettized model to MLX's logits, prefill and decode through the state."""
+    import test_coreai
+    import test_coreml
+    from test_coreml_executor import open_package
+
+    from converters.coreml import ConvertConfig
+    from converters.coreml import convert as convert_coreml
+
+    family = family_for(json.loads((family_dir / "config.json").read_text()), "t")
+    if family.converter_missing:
+        pytest.skip(f"the converters refuse {family.name} (next test)")
+    model, _, _ = load_model(palettized_dir)
+    package = tmp_path / "m.mlpackage"
+    c = test_coreml
+    convert_coreml(
+        ConvertConfig(model=str(palettized_dir), out=str(package), context=c.CONTEXT,
+                      prefill_chunk=c.CHUNK)
+    )  # fmt: skip
+    got = c.coreml_logits(open_package(package)[2], c.PROMPT, c.DECODE)
+    c.assert_logits_close(got, c.mlx_logits(model, c.PROMPT, c.DECODE))
+    if sys.version_info < (3, 11):
+        return  # coreai-core has wheels for CPython >= 3.11 only
+    a = test_coreai
+    asset = a.to_aimodel(palettized_dir, tmp_path / "m.aimodel")
+    a.assert_fp32_close(a.coreai_logits(asset), c.mlx_logits(model, a.PROMPT, a.DECODE))
+
+
 def test_converters_refuse_what_their_layer_plan_lacks(family_dir, tmp_path):
     family = family_for(json.loads((family_dir / "config.json").read_text()), "t")
+    if not family.converter_missing:
+        pytest.skip(f"the converters handle {family.name} (previous test)")
     for module, name in (("converters.coreml", "m.mlpackage"), ("converters.coreai", "m.aimodel")):
         out = tmp_path / name
         proc = run_cli(module, "--model", family_dir, "--out", out)
