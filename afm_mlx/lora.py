@@ -186,11 +186,20 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     return [(p, m) for p, m in model.named_modules() if isinstance(m, _MlxLmLoRALinear)]
 
 
+def model_projections(model: nn.Module) -> tuple[str, ...]:
+    """The block-relative projection paths of ``model``'s family (a module that names no
+    ``model_type``, e.g. a hand-built one, gets the Llama layout's)."""
+    try:
+        return model_family(model).projections
+    except UserError:
+        return DEFAULT_KEYS
+
+
 def settings_for_model(settings: LoRASettings, model: nn.Module) -> LoRASettings:
     """``settings`` with the default keys (every projection of a Llama-layout block) replaced by
     the projections of the model's family when they are named otherwise (Phi-3's fused
     ``qkv_proj`` ...); keys given explicitly are kept as they are."""
-    projections = model_family(model).projections
+    projections = model_projections(model)
     if list(settings.keys) == list(DEFAULT_KEYS) and tuple(projections) != DEFAULT_KEYS:
         return dataclasses.replace(settings, keys=list(projections))
     return settings
@@ -232,7 +241,7 @@ def attach_lora(model: nn.Module, settings: LoRASettings, seed: int = 0) -> list
     if missing:
         raise UserError(
             f"LoRA keys {', '.join(missing)} name no linear layer of this model "
-            f"(its projections are {', '.join(model_family(model).projections)})"
+            f"(its projections are {', '.join(model_projections(model))})"
         )
     model.freeze()
     for _, layer in lora_layers(model):
