@@ -8,7 +8,8 @@ branching on ``model_type``:
   and the converters lower (palettization takes every ``nn.Linear`` but the LM head);
 * ``fused``: projections that compute several outputs in one matrix (Phi-3's ``qkv_proj`` and
   ``gate_up_proj``), with the row count of each slice: a LUT group of rows must not straddle two
-  slices, so that each slice keeps a group layout of its own (as if it were its own layer);
+  slices, so that each slice keeps a group layout of its own (as if it were its own layer); the
+  converters lower each slice as the Llama-layout projection it stands for (``fused_parts``);
 * ``converter_missing``: what the Core ML / Core AI converters' layer plan lacks for the family,
   or None when they convert it. A converter refuses such a model in one line naming it.
 
@@ -59,6 +60,8 @@ class Family:
     projections: tuple[str, ...] = LLAMA_PROJECTIONS
     converter_missing: str | None = None
     fused: Callable[[dict[str, Any]], dict[str, list[int]]] = field(default=lambda c: {})
+    # Each fused projection's slices, in order, named as the Llama layout's projections.
+    fused_parts: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 FAMILIES = (
@@ -76,8 +79,11 @@ FAMILIES = (
         "Phi-3",
         ("phi3",),
         projections=PHI3_PROJECTIONS,
-        converter_missing="fused qkv / gate-up projections",
         fused=_phi3_slices,
+        fused_parts={
+            "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+        },
     ),
 )
 

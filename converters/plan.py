@@ -74,6 +74,10 @@ class Projection:
     path: str
     weight: Matrix
     bias: np.ndarray | None = None
+    # A slice of a fused projection (Phi-3's qkv_proj): the fused layer's path, which adapters
+    # name, and the rows [start, stop) of it that this projection is.
+    fused_path: str | None = None
+    rows: tuple[int, int] | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -259,6 +263,40 @@ def _rope_tables(rope: nn.Module, head_dim: int, max_context: int) -> tuple[np.n
     return cos.astype(np.float32), sin.astype(np.float32)
 
 
+def _block_projection(
+    block: nn.Module, i: int, rel: str, family, fused_rows: dict[str, list[int]]
+) -> Projection:
+    """Block ``i``'s projection ``rel`` (``self_attn.q_proj`` ...): its own layer, or its rows of
+    the family's fused layer (a LUT group never spans two slices: palettize refuses that)."""
+    owner, name = rel.split(".")
+    module = getattr(getattr(block, owner), name, None)
+    if module is not None:
+        return _projection(module, f"model.layers.{i}.{rel}")
+    for fused, parts in family.fused_parts.items():
+        if rel not in parts:
+            continue
+        f_owner, f_name = fused.split(".")
+        module = getattr(getattr(block, f_owner), f_name, None)
+        if module is None:
+            break
+        k = parts.index(rel)
+        start = sum(fused_rows[fused][:k])
+        stop = start + fused_rows[fused][k]
+        whole = _projection(module, f"model.layers.{i}.{fused}")
+        weight = whole.weight
+        try:
+            part = (
+                weight.row_slice(start, stop)
+                if isinstance(weight, LutMatrix)
+                else weight[start:stop]
+            )
+        except ValueError as e:
+            raise UserError(f"model.layers.{i}.{fused}: {e}") from e
+        bias = None if whole.bias is None else whole.bias[start:stop]
+        return Projection(f"model.layers.{i}.{rel}", part, bias, whole.path, (start, stop))
+    raise UserError(f"model.layers.{i}.{rel}: missing; architecture not supported")
+
+
 def _rotates(rope: nn.Module, head_dim: int) -> bool:
     """Whether a layer's RoPE module changes its input at all (SmolLM3's NoPE layers do not)."""
     probe = mx.random.normal((1, 1, 4, head_dim), key=mx.random.key(1))
@@ -274,6 +312,8 @@ def extract_weights(
     """Read an mlx-lm qwen3/llama-family model into ``ModelWeights`` (RoPE up to ``max_context``,
     the LM head in chunks of at most ``head_chunk`` vocabulary rows)."""
     inner = model.model
+    family = family_for(config, "config.json")
+    fused_rows = family.fused(config)
     attn0 = inner.layers[0].self_attn
     heads, kv_heads = int(attn0.n_heads), int(attn0.n_kv_heads)
     layers = []
@@ -281,11 +321,7 @@ def extract_weights(
         attn = block.self_attn
         proj = {}
         for rel in PROJECTIONS:
-            owner, name = rel.split(".")
-            module = getattr(getattr(block, owner), name, None)
-            if module is None:
-                raise UserError(f"model.layers.{i}.{rel}: missing; architecture not supported")
-            proj[rel] = _projection(module, f"model.layers.{i}.{rel}")
+            proj[rel] = _block_projection(block, i, rel, family, fused_rows)
         has_qk_norm = hasattr(attn, "q_norm")
         head_dim = proj["self_attn.q_proj"].shape[0] // heads
         layers.append(
@@ -377,26 +413,35 @@ def read_lora(name: str, folder: Path, weights: ModelWeights, fingerprint: str) 
             f"{flag}: trained on base {theirs}, but the model's fingerprint is {fingerprint}; "
             "convert it with the base it was trained on"
         )
-    projections = weights.projections()
+    # The projections each adapter path acts on: itself, or the slices of a fused layer (the
+    # slice takes A as is and its own columns of B).
+    targets: dict[str, list[Projection]] = {}
+    for proj in weights.projections().values():
+        targets.setdefault(proj.fused_path or proj.path, []).append(proj)
     lora = LoraWeights(name=name, folder=folder)
     problems = []
     for path in sorted({k.rsplit(".", 1)[0] for k in adapter.weights}):
         a, b = adapter.weights.get(path + ".lora_a"), adapter.weights.get(path + ".lora_b")
-        proj = projections.get(path)
-        if proj is None or a is None or b is None:
+        projs = targets.get(path)
+        if projs is None or a is None or b is None:
             problems.append(f"{path}: not a LoRA pair on a projection of this model")
             continue
-        out_dim, in_dim = proj.shape
+        out_dim = max(p.rows[1] if p.rows else p.shape[0] for p in projs)
+        in_dim = projs[0].shape[1]
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != in_dim or b.shape[1] != out_dim:
-            problems.append(f"{path}: lora_a {a.shape} / lora_b {b.shape} vs weight {proj.shape}")
+            problems.append(
+                f"{path}: lora_a {a.shape} / lora_b {b.shape} vs weight {(out_dim, in_dim)}"
+            )
             continue
         # Matrices that act on channels-first activations: A (rank, in), B (out, rank); mlx-lm's
         # scale is folded into B.
         scaled_b = b.astype(mx.float32) * adapter.settings.scale
-        lora.pairs[path] = (
-            _f32(a.astype(mx.float32).T, f"{flag} {path}.lora_a"),
-            _f32(scaled_b.T, f"{flag} {path}.lora_b"),
-        )
+        for proj in projs:
+            start, stop = proj.rows or (0, out_dim)
+            lora.pairs[proj.path] = (
+                _f32(a.astype(mx.float32).T, f"{flag} {path}.lora_a"),
+                _f32(scaled_b[:, start:stop].T, f"{flag} {path}.lora_b"),
+            )
     if problems or not lora.pairs:
         shown = "; ".join(problems[:4]) or "no lora_a/lora_b weights"
         raise UserError(f"{flag}: does not fit the model: {shown}")

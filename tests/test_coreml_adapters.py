@@ -23,7 +23,14 @@ from test_coreml_executor import open_package
 from test_coreml_palettized import mixed_bits
 
 from afm_mlx.cli import UserError
-from afm_mlx.lora import LoRASettings, attach_lora, load_adapter, lora_layers, save_adapter
+from afm_mlx.lora import (
+    LoRASettings,
+    attach_lora,
+    load_adapter,
+    lora_layers,
+    save_adapter,
+    settings_for_model,
+)
 from afm_mlx.model import load_model, model_fingerprint, save_model
 from afm_mlx.palettized import palettize_model
 from converters.coreml import ConvertConfig, convert
@@ -36,7 +43,7 @@ def make_adapter(base_dir: Path, out: Path, seed: int, fingerprint: str | None =
     the adapter path could tell apart from the base)."""
     model, _, _ = load_model(base_dir)
     fp = model_fingerprint(model)
-    settings = LoRASettings(rank=RANK, scale=4.0)
+    settings = settings_for_model(LoRASettings(rank=RANK, scale=4.0), model)
     attach_lora(model, settings, seed=seed)
     key = mx.random.key(seed)
     for _, layer in lora_layers(model):

@@ -230,9 +230,11 @@ def test_recovery_adapter_trains_loads_back_and_generates(
 
 def test_converted_package_and_asset_compute_mlxs_logits(family_dir, palettized_dir, tmp_path):
     """Core ML (our reference executor of the saved program) and Core AI (Apple's runtime, float32
-    compute) run the palettized model to MLX's logits, prefill and decode through the state."""
+    compute, with and without an adapter) run the palettized model to MLX's logits, prefill and
+    decode through the state."""
     import test_coreai
     import test_coreml
+    from test_coreml_adapters import make_adapter
     from test_coreml_executor import open_package
 
     from converters.coreml import ConvertConfig
@@ -253,8 +255,16 @@ def test_converted_package_and_asset_compute_mlxs_logits(family_dir, palettized_
     if sys.version_info < (3, 11):
         return  # coreai-core has wheels for CPython >= 3.11 only
     a = test_coreai
-    asset = a.to_aimodel(palettized_dir, tmp_path / "m.aimodel")
+    # With an adapter too: on a fused projection (Phi-3's qkv_proj) it is split with the weight.
+    adapter = make_adapter(palettized_dir, tmp_path / "adapter", seed=3)
+    asset = a.to_aimodel(palettized_dir, tmp_path / "m.aimodel", adapter=[f"task={adapter}"])
     a.assert_fp32_close(a.coreai_logits(asset), c.mlx_logits(model, a.PROMPT, a.DECODE))
+    AdapterCache(model).activate(read_adapter(adapter))
+    want = c.mlx_logits(model, a.PROMPT, a.DECODE)
+    assert (
+        np.abs(want - c.mlx_logits(load_model(palettized_dir)[0], a.PROMPT, a.DECODE)).max() > 0.1
+    )
+    a.assert_fp32_close(a.coreai_logits(asset, adapter="task"), want)
 
 
 def test_converters_refuse_what_their_layer_plan_lacks(family_dir, tmp_path):
