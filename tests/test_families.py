@@ -16,6 +16,7 @@ from conftest import one_line_error, run_cli
 from mlx.utils import tree_flatten
 
 from afm_mlx.families import family_for, supported_types
+from afm_mlx.finetune import FinetuneConfig, finetune
 from afm_mlx.lora import AdapterCache, read_adapter
 from afm_mlx.model import build_model, load, load_model, save_model
 from afm_mlx.palettize import PalettizeConfig, _swap, measure_sensitivity, palettize
@@ -212,6 +213,36 @@ def test_recovery_adapter_trains_loads_back_and_generates(
     model2, _, _ = load_model(palettized_dir)
     AdapterCache(model2).activate(read_adapter(out))
     np.testing.assert_array_equal(np.array(model2(TOKENS)), np.array(model(TOKENS)))
+    # A task adapter starts from the recovery adapter (its keys: the family's projections) and
+    # trains; fused into a dense copy (--dequantize: exact), it computes the adapted logits.
+    task_file = tmp_path / "task.jsonl"
+    task_file.write_text(
+        "".join(
+            json.dumps({"prompt": f"Count {i}:", "completion": f" {i + 1}"}) + "\n"
+            for i in range(40)
+        )
+    )
+    task = tmp_path / "task"
+    ft = FinetuneConfig(
+        model=str(palettized_dir), init_adapter=str(out), data=str(task_file), out=str(task),
+        max_steps=6, batch_size=4, seq_len=16, learning_rate=1e-3, warmup_steps=1,
+        eval_every=1000, eval_batches=1, log_every=1, progress=False,
+    )  # fmt: skip
+    finetune(ft)
+    saved = json.loads((task / "adapter_config.json").read_text())
+    assert saved["lora_parameters"]["keys"] == list(family_for(config, "t").projections)
+    fused = tmp_path / "fused"
+    proc = run_cli(
+        "afm_mlx.fuse", "--model", palettized_dir, "--adapter", task, "--out", fused,
+        "--dequantize", "--data", tiny_corpus, "--eval-batches", "2", "--seq-len", "32",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    adapted, _, _ = load_model(palettized_dir)
+    AdapterCache(adapted).activate(read_adapter(task))
+    np.testing.assert_allclose(
+        np.array(load_model(fused)[0](TOKENS)), np.array(adapted(TOKENS)), atol=1e-3, rtol=1e-3
+    )
+
     proc = run_cli(
         "afm_mlx.generate", "--model", palettized_dir, "--adapter", out, "--prompt", "The king",
         "--max-tokens", "8", "--no-verbose",
