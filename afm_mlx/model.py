@@ -29,7 +29,6 @@ from afm_mlx.fileio import (
     atomic_write_json,
     load_safetensors,
     read_json,
-    safetensors_shapes,
 )
 
 _QWEN3_COMMON = {
@@ -264,17 +263,14 @@ def load_model(
     files = weight_files(path)
     if not files:
         raise UserError(f"{path}: no model*.safetensors weights found")
-    shapes: dict[str, tuple[tuple[int, ...], str]] = {}
-    for f in files:
-        shapes.update(safetensors_shapes(f))
-    if hasattr(model, "sanitize"):
-        shapes = model.sanitize(shapes)
-    check_weights_match(model, shapes, str(path))
     weights: dict[str, mx.array] = {}
     for f in files:
-        weights.update(load_safetensors(f))
+        weights.update(load_safetensors(f))  # lazy: nothing is read before the checks pass
     if hasattr(model, "sanitize"):
+        # Once: some families' sanitize changes the model too (Gemma drops its untied head).
         weights = model.sanitize(weights)
+    shapes = {k: (tuple(v.shape), str(v.dtype)) for k, v in weights.items()}
+    check_weights_match(model, shapes, str(path))
     model.load_weights(list(weights.items()), strict=True)
     if not lazy:
         mx.eval(model.parameters())

@@ -88,6 +88,8 @@ def write_cached_repo(cache: Path, repo: str, tokenizer_dir: Path) -> tuple[Path
         return snapshot, size // 2, size
     config = CONFIGS[repo]
     model = build_model(config)
+    if config.get("tie_word_embeddings", True) and "lm_head" in model:
+        model.pop("lm_head")  # a tied head is not stored (Gemma's class builds one until loaded)
     key = [mx.random.key(0)]
 
     def fill(p: mx.array) -> mx.array:

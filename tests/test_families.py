@@ -126,6 +126,22 @@ def test_our_loader_computes_mlx_lms_logits(family_dir):
     np.testing.assert_array_equal(np.array(ours(TOKENS)), np.array(theirs(TOKENS)))
 
 
+def test_a_tied_gemma_checkpoint_loads(tiny_tokenizer, tmp_path):
+    """Gemma-3-1B stores no LM head (tied to the embedding); mlx-lm's Gemma class builds one and
+    drops it in ``sanitize``, which therefore must run once."""
+    from mlx_lm.utils import load_model as mlx_lm_load_model
+
+    config = {**CONFIGS["gemma3_text"], "vocab_size": 512}
+    model = build_model(config)
+    model.pop("lm_head")
+    mx.eval(model.parameters())
+    folder = save_model(tmp_path / "tied", model, config, tiny_tokenizer)
+    ours, _, _ = load_model(folder)
+    assert "lm_head" not in ours
+    theirs, _ = mlx_lm_load_model(folder)
+    np.testing.assert_array_equal(np.array(ours(TOKENS)), np.array(theirs(TOKENS)))
+
+
 def test_palettized_forward_is_the_dense_forward_of_its_dequantized_weights(
     family_dir, palettized_dir
 ):
