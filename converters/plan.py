@@ -309,8 +309,8 @@ def extract_weights(
     max_context: int,
     head_chunk: int = DEFAULT_HEAD_CHUNK,
 ) -> ModelWeights:
-    """Read an mlx-lm qwen3/llama-family model into ``ModelWeights`` (RoPE up to ``max_context``,
-    the LM head in chunks of at most ``head_chunk`` vocabulary rows)."""
+    """Read an mlx-lm model of a family the converters handle into ``ModelWeights`` (RoPE up to
+    ``max_context``, the LM head in chunks of at most ``head_chunk`` vocabulary rows)."""
     inner = model.model
     family = family_for(config, "config.json")
     fused_rows = family.fused(config)
