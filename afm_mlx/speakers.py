@@ -12,8 +12,9 @@ a prompt/completion task for ``finetune`` (loss on the name only), and a multipl
 ``evaluate`` (accuracy: the choice with the highest likelihood). The name is written as the plays
 write a speaker's heading (``**HAMLET**``), so the answer's tokens are ones the language model
 learned to predict; as a plain " HAMLET" it is a token the corpus has a dozen times, and the task
-adapters mostly spent their steps learning to spell it (measured: answer loss 3.6 against 0.8
-per token after the same 70 steps).
+adapters mostly spent their steps learning to spell it (measured on the small demo model: answer
+loss 3.6-3.9 nats per token after 70 steps at any learning rate tried, against 0.8 after 100
+steps at 5e-4 in the heading form).
 """
 
 from __future__ import annotations

@@ -264,10 +264,16 @@ def _rope_tables(rope: nn.Module, head_dim: int, max_context: int) -> tuple[np.n
 
 
 def _block_projection(
-    block: nn.Module, i: int, rel: str, family, fused_rows: dict[str, list[int]]
+    block: nn.Module,
+    i: int,
+    rel: str,
+    family,
+    fused_rows: dict[str, list[int]],
+    read: dict[str, Projection],
 ) -> Projection:
     """Block ``i``'s projection ``rel`` (``self_attn.q_proj`` ...): its own layer, or its rows of
-    the family's fused layer (a LUT group never spans two slices: palettize refuses that)."""
+    the family's fused layer (a LUT group never spans two slices: palettize refuses that). A fused
+    layer is read once per block into ``read``, then sliced."""
     owner, name = rel.split(".")
     module = getattr(getattr(block, owner), name, None)
     if module is not None:
@@ -282,7 +288,10 @@ def _block_projection(
         k = parts.index(rel)
         start = sum(fused_rows[fused][:k])
         stop = start + fused_rows[fused][k]
-        whole = _projection(module, f"model.layers.{i}.{fused}")
+        path = f"model.layers.{i}.{fused}"
+        if path not in read:
+            read[path] = _projection(module, path)
+        whole = read[path]
         weight = whole.weight
         try:
             part = (
@@ -319,9 +328,11 @@ def extract_weights(
     layers = []
     for i, block in enumerate(inner.layers):
         attn = block.self_attn
-        proj = {}
-        for rel in PROJECTIONS:
-            proj[rel] = _block_projection(block, i, rel, family, fused_rows)
+        fused_read: dict[str, Projection] = {}
+        proj = {
+            rel: _block_projection(block, i, rel, family, fused_rows, fused_read)
+            for rel in PROJECTIONS
+        }
         has_qk_norm = hasattr(attn, "q_norm")
         head_dim = proj["self_attn.q_proj"].shape[0] // heads
         layers.append(
