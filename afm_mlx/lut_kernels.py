@@ -33,6 +33,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import mlx.core as mx
 
@@ -126,20 +127,22 @@ def _cpu_kernel(x, packed, lut, bits, group_size, axis):
 
 
 # --- the GPU kernel: one body for Apple GPUs (Metal) and NVIDIA GPUs (CUDA) ----------------------
-# Laid out like MLX's quantized GEMV: a simdgroup (warp) of 32 lanes computes GPU_ROWS output rows
-# at once, so each lane loads its 8 inputs once for all of them; lane l takes the 8-index blocks
-# l, l + 32, ... of every row (BITS bytes each); LUTs of up to 16 entries sit in registers (one
-# per row, axis 0), wider or per-column ones are read from device memory; fp32 accumulation and
-# one simd_sum per row. Each backend only supplies the prologue that names the thread indices.
-
-GPU_ROWS, GPU_SIMDGROUPS = 4, 2
+# Laid out like MLX's quantized GEMV: a simdgroup (warp) of 32 lanes computes ROWS output rows at
+# once, so each lane loads its 8 inputs once for all of them; lane l takes the 8-index blocks
+# l, l + 32, ... of every row (BITS bytes each, read as one word where BITS is 1, 2, 4 or 8);
+# the words of all ROWS rows are loaded before any is decoded (more loads in flight). A row's LUT
+# of up to 16 entries (groups along axis 0) sits in registers or, with LUT_SHARED, in the
+# simdgroup's slice of threadgroup memory (a register array indexed at run time may be spilled);
+# wider or per-column LUTs are read from device memory. fp32 accumulation, one simd_sum per row.
+# ROWS, SIMDGROUPS and LUT_SHARED are template constants (``GPU_LAYOUTS``); each backend's
+# prologue names the thread indices and the three primitives the body uses.
 
 GPU_BODY = """
-    constexpr int ROWS = 4;
-    constexpr int SIMDGROUPS = 2;
-    constexpr int TABLE = LUT_SIZE <= 16 ? LUT_SIZE : 1;
     constexpr int ROW_BYTES = K * BITS / 8;
     constexpr u64 MASK = (u64(1) << BITS) - 1;
+    constexpr bool ROW_TABLES = AXIS == 0 && LUT_SIZE <= 16;
+    constexpr int TABLE = ROW_TABLES ? LUT_SIZE : 1;
+    TG_SHARED float shared_table[SIMDGROUPS * ROWS * 16];
     const int n0 = (row_block * SIMDGROUPS + simdgroup) * ROWS;
     if (n0 >= N) {
         return;
@@ -149,30 +152,58 @@ GPU_BODY = """
     for (int r = 0; r < ROWS; ++r) {
         acc[r] = 0.0f;
         const int n = min(n0 + r, N - 1);
-        if (AXIS == 0 && LUT_SIZE <= 16) {
+        if (ROW_TABLES && !LUT_SHARED) {
             for (int i = 0; i < TABLE; ++i) {
                 table[r][i] = float(lut[(n / GS) * LUT_SIZE + i]);
             }
         }
     }
+    const int slice = simdgroup * ROWS * 16;
+    if (ROW_TABLES && LUT_SHARED) {
+        for (int i = lane; i < ROWS * TABLE; i += 32) {
+            const int n = min(n0 + i / TABLE, N - 1);
+            shared_table[slice + (i / TABLE) * 16 + i % TABLE] =
+                float(lut[(n / GS) * LUT_SIZE + i % TABLE]);
+        }
+        SIMD_SYNC();
+    }
     for (int blk = lane; blk < K / 8; blk += 32) {
         const int k = blk * 8;
+        u64 words[ROWS];
+        for (int r = 0; r < ROWS; ++r) {
+            const int off = min(n0 + r, N - 1) * ROW_BYTES + blk * BITS;
+            if (BITS == 8) {
+                words[r] = PACKED_AS(u64, off);
+            } else if (BITS == 4) {
+                words[r] = u64(PACKED_AS(uint32_t, off));
+            } else if (BITS == 2) {
+                words[r] = u64(PACKED_AS(uint16_t, off));
+            } else {
+                u64 word = 0;
+                for (int b = 0; b < BITS; ++b) {
+                    word |= u64(packed[off + b]) << (8 * b);
+                }
+                words[r] = word;
+            }
+        }
         float xv[8];
         for (int j = 0; j < 8; ++j) {
             xv[j] = float(x[m * K + k + j]);
         }
         for (int r = 0; r < ROWS; ++r) {
             const int n = min(n0 + r, N - 1);
-            u64 word = 0;
-            for (int b = 0; b < BITS; ++b) {
-                word |= u64(packed[n * ROW_BYTES + blk * BITS + b]) << (8 * b);
-            }
             for (int j = 0; j < 8; ++j) {
-                const int idx = int((word >> (j * BITS)) & MASK);
+                const int idx = int((words[r] >> (j * BITS)) & MASK);
                 const int g = AXIS == 0 ? n / GS : (k + j) / GS;
-                acc[r] += xv[j] * ((AXIS == 0 && LUT_SIZE <= 16)
-                                       ? table[r][idx]
-                                       : float(lut[g * LUT_SIZE + idx]));
+                float w;
+                if (ROW_TABLES && LUT_SHARED) {
+                    w = shared_table[slice + r * 16 + idx];
+                } else if (ROW_TABLES) {
+                    w = table[r][idx];
+                } else {
+                    w = float(lut[g * LUT_SIZE + idx]);
+                }
+                acc[r] += xv[j] * w;
             }
         }
     }
@@ -186,6 +217,9 @@ GPU_BODY = """
 
 METAL_PROLOGUE = """
     typedef ulong u64;
+#define PACKED_AS(TYPE, off) (*((const device TYPE*)(packed + (off))))
+#define TG_SHARED threadgroup
+#define SIMD_SYNC() simdgroup_barrier(mem_flags::mem_threadgroup)
     const int lane = int(thread_index_in_simdgroup);
     const int simdgroup = int(simdgroup_index_in_threadgroup);
     const int row_block = int(threadgroup_position_in_grid.y);
@@ -194,6 +228,9 @@ METAL_PROLOGUE = """
 
 CUDA_PROLOGUE = """
     typedef unsigned long long u64;
+#define PACKED_AS(TYPE, off) (*reinterpret_cast<const TYPE*>(packed + (off)))
+#define TG_SHARED __shared__
+#define SIMD_SYNC() __syncwarp()
     const int lane = int(threadIdx.x % 32);
     const int simdgroup = int(threadIdx.x / 32);
     const int row_block = int(blockIdx.y);
@@ -208,6 +245,27 @@ __device__ inline float simd_sum(float v) {
     return v;
 }
 """
+
+
+class GpuLayout(NamedTuple):
+    """How the GPU kernel spreads the work: output rows per simdgroup, simdgroups per
+    threadgroup, and whether per-row LUTs sit in threadgroup memory (else in registers)."""
+
+    rows: int = 4
+    simdgroups: int = 2
+    lut_shared: bool = False
+
+
+# The layout each backend runs. Metal's is the first design (never timed: no Apple GPU here);
+# CUDA's was chosen by timing the candidates of scripts/gpu_kernel_check.py on a GPU.
+GPU_LAYOUTS: dict[str, GpuLayout] = {"metal": GpuLayout(), "cuda": GpuLayout()}
+# The layouts scripts/gpu_kernel_check.py times (and the tests check on an emulated simdgroup).
+GPU_CANDIDATES = tuple(
+    GpuLayout(rows, simdgroups, shared)
+    for rows in (4, 8)
+    for simdgroups in (2, 4)
+    for shared in (False, True)
+)
 
 _gpu_kernels: dict[str, Callable] = {}
 
@@ -235,15 +293,18 @@ def lut_matmul_gpu(
     bits: int,
     group_size: int,
     axis: int,
+    layout: GpuLayout | None = None,
 ) -> mx.array:
     """``x @ W.T`` straight from packed indices and LUTs on a Metal or CUDA GPU (rows of ``x`` a
-    multiple of 8 wide). Unverified on hardware so far: checked at first use like every kernel."""
+    multiple of 8 wide), in ``layout`` (default: the backend's ``GPU_LAYOUTS`` entry). Checked at
+    first use like every kernel."""
+    layout = layout or GPU_LAYOUTS[backend_name]
     in_dims, out_dims = x.shape[-1], packed.shape[0]
     if in_dims % 8:
         raise ValueError("the GPU LUT kernel needs rows a multiple of 8 wide")
     x2 = x.reshape(-1, in_dims)
     rows = x2.shape[0]
-    blocks = -(-out_dims // (GPU_ROWS * GPU_SIMDGROUPS))
+    blocks = -(-out_dims // (layout.rows * layout.simdgroups))
     (out,) = _gpu_kernel(backend_name)(
         inputs=[x2, packed, lut],
         template=[
@@ -254,9 +315,12 @@ def lut_matmul_gpu(
             ("K", in_dims),
             ("N", out_dims),
             ("LUT_SIZE", lut.shape[1]),
+            ("ROWS", layout.rows),
+            ("SIMDGROUPS", layout.simdgroups),
+            ("LUT_SHARED", layout.lut_shared),
         ],
-        grid=(32 * GPU_SIMDGROUPS, blocks, rows),
-        threadgroup=(32 * GPU_SIMDGROUPS, 1, 1),
+        grid=(32 * layout.simdgroups, blocks, rows),
+        threadgroup=(32 * layout.simdgroups, 1, 1),
         output_shapes=[(rows, out_dims)],
         output_dtypes=[x.dtype],
     )

@@ -161,13 +161,17 @@ EMULATION = r"""
 #include <vector>
 using std::min;
 typedef uint64_t u64;
+#define PACKED_AS(TYPE, off) (*reinterpret_cast<const TYPE*>(packed + (off)))
+#define TG_SHARED static  // one copy for all threads: a threadgroup's memory
+#define SIMD_SYNC() group.sync.arrive_and_wait()
 
 struct Simdgroup {
   std::barrier<> sync{32};
   float slots[32];
 };
 
-template <typename T, int BITS, int GS, int AXIS, int K, int N, int LUT_SIZE>
+template <typename T, int BITS, int GS, int AXIS, int K, int N, int LUT_SIZE, int ROWS,
+          int SIMDGROUPS, bool LUT_SHARED>
 void lane_main(const T* x, const uint8_t* packed, const _Float16* lut, T* out, int lane,
                int simdgroup, int row_block, int m, Simdgroup& group) {
   auto simd_sum = [&](float v) {
@@ -181,7 +185,7 @@ void lane_main(const T* x, const uint8_t* packed, const _Float16* lut, T* out, i
   BODY
 }
 
-template <int BITS, int GS, int AXIS>
+template <int BITS, int GS, int AXIS, int ROWS, int SIMDGROUPS, bool LUT_SHARED>
 int check() {
   constexpr int K = 64, N = 40, M = 3, P = 1 << BITS, ROW_BYTES = K * BITS / 8;
   constexpr int GROUPS = AXIS == 0 ? N / GS : K / GS;
@@ -199,16 +203,16 @@ int check() {
   for (auto& e : lut) e = _Float16(float(int(rng() % 2001) - 1000) / 256.0f);
   std::vector<float> x(M * K), out(M * N, -1.0f);
   for (auto& v : x) v = float(int(rng() % 2001) - 1000) / 1000.0f;
-  const int blocks = (N + 7) / 8;
+  const int blocks = (N + ROWS * SIMDGROUPS - 1) / (ROWS * SIMDGROUPS);
   for (int m = 0; m < M; ++m)
     for (int rb = 0; rb < blocks; ++rb) {
-      Simdgroup groups[2];
+      Simdgroup groups[SIMDGROUPS];
       std::vector<std::thread> threads;
-      for (int t = 0; t < 64; ++t)
+      for (int t = 0; t < 32 * SIMDGROUPS; ++t)
         threads.emplace_back([&, t] {
-          lane_main<float, BITS, GS, AXIS, K, N, P>(x.data(), packed.data(), lut.data(),
-                                                    out.data(), t % 32, t / 32, rb, m,
-                                                    groups[t / 32]);
+          lane_main<float, BITS, GS, AXIS, K, N, P, ROWS, SIMDGROUPS, LUT_SHARED>(
+              x.data(), packed.data(), lut.data(), out.data(), t % 32, t / 32, rb, m,
+              groups[t / 32]);
         });
       for (auto& th : threads) th.join();
     }
@@ -225,24 +229,43 @@ int check() {
         return 1;
       }
     }
-  std::printf("bits %d axis %d ok\n", BITS, AXIS);
+  std::printf("bits %d axis %d rows %d simdgroups %d shared %d ok\n", BITS, AXIS, ROWS,
+              SIMDGROUPS, int(LUT_SHARED));
   return 0;
 }
 
-int main() {
-  return check<1, 8, 0>() | check<2, 8, 0>() | check<3, 8, 0>() | check<4, 8, 0>() |
-         check<6, 8, 0>() | check<8, 8, 0>() | check<1, 16, 1>() | check<2, 16, 1>() |
-         check<3, 16, 1>() | check<4, 16, 1>() | check<6, 16, 1>() | check<8, 16, 1>();
+template <int ROWS, int SIMDGROUPS, bool LUT_SHARED>
+int layout() {
+  return check<1, 8, 0, ROWS, SIMDGROUPS, LUT_SHARED>() |
+         check<2, 8, 0, ROWS, SIMDGROUPS, LUT_SHARED>() |
+         check<3, 8, 0, ROWS, SIMDGROUPS, LUT_SHARED>() |
+         check<4, 8, 0, ROWS, SIMDGROUPS, LUT_SHARED>() |
+         check<6, 8, 0, ROWS, SIMDGROUPS, LUT_SHARED>() |
+         check<8, 8, 0, ROWS, SIMDGROUPS, LUT_SHARED>() |
+         check<1, 16, 1, ROWS, SIMDGROUPS, LUT_SHARED>() |
+         check<2, 16, 1, ROWS, SIMDGROUPS, LUT_SHARED>() |
+         check<3, 16, 1, ROWS, SIMDGROUPS, LUT_SHARED>() |
+         check<4, 16, 1, ROWS, SIMDGROUPS, LUT_SHARED>() |
+         check<6, 16, 1, ROWS, SIMDGROUPS, LUT_SHARED>() |
+         check<8, 16, 1, ROWS, SIMDGROUPS, LUT_SHARED>();
 }
+
+int main() { return LAYOUTS; }
 """
 
 
 @pytest.mark.skipif(not shutil.which("c++"), reason="no C++ compiler")
 def test_gpu_kernel_body_on_an_emulated_simdgroup(tmp_path):
+    """Every bit width and axis in the backends' layouts and in the candidates that
+    gpu_kernel_check.py times (N = 40 leaves a partial row block in each)."""
+    layouts = {*lut_kernels.GPU_LAYOUTS.values(), *lut_kernels.GPU_CANDIDATES}
+    calls = " | ".join(
+        f"layout<{g.rows}, {g.simdgroups}, {str(g.lut_shared).lower()}>()" for g in layouts
+    )
     source = tmp_path / "emulate.cpp"
-    source.write_text(EMULATION.replace("BODY", lut_kernels.GPU_BODY))
-    _ok(["c++", "-O1", "-std=c++20", "-pthread", str(source), "-o", str(tmp_path / "emulate")])
-    assert _ok([str(tmp_path / "emulate")]).count(" ok") == 12
+    source.write_text(EMULATION.replace("BODY", lut_kernels.GPU_BODY).replace("LAYOUTS", calls))
+    _ok(["c++", "-O0", "-std=c++20", "-pthread", str(source), "-o", str(tmp_path / "emulate")])
+    assert _ok([str(tmp_path / "emulate")]).count(" ok") == 12 * len(layouts)
 
 
 @pytest.mark.skipif(not shutil.which("nvcc"), reason="no CUDA compiler")
@@ -250,14 +273,17 @@ def test_gpu_kernel_cuda_text_compiles(tmp_path):
     """What mx.fast.cuda_kernel would compile: header, then the body inside a templated kernel."""
     source = tmp_path / "kernel.cu"
     instances = "\n".join(
-        f"template __global__ void afm_lut_gemv<{t}, {b}, {g}, {a}, 4096, 4096, {1 << b}>"
+        f"template __global__ void afm_lut_gemv<{t}, {b}, {g}, {a}, 4096, 4096, {1 << b}, "
+        f"{layout.rows}, {layout.simdgroups}, {str(layout.lut_shared).lower()}>"
         f"(const {t}*, const uint8_t*, const __half*, {t}*);"
         for t, b, g, a in (("float", 4, 16, 0), ("__half", 2, 16, 1), ("float", 8, 1, 0))
+        for layout in {*lut_kernels.GPU_LAYOUTS.values(), *lut_kernels.GPU_CANDIDATES}
     )
     source.write_text(
         "#include <cuda_fp16.h>\n#include <cstdint>\n"
         + lut_kernels.CUDA_HEADER
-        + "template <typename T, int BITS, int GS, int AXIS, int K, int N, int LUT_SIZE>\n"
+        + "template <typename T, int BITS, int GS, int AXIS, int K, int N, int LUT_SIZE, "
+        "int ROWS, int SIMDGROUPS, bool LUT_SHARED>\n"
         "__global__ void afm_lut_gemv(const T* x, const uint8_t* packed, const __half* lut, "
         "T* out) {\n" + lut_kernels.CUDA_PROLOGUE + lut_kernels.GPU_BODY + "}\n" + instances
     )
