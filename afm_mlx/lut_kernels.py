@@ -128,17 +128,20 @@ def _cpu_kernel(x, packed, lut, bits, group_size, axis):
 
 # --- the GPU kernel: one body for Apple GPUs (Metal) and NVIDIA GPUs (CUDA) ----------------------
 # Laid out like MLX's quantized GEMV: a simdgroup (warp) of 32 lanes computes ROWS output rows at
-# once, so each lane loads its 8 inputs once for all of them; lane l takes the 8-index blocks
-# l, l + 32, ... of every row (BITS bytes each, read as one word where BITS is 1, 2, 4 or 8);
-# the words of all ROWS rows are loaded before any is decoded (more loads in flight). A row's LUT
+# once, so each lane loads its inputs once for all of them; lane l takes the chunks l, l + 32, ...
+# of every row, a chunk being VEC blocks of 8 indices (VEC * BITS bytes, read as one 1- to
+# 16-byte word where BITS is 1, 2, 4 or 8); the chunks of all ROWS rows are loaded before any is
+# decoded (more loads in flight). A row's LUT
 # of up to 16 entries (groups along axis 0) sits in registers or, with LUT_SHARED, in the
 # simdgroup's slice of threadgroup memory (a register array indexed at run time may be spilled);
 # wider or per-column LUTs are read from device memory. fp32 accumulation, one simd_sum per row.
-# ROWS, SIMDGROUPS and LUT_SHARED are template constants (``GPU_LAYOUTS``); each backend's
+# ROWS, SIMDGROUPS, LUT_SHARED and VEC are template constants (``GPU_LAYOUTS``); each backend's
 # prologue names the thread indices and the three primitives the body uses.
 
 GPU_BODY = """
     constexpr int ROW_BYTES = K * BITS / 8;
+    constexpr int CHUNK = VEC * BITS;  // bytes of a row a lane reads per step: VEC blocks of 8
+    constexpr bool WORDS = BITS == 1 || BITS == 2 || BITS == 4 || BITS == 8;
     constexpr u64 MASK = (u64(1) << BITS) - 1;
     constexpr bool ROW_TABLES = AXIS == 0 && LUT_SIZE <= 16;
     constexpr int TABLE = ROW_TABLES ? LUT_SIZE : 1;
@@ -167,43 +170,65 @@ GPU_BODY = """
         }
         SIMD_SYNC();
     }
-    for (int blk = lane; blk < K / 8; blk += 32) {
-        const int k = blk * 8;
-        u64 words[ROWS];
+    for (int c = lane; c < K / (8 * VEC); c += 32) {
+        const int k = c * 8 * VEC;
+        u64 words[ROWS][VEC];
         for (int r = 0; r < ROWS; ++r) {
-            const int off = min(n0 + r, N - 1) * ROW_BYTES + blk * BITS;
-            if (BITS == 8) {
-                words[r] = PACKED_AS(u64, off);
-            } else if (BITS == 4) {
-                words[r] = u64(PACKED_AS(uint32_t, off));
-            } else if (BITS == 2) {
-                words[r] = u64(PACKED_AS(uint16_t, off));
-            } else {
+            const int off = min(n0 + r, N - 1) * ROW_BYTES + c * CHUNK;
+            uint32_t raw[4] = {0, 0, 0, 0};
+            if (WORDS && CHUNK == 16) {
+                const uint4 q = PACKED_AS(uint4, off);
+                raw[0] = q.x;
+                raw[1] = q.y;
+                raw[2] = q.z;
+                raw[3] = q.w;
+            } else if (WORDS && CHUNK == 8) {
+                const uint2 q = PACKED_AS(uint2, off);
+                raw[0] = q.x;
+                raw[1] = q.y;
+            } else if (WORDS && CHUNK == 4) {
+                raw[0] = PACKED_AS(uint32_t, off);
+            } else if (WORDS && CHUNK == 2) {
+                raw[0] = PACKED_AS(uint16_t, off);
+            } else if (WORDS && CHUNK == 1) {
+                raw[0] = packed[off];
+            }
+            for (int v = 0; v < VEC; ++v) {
                 u64 word = 0;
-                for (int b = 0; b < BITS; ++b) {
-                    word |= u64(packed[off + b]) << (8 * b);
+                if (WORDS && CHUNK <= 16) {
+                    const int bit0 = v * BITS * 8;
+                    word = u64(raw[bit0 / 32]) >> (bit0 % 32);
+                    if (BITS == 8) {
+                        word |= u64(raw[bit0 / 32 + 1]) << 32;
+                    }
+                } else {
+                    for (int b = 0; b < BITS; ++b) {
+                        word |= u64(packed[off + v * BITS + b]) << (8 * b);
+                    }
                 }
-                words[r] = word;
+                words[r][v] = word;
             }
         }
-        float xv[8];
-        for (int j = 0; j < 8; ++j) {
-            xv[j] = float(x[m * K + k + j]);
-        }
-        for (int r = 0; r < ROWS; ++r) {
-            const int n = min(n0 + r, N - 1);
+        for (int v = 0; v < VEC; ++v) {
+            float xv[8];
             for (int j = 0; j < 8; ++j) {
-                const int idx = int((words[r] >> (j * BITS)) & MASK);
-                const int g = AXIS == 0 ? n / GS : (k + j) / GS;
-                float w;
-                if (ROW_TABLES && LUT_SHARED) {
-                    w = shared_table[slice + r * 16 + idx];
-                } else if (ROW_TABLES) {
-                    w = table[r][idx];
-                } else {
-                    w = float(lut[g * LUT_SIZE + idx]);
+                xv[j] = float(x[m * K + k + v * 8 + j]);
+            }
+            for (int r = 0; r < ROWS; ++r) {
+                const int n = min(n0 + r, N - 1);
+                for (int j = 0; j < 8; ++j) {
+                    const int idx = int((words[r][v] >> (j * BITS)) & MASK);
+                    const int g = AXIS == 0 ? n / GS : (k + v * 8 + j) / GS;
+                    float w;
+                    if (ROW_TABLES && LUT_SHARED) {
+                        w = shared_table[slice + r * 16 + idx];
+                    } else if (ROW_TABLES) {
+                        w = table[r][idx];
+                    } else {
+                        w = float(lut[g * LUT_SIZE + idx]);
+                    }
+                    acc[r] += xv[j] * w;
                 }
-                acc[r] += xv[j] * w;
             }
         }
     }
@@ -249,11 +274,13 @@ __device__ inline float simd_sum(float v) {
 
 class GpuLayout(NamedTuple):
     """How the GPU kernel spreads the work: output rows per simdgroup, simdgroups per
-    threadgroup, and whether per-row LUTs sit in threadgroup memory (else in registers)."""
+    threadgroup, whether per-row LUTs sit in threadgroup memory (else in registers), and how many
+    blocks of 8 indices a lane reads at once."""
 
     rows: int = 4
     simdgroups: int = 2
     lut_shared: bool = False
+    vec: int = 1  # blocks of 8 indices a lane reads at once (used where K is a multiple of 8 vec)
 
 
 # The layout each backend runs. Metal's is the first design (never timed: no Apple GPU here);
@@ -261,10 +288,11 @@ class GpuLayout(NamedTuple):
 GPU_LAYOUTS: dict[str, GpuLayout] = {"metal": GpuLayout(), "cuda": GpuLayout()}
 # The layouts scripts/gpu_kernel_check.py times (and the tests check on an emulated simdgroup).
 GPU_CANDIDATES = tuple(
-    GpuLayout(rows, simdgroups, shared)
+    GpuLayout(rows, simdgroups, shared, vec)
     for rows in (4, 8)
     for simdgroups in (2, 4)
     for shared in (False, True)
+    for vec in (1, 4)
 )
 
 _gpu_kernels: dict[str, Callable] = {}
@@ -318,6 +346,7 @@ def lut_matmul_gpu(
             ("ROWS", layout.rows),
             ("SIMDGROUPS", layout.simdgroups),
             ("LUT_SHARED", layout.lut_shared),
+            ("VEC", layout.vec if in_dims % (8 * layout.vec) == 0 else 1),
         ],
         grid=(32 * layout.simdgroups, blocks, rows),
         threadgroup=(32 * layout.simdgroups, 1, 1),

@@ -5,9 +5,9 @@ layout by timing, and time it against MLX's affine quantized matmul.
     python scripts/gpu_kernel_check.py --json out.json     # the figures as JSON too
 
 1. Layouts: every candidate layout of the kernel (``lut_kernels.GPU_CANDIDATES``: output rows per
-   simdgroup, simdgroups per threadgroup, per-row LUTs in registers or threadgroup memory),
-   4-bit with 16 rows per LUT, float16, on 4096x4096 and 8192x3072 at M = 1 and 4: each checked
-   against dequantize + matmul, then timed. The fastest at M = 1 (summed over both matrices,
+   simdgroup, simdgroups per threadgroup, per-row LUTs in registers or threadgroup memory, indices
+   a lane reads at once), 4-bit with 16 rows per LUT, float16, on 4096x4096 and 8192x3072 at
+   M = 1 and 4: each checked against dequantize + matmul, then timed. The fastest at M = 1 (summed over both matrices,
    streamed) is the one to put in ``GPU_LAYOUTS`` for this backend.
 2. Correctness: the backend's current layout and the fastest, for every bit width, both group
    axes, float32 and float16 inputs, 1 to 8 rows; and the library's first-use check.
@@ -155,7 +155,7 @@ class Weights:
 
 def _label(layout: lut_kernels.GpuLayout) -> str:
     where = "threadgroup" if layout.lut_shared else "registers"
-    return f"{layout.rows} rows x {layout.simdgroups} simdgroups, LUT in {where}"
+    return f"{layout.rows} rows x {layout.simdgroups} sg, LUT in {where}, {layout.vec * 8}/lane"
 
 
 def choose_layout(name: str, repeats: int, results: dict) -> lut_kernels.GpuLayout:

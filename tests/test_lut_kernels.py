@@ -164,6 +164,8 @@ typedef uint64_t u64;
 #define PACKED_AS(TYPE, off) (*reinterpret_cast<const TYPE*>(packed + (off)))
 #define TG_SHARED static  // one copy for all threads: a threadgroup's memory
 #define SIMD_SYNC() group.sync.arrive_and_wait()
+struct alignas(16) uint4 { uint32_t x, y, z, w; };
+struct alignas(8) uint2 { uint32_t x, y; };
 
 struct Simdgroup {
   std::barrier<> sync{32};
@@ -171,7 +173,7 @@ struct Simdgroup {
 };
 
 template <typename T, int BITS, int GS, int AXIS, int K, int N, int LUT_SIZE, int ROWS,
-          int SIMDGROUPS, bool LUT_SHARED>
+          int SIMDGROUPS, bool LUT_SHARED, int VEC>
 void lane_main(const T* x, const uint8_t* packed, const _Float16* lut, T* out, int lane,
                int simdgroup, int row_block, int m, Simdgroup& group) {
   auto simd_sum = [&](float v) {
@@ -185,9 +187,9 @@ void lane_main(const T* x, const uint8_t* packed, const _Float16* lut, T* out, i
   BODY
 }
 
-template <int BITS, int GS, int AXIS, int ROWS, int SIMDGROUPS, bool LUT_SHARED>
+template <int BITS, int GS, int AXIS, int ROWS, int SIMDGROUPS, bool LUT_SHARED, int VEC>
 int check() {
-  constexpr int K = 64, N = 40, M = 3, P = 1 << BITS, ROW_BYTES = K * BITS / 8;
+  constexpr int K = 512, N = 40, M = 3, P = 1 << BITS, ROW_BYTES = K * BITS / 8;
   constexpr int GROUPS = AXIS == 0 ? N / GS : K / GS;
   std::mt19937 rng(BITS * 10 + AXIS);
   std::vector<int> idx(N * K);
@@ -210,7 +212,7 @@ int check() {
       std::vector<std::thread> threads;
       for (int t = 0; t < 32 * SIMDGROUPS; ++t)
         threads.emplace_back([&, t] {
-          lane_main<float, BITS, GS, AXIS, K, N, P, ROWS, SIMDGROUPS, LUT_SHARED>(
+          lane_main<float, BITS, GS, AXIS, K, N, P, ROWS, SIMDGROUPS, LUT_SHARED, VEC>(
               x.data(), packed.data(), lut.data(), out.data(), t % 32, t / 32, rb, m,
               groups[t / 32]);
         });
@@ -229,25 +231,25 @@ int check() {
         return 1;
       }
     }
-  std::printf("bits %d axis %d rows %d simdgroups %d shared %d ok\n", BITS, AXIS, ROWS,
-              SIMDGROUPS, int(LUT_SHARED));
+  std::printf("bits %d axis %d rows %d simdgroups %d shared %d vec %d ok\n", BITS, AXIS, ROWS,
+              SIMDGROUPS, int(LUT_SHARED), VEC);
   return 0;
 }
 
-template <int ROWS, int SIMDGROUPS, bool LUT_SHARED>
+template <int ROWS, int SIMDGROUPS, bool LUT_SHARED, int VEC>
 int layout() {
-  return check<1, 8, 0, ROWS, SIMDGROUPS, LUT_SHARED>() |
-         check<2, 8, 0, ROWS, SIMDGROUPS, LUT_SHARED>() |
-         check<3, 8, 0, ROWS, SIMDGROUPS, LUT_SHARED>() |
-         check<4, 8, 0, ROWS, SIMDGROUPS, LUT_SHARED>() |
-         check<6, 8, 0, ROWS, SIMDGROUPS, LUT_SHARED>() |
-         check<8, 8, 0, ROWS, SIMDGROUPS, LUT_SHARED>() |
-         check<1, 16, 1, ROWS, SIMDGROUPS, LUT_SHARED>() |
-         check<2, 16, 1, ROWS, SIMDGROUPS, LUT_SHARED>() |
-         check<3, 16, 1, ROWS, SIMDGROUPS, LUT_SHARED>() |
-         check<4, 16, 1, ROWS, SIMDGROUPS, LUT_SHARED>() |
-         check<6, 16, 1, ROWS, SIMDGROUPS, LUT_SHARED>() |
-         check<8, 16, 1, ROWS, SIMDGROUPS, LUT_SHARED>();
+  return check<1, 8, 0, ROWS, SIMDGROUPS, LUT_SHARED, VEC>() |
+         check<2, 8, 0, ROWS, SIMDGROUPS, LUT_SHARED, VEC>() |
+         check<3, 8, 0, ROWS, SIMDGROUPS, LUT_SHARED, VEC>() |
+         check<4, 8, 0, ROWS, SIMDGROUPS, LUT_SHARED, VEC>() |
+         check<6, 8, 0, ROWS, SIMDGROUPS, LUT_SHARED, VEC>() |
+         check<8, 8, 0, ROWS, SIMDGROUPS, LUT_SHARED, VEC>() |
+         check<1, 16, 1, ROWS, SIMDGROUPS, LUT_SHARED, VEC>() |
+         check<2, 16, 1, ROWS, SIMDGROUPS, LUT_SHARED, VEC>() |
+         check<3, 16, 1, ROWS, SIMDGROUPS, LUT_SHARED, VEC>() |
+         check<4, 16, 1, ROWS, SIMDGROUPS, LUT_SHARED, VEC>() |
+         check<6, 16, 1, ROWS, SIMDGROUPS, LUT_SHARED, VEC>() |
+         check<8, 16, 1, ROWS, SIMDGROUPS, LUT_SHARED, VEC>();
 }
 
 int main() { return LAYOUTS; }
@@ -257,10 +259,13 @@ int main() { return LAYOUTS; }
 @pytest.mark.skipif(not shutil.which("c++"), reason="no C++ compiler")
 def test_gpu_kernel_body_on_an_emulated_simdgroup(tmp_path):
     """Every bit width and axis in the backends' layouts and in the candidates that
-    gpu_kernel_check.py times (N = 40 leaves a partial row block in each)."""
-    layouts = {*lut_kernels.GPU_LAYOUTS.values(), *lut_kernels.GPU_CANDIDATES}
+    gpu_kernel_check.py times with 2 simdgroups (the others differ only in that number). N = 40
+    leaves a partial row block; K = 512 gives a lane several chunks."""
+    layouts = {*lut_kernels.GPU_LAYOUTS.values()} | {
+        g for g in lut_kernels.GPU_CANDIDATES if g.simdgroups == 2
+    }
     calls = " | ".join(
-        f"layout<{g.rows}, {g.simdgroups}, {str(g.lut_shared).lower()}>()" for g in layouts
+        f"layout<{g.rows}, {g.simdgroups}, {str(g.lut_shared).lower()}, {g.vec}>()" for g in layouts
     )
     source = tmp_path / "emulate.cpp"
     source.write_text(EMULATION.replace("BODY", lut_kernels.GPU_BODY).replace("LAYOUTS", calls))
@@ -274,7 +279,7 @@ def test_gpu_kernel_cuda_text_compiles(tmp_path):
     source = tmp_path / "kernel.cu"
     instances = "\n".join(
         f"template __global__ void afm_lut_gemv<{t}, {b}, {g}, {a}, 4096, 4096, {1 << b}, "
-        f"{layout.rows}, {layout.simdgroups}, {str(layout.lut_shared).lower()}>"
+        f"{layout.rows}, {layout.simdgroups}, {str(layout.lut_shared).lower()}, {layout.vec}>"
         f"(const {t}*, const uint8_t*, const __half*, {t}*);"
         for t, b, g, a in (("float", 4, 16, 0), ("__half", 2, 16, 1), ("float", 8, 1, 0))
         for layout in {*lut_kernels.GPU_LAYOUTS.values(), *lut_kernels.GPU_CANDIDATES}
@@ -283,7 +288,7 @@ def test_gpu_kernel_cuda_text_compiles(tmp_path):
         "#include <cuda_fp16.h>\n#include <cstdint>\n"
         + lut_kernels.CUDA_HEADER
         + "template <typename T, int BITS, int GS, int AXIS, int K, int N, int LUT_SIZE, "
-        "int ROWS, int SIMDGROUPS, bool LUT_SHARED>\n"
+        "int ROWS, int SIMDGROUPS, bool LUT_SHARED, int VEC>\n"
         "__global__ void afm_lut_gemv(const T* x, const uint8_t* packed, const __half* lut, "
         "T* out) {\n" + lut_kernels.CUDA_PROLOGUE + lut_kernels.GPU_BODY + "}\n" + instances
     )
