@@ -242,7 +242,9 @@ def main() -> None:
             for name in names:
                 cmd = [sys.executable, __file__, "--child", name, "--dirs", json.dumps(dirs)]
                 cmd += ["--tokens", str(args.tokens)]
-                env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+                root = str(Path(__file__).resolve().parents[1])
+                path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+                env = {**os.environ, "PYTHONPATH": path}
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 if proc.returncode != 0:
                     sys.exit(f"error: {name} failed:\n{proc.stderr[-2000:]}")

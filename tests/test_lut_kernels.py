@@ -277,10 +277,19 @@ def test_gpu_kernel_body_on_an_emulated_simdgroup(tmp_path):
 def test_gpu_kernel_cuda_text_compiles(tmp_path):
     """What mx.fast.cuda_kernel would compile: header, then the body inside a templated kernel."""
     source = tmp_path / "kernel.cu"
+
+    def instance(t, bits, group_size, axis, layout):  # the template constants a call passes
+        template, _, _ = lut_kernels._launch(
+            {"float": mx.float32, "__half": mx.float16}[t], bits, group_size, axis, 4096, 4096,
+            1 << bits, layout,
+        )  # fmt: skip
+        values = [str(v).lower() if isinstance(v, bool) else str(v) for _, v in template[1:]]
+        return f"template __global__ void afm_lut_gemv<{t}, {', '.join(values)}>" + (
+            f"(const {t}*, const uint8_t*, const __half*, {t}*);"
+        )
+
     instances = "\n".join(
-        f"template __global__ void afm_lut_gemv<{t}, {b}, {g}, {a}, 4096, 4096, {1 << b}, "
-        f"{layout.rows}, {layout.simdgroups}, {str(layout.lut_shared).lower()}, {layout.vec}>"
-        f"(const {t}*, const uint8_t*, const __half*, {t}*);"
+        instance(t, b, g, a, layout)
         for t, b, g, a in (("float", 4, 16, 0), ("__half", 2, 16, 1), ("float", 8, 1, 0))
         for layout in {*lut_kernels.GPU_LAYOUTS.values(), *lut_kernels.GPU_CANDIDATES}
     )
@@ -311,6 +320,19 @@ def _reference(x, packed, lut, bits, group_size, axis):
 
     w = lut_to_dense(lut, unpack_indices(packed, bits, x.shape[-1]), group_size, axis)
     return (x.astype(mx.float32) @ w.astype(mx.float32).T).astype(x.dtype)
+
+
+def test_the_checks_reference_by_reduction_equals_a_float64_product():
+    """The GPU path of the first-use check's reference (products summed, not a TF32 matmul)."""
+    import numpy as np
+
+    x = mx.random.normal((5, 96), key=mx.random.key(1))
+    dense = mx.random.normal((40, 96), key=mx.random.key(2)).astype(mx.float16)
+    want = np.asarray(x, dtype=np.float64) @ np.asarray(dense.astype(mx.float32), np.float64).T
+    for by_reduction in (True, False):
+        got = lut_kernels.reference_matmul(x, dense, by_reduction)
+        assert got.shape == (5, 40) and got.dtype == mx.float32
+        assert np.abs(np.asarray(got) - want).max() < 1e-5 * np.abs(want).max()
 
 
 def test_a_wrong_kernel_is_caught_at_first_use_and_falls_back(monkeypatch, capsys):
