@@ -10,7 +10,8 @@ kernel of the default device for up to its ``max_rows`` rows of ``x`` (decode, s
   rows they tie);
 - GPUs: one kernel body run by ``mx.fast.metal_kernel`` (Apple) and ``mx.fast.cuda_kernel``
   (NVIDIA, MLX's CUDA backend) for up to 8 rows: its logic is tested on the CPU by a SIMT
-  emulation and its CUDA text compiled by nvcc, but it has not run on a GPU yet;
+  emulation and its CUDA text compiled by nvcc; ``scripts/gpu_kernel_check.py`` checked and
+  timed it on an NVIDIA H200 (README); on Apple GPUs it has not run;
 
 and otherwise (more rows, no kernel, ``off``) dequantizes the layer and runs a GEMM.
 
