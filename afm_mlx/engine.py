@@ -254,11 +254,13 @@ def plan_memory(
     With ``grad_checkpoint`` only each block's input is kept, and one block's activations are
     live at a time. Calibrated on the ``small`` preset (tests/test_distributed.py measures it).
     """
+    from afm_mlx.families import standard_config
     from afm_mlx.model import count_parameters
 
     counts = count_parameters(config)
     total = counts["total"]
     trainable = total if trainable is None else trainable
+    config = standard_config(config)
     d, n = config["hidden_size"], config["num_hidden_layers"]
     heads, kv = config["num_attention_heads"], config.get("num_key_value_heads", 0)
     kv = kv or heads

@@ -11,7 +11,14 @@ branching on ``model_type``:
   slices, so that each slice keeps a group layout of its own (as if it were its own layer); the
   converters lower each slice as the Llama-layout projection it stands for (``fused_parts``);
 * ``converter_missing``: what the Core ML / Core AI converters' layer plan lacks for the family,
-  or None when they convert it. A converter refuses such a model in one line naming it.
+  or None when they convert it. A converter refuses such a model in one line naming it;
+* ``standardize``: the config under the Llama layout's key names (``hidden_size``,
+  ``num_hidden_layers``, ...) for a family that names them otherwise (afm7's ``hidden_dim``,
+  ``num_layers``, ...); every stage reads sizes through ``standard_config``;
+* ``replay_blocks``: whether mixed-bit sensitivity may replay blocks from their recorded inputs;
+  afm7's last layers read a cache the earlier ones fill during the pass, so it runs whole passes;
+* ``setup``: run once when a model of the family is built (afm7: a straight-through gradient
+  for the 8-bit fake quantization of keys and values, whose ``round`` has none).
 
 A ``model_type`` that is not here is refused in one line naming what it lacks (mixture-of-experts
 models, for one, have expert layers that neither palettization nor the converters handle).
@@ -53,6 +60,69 @@ def _phi3_slices(c: dict[str, Any]) -> dict[str, list[int]]:
     }
 
 
+def _afm7_standard(c: dict[str, Any]) -> dict[str, Any]:
+    """afm7's config under the Llama layout's names (mlx-lm's ``afm7.ModelArgs``)."""
+    out = dict(c)
+    names = {
+        "hidden_size": "hidden_dim",
+        "num_hidden_layers": "num_layers",
+        "num_attention_heads": "num_heads",
+        "num_key_value_heads": "num_kv_heads",
+    }
+    for std, own in names.items():
+        if own in c:
+            out.setdefault(std, c[own])
+    if isinstance(c.get("hidden_dim"), int):
+        out.setdefault(
+            "intermediate_size", int(c["hidden_dim"] * c.get("hidden_dim_scale_factor", 3.25))
+        )
+        if isinstance(c.get("num_heads"), int) and c["num_heads"] > 0:
+            out.setdefault("head_dim", c["hidden_dim"] // c["num_heads"])
+    out.setdefault("tie_word_embeddings", True)  # the LM head is the embedding (as_linear)
+    return out
+
+
+def _afm7_slices(c: dict[str, Any]) -> dict[str, list[int]]:
+    c = _afm7_standard(c)
+    hd = c["head_dim"]
+    return {
+        "self_attn.qkv_proj": [
+            c["num_attention_heads"] * hd,
+            c["num_key_value_heads"] * hd,
+            c["num_key_value_heads"] * hd,
+        ]
+    }
+
+
+_afm7_patched = None
+
+
+def _afm7_straight_through() -> None:
+    """Give mlx-lm's afm7 ``fake_8bit_quant`` (keys and values rounded to 8 bits with a
+    learned scale) a straight-through gradient: ``round`` has a zero gradient in MLX, so without
+    it nothing upstream of the keys and values (the k and v slices of ``qkv_proj``, adapters on
+    them) would ever train. The forward pass is the original function, unchanged."""
+    import mlx.core as mx
+    from mlx_lm.models import afm7
+
+    global _afm7_patched
+    if afm7.fake_8bit_quant is _afm7_patched:
+        return
+    original = afm7.fake_8bit_quant
+
+    @mx.custom_function
+    def fake_8bit_quant(x, scale):
+        return original(x, scale)
+
+    @fake_8bit_quant.vjp
+    def fake_8bit_quant_vjp(primals, cotangent, output):
+        x, scale = primals
+        inside = mx.abs(x.astype(mx.float32) / scale) <= 127.5  # clipped values get none
+        return mx.where(inside, cotangent, 0).astype(x.dtype), mx.zeros_like(scale)
+
+    afm7.fake_8bit_quant = _afm7_patched = fake_8bit_quant
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -62,6 +132,9 @@ class Family:
     fused: Callable[[dict[str, Any]], dict[str, list[int]]] = field(default=lambda c: {})
     # Each fused projection's slices, in order, named as the Llama layout's projections.
     fused_parts: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    standardize: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    replay_blocks: bool = True
+    setup: Callable[[], None] | None = None
 
 
 FAMILIES = (
@@ -85,6 +158,27 @@ FAMILIES = (
             "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
         },
     ),
+    Family(
+        "AFM (afm7)",
+        ("afm7",),
+        # Regular blocks fuse q|k|v; the KV-reuse blocks only project queries.
+        projections=(
+            "self_attn.qkv_proj",
+            "self_attn.q_proj",
+            "self_attn.out_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ),
+        converter_missing=(
+            "KV-reuse layers (the last layers attend to an earlier layer's cache), "
+            "normalization after RoPE and 8-bit fake-quantized keys and values"
+        ),
+        fused=_afm7_slices,
+        standardize=_afm7_standard,
+        replay_blocks=False,
+        setup=_afm7_straight_through,
+    ),
 )
 
 # Types users bring that no stage handles yet, with what is missing.
@@ -95,7 +189,6 @@ NOT_SUPPORTED = {
     "deepseek_v2": "mixture-of-experts layers and latent attention",
     "deepseek_v3": "mixture-of-experts layers and latent attention",
     "gpt_oss": "mixture-of-experts layers",
-    "afm7": "KV-reuse layers and fused projections",
     "gemma3": "the vision tower (a text-only gemma3_text checkpoint works)",
 }
 
@@ -116,6 +209,25 @@ def family_for(config: dict[str, Any], source: str) -> Family:
         f"{source}: model_type '{model_type}' is not supported ({why}); "
         f"supported: {', '.join(supported_types())}"
     )
+
+
+def split_points(module: Any) -> tuple[int, ...]:
+    """Where a fused projection's output is split into the tuple it returns (mlx-lm's afm7
+    ``FusedLinear`` keeps them as ``indices``; ours as ``split_at``); () for a plain layer."""
+    for key in ("split_at", "indices"):  # module entries (an MLX module is a dict), not methods
+        value = module.get(key) if isinstance(module, dict) else None
+        if isinstance(value, (list, tuple)):
+            return tuple(value)
+    return ()
+
+
+def standard_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with the Llama layout's size keys filled in for families that name them
+    otherwise (the original keys stay; a config of an unknown family comes back unchanged)."""
+    for family in FAMILIES:
+        if config.get("model_type") in family.model_types and family.standardize:
+            return family.standardize(config)
+    return config
 
 
 def model_family(model) -> Family:

@@ -19,6 +19,7 @@ from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_p
 from mlx_lm.sample_utils import make_sampler
 
 from afm_mlx.errors import UserError
+from afm_mlx.families import standard_config
 from afm_mlx.lora import Adapter, AdapterCache
 from afm_mlx.model import load_base
 from afm_mlx.palettized import cache_dense_weights
@@ -50,8 +51,9 @@ class Generator:
             return
         if kv_bits not in KV_BITS:
             raise UserError(f"--kv-bits {kv_bits}: choose one of {', '.join(map(str, KV_BITS))}")
-        head_dim = self.config.get("head_dim") or (
-            self.config["hidden_size"] // self.config["num_attention_heads"]
+        config = standard_config(self.config)
+        head_dim = config.get("head_dim") or (
+            config["hidden_size"] // config["num_attention_heads"]
         )
         if head_dim % kv_group_size:
             raise UserError(

@@ -26,7 +26,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.lora import LoRALinear as _MlxLmLoRALinear
 
 from afm_mlx.errors import UserError
-from afm_mlx.families import LLAMA_PROJECTIONS, model_family
+from afm_mlx.families import LLAMA_PROJECTIONS, model_family, split_points
 from afm_mlx.fileio import atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
 from afm_mlx.model import model_fingerprint
 
@@ -74,8 +74,21 @@ def base_dims(layer: nn.Module) -> tuple[int, int]:
 
 
 def is_lossless_base(layer: nn.Module) -> bool:
-    """True when fusing into this base keeps the adapter exactly (a plain dense weight)."""
-    return type(layer) is nn.Linear
+    """True when fusing into this base keeps the adapter exactly (a plain dense weight, fused
+    projections such as afm7's ``FusedLinear`` included)."""
+    return isinstance(layer, nn.Linear)
+
+
+class SplitLinear(nn.Linear):
+    """A dense linear layer returning its output split at ``split_at`` (what fusing an adapter
+    into afm7's q|k|v projection gives: it saves as the plain weight mlx-lm's class loads)."""
+
+    def __init__(self, input_dims: int, output_dims: int, split_at: tuple[int, ...], bias=False):
+        super().__init__(input_dims, output_dims, bias=bias)
+        self.split_at = tuple(split_at)
+
+    def __call__(self, x: mx.array) -> tuple[mx.array, ...]:
+        return tuple(super().__call__(x).split(list(self.split_at), axis=-1))
 
 
 class LoRALinear(_MlxLmLoRALinear):
@@ -100,6 +113,14 @@ class LoRALinear(_MlxLmLoRALinear):
             layer.lora_a = mx.random.uniform(-bound, bound, (in_dims, r), key=key)
         return layer
 
+    def __call__(self, x: mx.array):
+        y = self.linear(x)
+        z = (self.scale * ((self.dropout(x) @ self.lora_a) @ self.lora_b)).astype(x.dtype)
+        if isinstance(y, (tuple, list)):  # a fused projection: its update is split like its output
+            z = z.split(list(split_points(self.linear)), axis=-1)
+            return tuple(yi + zi for yi, zi in zip(y, z, strict=True))
+        return y + z
+
     def delta(self) -> mx.array:
         """The dense (out, in) update ``scale * b^T a^T`` that the adapter adds to the weight."""
         return (self.scale * self.lora_b.T) @ self.lora_a.T
@@ -113,7 +134,12 @@ class LoRALinear(_MlxLmLoRALinear):
         """
         base = self.linear
         weight = dense_weight(base)
-        fused = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in base)
+        if split_points(base):
+            fused = SplitLinear(
+                weight.shape[1], weight.shape[0], split_points(base), "bias" in base
+            )
+        else:
+            fused = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in base)
         fused.weight = (weight.astype(mx.float32) + self.delta()).astype(weight.dtype)
         if "bias" in base:
             fused.bias = base.bias
@@ -214,6 +240,7 @@ def attach_lora(model: nn.Module, settings: LoRASettings, seed: int = 0) -> list
     if lora_layers(model):
         raise ValueError("model already carries LoRA layers; remove_lora first")
     layers = model_layers(model)
+    where = {id(m): path for path, m in model.named_modules()}  # afm7: layers, kv_reuse_layers
     n = len(layers) if settings.num_layers < 0 else min(settings.num_layers, len(layers))
     key = mx.random.key(seed)
     paths: list[str] = []
@@ -236,7 +263,7 @@ def attach_lora(model: nn.Module, settings: LoRASettings, seed: int = 0) -> list
                 )
             )
         layers[i].update_modules(tree_unflatten(updates))
-        paths += [f"model.layers.{i}.{k}" for k, _ in updates]
+        paths += [f"{where[id(layers[i])]}.{k}" for k, _ in updates]
     missing = sorted(set(settings.keys) - found)
     if missing:
         raise UserError(

@@ -22,7 +22,7 @@ from mlx.utils import tree_flatten, tree_map_with_path
 from mlx_lm.utils import _get_classes
 
 from afm_mlx.errors import UserError
-from afm_mlx.families import family_for
+from afm_mlx.families import family_for, standard_config
 from afm_mlx.fileio import (
     atomic_copy,
     atomic_save_safetensors,
@@ -105,8 +105,10 @@ def preset_config(name: str, **overrides: Any) -> dict[str, Any]:
 
 
 def validate_config(config: dict[str, Any], source: str) -> None:
-    """Refuse configs that cannot build a model, naming ``source`` and the bad keys."""
+    """Refuse configs that cannot build a model, naming ``source`` and the bad keys (sizes are
+    read under the Llama layout's names: ``families.standard_config``)."""
     family_for(config, source)
+    config = standard_config(config)
     required = [
         "hidden_size",
         "num_hidden_layers",
@@ -137,6 +139,9 @@ def validate_config(config: dict[str, Any], source: str) -> None:
 def build_model(config: dict[str, Any]) -> nn.Module:
     """Instantiate the mlx-lm model class for ``config`` (parameters stay lazy until evaluated)."""
     validate_config(config, "config")
+    family = family_for(config, "config")
+    if family.setup is not None:
+        family.setup()
     model_class, args_class = _get_classes(config)
     return model_class(args_class.from_dict(config))
 
@@ -144,7 +149,7 @@ def build_model(config: dict[str, Any]) -> nn.Module:
 def init_weights(model: nn.Module, config: dict[str, Any], seed: int = 0) -> None:
     """GPT-style init: N(0, 0.02); residual output projections scaled by 1/sqrt(2 * layers)."""
     std = config.get("initializer_range", 0.02)
-    residual_std = std / math.sqrt(2 * config["num_hidden_layers"])
+    residual_std = std / math.sqrt(2 * standard_config(config)["num_hidden_layers"])
     key = mx.random.key(seed)
 
     def init(path: str, p: mx.array) -> mx.array:
@@ -152,7 +157,7 @@ def init_weights(model: nn.Module, config: dict[str, Any], seed: int = 0) -> Non
         if p.ndim < 2:
             return p  # norms keep ones (and biases zeros)
         key, sub = mx.random.split(key)
-        scale = residual_std if re.search(r"(o_proj|down_proj)\.weight$", path) else std
+        scale = residual_std if re.search(r"(o_proj|out_proj|down_proj)\.weight$", path) else std
         return mx.random.normal(p.shape, key=sub, scale=scale).astype(p.dtype)
 
     model.update(tree_map_with_path(init, model.parameters()))
@@ -162,9 +167,12 @@ def count_parameters(config: dict[str, Any]) -> dict[str, int]:
     """Parameter counts from shapes only (MLX is lazy, so nothing is allocated)."""
     model = build_model(config)
     total = embedding = 0
+    embeddings = {
+        f"{path}.weight" for path, m in model.named_modules() if isinstance(m, nn.Embedding)
+    }
     for name, p in tree_flatten(model.parameters()):
         total += p.size
-        if "embed_tokens" in name or name.startswith("lm_head"):
+        if name in embeddings or name.startswith("lm_head"):
             embedding += p.size
     return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
 
@@ -178,7 +186,7 @@ def model_fingerprint(model: nn.Module) -> str:
     h = hashlib.sha256()
     for name, p in sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0]):
         h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
-        h.update(memoryview(mx.contiguous(p).view(mx.uint8)))  # raw stored bytes, any dtype
+        h.update(memoryview(mx.contiguous(p).reshape(-1).view(mx.uint8)))  # raw bytes, any dtype
     return h.hexdigest()[:16]
 
 

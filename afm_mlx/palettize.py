@@ -24,7 +24,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from afm_mlx.cli import stage_main
 from afm_mlx.data import PackedDataset, build_token_cache, split_train_valid
 from afm_mlx.errors import UserError
-from afm_mlx.families import family_for
+from afm_mlx.families import family_for, model_family
 from afm_mlx.fileio import check_new_output, output_lock, staged_dir
 from afm_mlx.kmeans import SUPPORTED_BITS, check_palettization_settings
 from afm_mlx.losses import token_nll
@@ -183,6 +183,11 @@ def _kl_to_reference(logits: mx.array, ref_logprobs: mx.array) -> float:
     return mx.mean(mx.sum(mx.exp(ref_logprobs) * (ref_logprobs - logprobs), axis=-1)).item()
 
 
+def _log_softmax(logits: mx.array) -> mx.array:
+    logits = logits.astype(mx.float32)
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
 def _logits_from_hidden(model: nn.Module, h: mx.array) -> mx.array:
     h = model.model.norm(h)
     head = model.lm_head if "lm_head" in model else model.model.embed_tokens.as_linear
@@ -220,8 +225,7 @@ def _block_inputs(
         for i, r in enumerate(recorders):
             blocks[i] = r
         for x in inputs:
-            logits = model(x).astype(mx.float32)
-            logprobs.append(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+            logprobs.append(_log_softmax(model(x)))
             mx.eval(logprobs[-1], [c[0] for r in recorders for c in r.calls[-1:]])
     finally:
         for i, r in enumerate(recorders):
@@ -241,10 +245,17 @@ def measure_sensitivity(
     """KL(fp || model with only ``path`` palettized at b bits) for every layer and choice.
 
     Only the blocks from the changed layer's block onwards are re-run, from the fp hidden states
-    (and masks) the model passed to each block, recorded once.
+    (and masks) the model passed to each block, recorded once. A family whose blocks cannot be
+    replayed alone (``Family.replay_blocks``: afm7's KV-reuse layers read a cache the earlier
+    layers fill during the pass) runs whole forward passes instead.
     """
     blocks = model.model.layers
-    calls, ref = _block_inputs(model, [b[:, :-1] for b in batches])
+    inputs = [b[:, :-1] for b in batches]
+    if model_family(model).replay_blocks:
+        calls, ref = _block_inputs(model, inputs)
+    else:
+        calls, ref = None, [_log_softmax(model(x)) for x in inputs]
+        mx.eval(ref)
     modules = dict(tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module))
     result: dict[str, dict[int, float]] = {}
     for path in paths:
@@ -257,6 +268,9 @@ def measure_sensitivity(
             _swap(model, path, candidate)
             kls = []
             for j in range(len(batches)):
+                if calls is None:
+                    kls.append(_kl_to_reference(model(inputs[j]).astype(mx.float32), ref[j]))
+                    continue
                 x = calls[block_index][j][0]
                 for k in range(block_index, len(blocks)):
                     _, args, kwargs = calls[k][j]
@@ -374,10 +388,10 @@ def _palettize(cfg: PalettizeConfig, out: Path) -> dict[str, Any]:
     # Refuse impossible settings before any slow work.
     checks = [(p, shapes[p], cfg.group_size, cfg.axis, "--group-size") for p in paths]
     if cfg.embedding_bits:
-        emb = model.model.embed_tokens.weight.shape
-        checks.append(
-            ("model.embed_tokens", emb, cfg.embedding_group_size, 0, "--embedding-group-size")
-        )
+        for path, module in modules.items():
+            if isinstance(module, nn.Embedding):
+                shape = module.weight.shape
+                checks.append((path, shape, cfg.embedding_group_size, 0, "--embedding-group-size"))
     for p, shape, group, axis, flag in checks:
         try:
             check_palettization_settings(tuple(shape), cfg.bits, group, axis)

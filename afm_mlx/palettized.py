@@ -23,6 +23,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from afm_mlx.errors import UserError
+from afm_mlx.families import split_points
 from afm_mlx.kmeans import check_palettization_settings, kmeans_lut, lut_to_dense
 from afm_mlx.lut_kernels import kernel_matmul, kernel_usable
 from afm_mlx.packing import pack_indices, packed_length, unpack_indices
@@ -127,7 +128,10 @@ class _Palettized(nn.Module):
 
 
 class PalettizedLinear(_Palettized):
-    """A linear layer whose (out, in) weight is stored as packed LUT indices plus fp16 LUTs."""
+    """A linear layer whose (out, in) weight is stored as packed LUT indices plus fp16 LUTs.
+
+    With ``split_at`` (a fused projection such as afm7's q|k|v) it returns the tuple of the
+    output's slices, as the layer it replaces does."""
 
     def __init__(
         self,
@@ -137,11 +141,14 @@ class PalettizedLinear(_Palettized):
         bits: int = 4,
         group_size: int = 16,
         axis: int = 0,
+        split_at: tuple[int, ...] = (),
     ):
         super().__init__(output_dims, input_dims, bits, group_size, axis)
         self.input_dims, self.output_dims = input_dims, output_dims
         if bias:
             self.bias = mx.zeros((output_dims,))
+        if split_at:
+            self.split_at = tuple(split_at)  # a tuple: not a parameter, not saved
         self.freeze()  # like nn.QuantizedLinear: stored codes (and bias) are not trainable
 
     @property
@@ -159,7 +166,9 @@ class PalettizedLinear(_Palettized):
     ) -> PalettizedLinear:
         """Palettize ``linear`` with grouped k-means (``importance``: optional per-weight weights)."""
         output_dims, input_dims = linear.weight.shape
-        layer = cls(input_dims, output_dims, "bias" in linear, bits, group_size, axis)
+        layer = cls(
+            input_dims, output_dims, "bias" in linear, bits, group_size, axis, split_points(linear)
+        )
         layer._fill(linear.weight, importance)
         if "bias" in linear:
             layer.bias = linear.bias
@@ -167,12 +176,17 @@ class PalettizedLinear(_Palettized):
 
     def recompress(self, linear: nn.Linear) -> PalettizedLinear:
         """Palettize another linear layer (e.g. a LoRA-fused one) with this layer's settings."""
-        return PalettizedLinear.from_linear(linear, self.bits, self.group_size, self.axis)
+        layer = PalettizedLinear.from_linear(linear, self.bits, self.group_size, self.axis)
+        if split_points(self) and not split_points(layer):
+            layer.split_at = split_points(self)
+        return layer
 
     def __call__(self, x: mx.array) -> mx.array:
         y = self._matmul(x)
         if "bias" in self:
             y = y + self.bias.astype(y.dtype)
+        if "split_at" in self:
+            return tuple(y.split(list(self.split_at), axis=-1))
         return y
 
     def _extra_repr(self) -> str:
@@ -342,7 +356,9 @@ def apply_palettization_config(model: nn.Module, config: Mapping[str, Any]) -> N
         if isinstance(module, nn.Embedding):
             replacements[path] = PalettizedEmbedding(rows, cols, **settings)
         else:
-            replacements[path] = PalettizedLinear(cols, rows, "bias" in module, **settings)
+            replacements[path] = PalettizedLinear(
+                cols, rows, "bias" in module, **settings, split_at=split_points(module)
+            )
     if problems:
         raise ValueError("palettization config does not fit the model: " + "; ".join(problems))
     for path, new in replacements.items():

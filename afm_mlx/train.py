@@ -45,6 +45,7 @@ from afm_mlx.engine import (
     use_grad_checkpoint,
 )
 from afm_mlx.errors import UserError
+from afm_mlx.families import standard_config
 from afm_mlx.fileio import atomic_write_json, staged_dir
 from afm_mlx.losses import make_loss
 from afm_mlx.model import (
@@ -145,6 +146,7 @@ def prepare_tokenizer(cfg: TrainConfig, out: Path, world: World) -> Path:
 def flops_per_token(model: nn.Module, seq_len: int, config: dict[str, Any]) -> float:
     """Training FLOPs per token: 6 x matmul parameters (LM head included) + attention scores."""
     n = sum(p.size for _, p in tree_flatten(model.parameters()))
+    config = standard_config(config)
     heads_dim = config["num_attention_heads"] * config.get(
         "head_dim", config["hidden_size"] // config["num_attention_heads"]
     )

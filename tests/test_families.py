@@ -1,5 +1,5 @@
-"""Gemma 3, SmolLM3 and Phi-3 through the MLX stages, each as a tiny random model: our loader's logits
-equal mlx-lm's, the palettized forward is the dense forward of the dequantized weights, mixed-bit
+"""Gemma 3, SmolLM3, Phi-3 and AFM (afm7) through the MLX stages, each as a tiny random model: our
+loader's logits equal mlx-lm's, the palettized forward is the dense forward of the dequantized weights, mixed-bit
 sensitivity replays the family's own masks, a recovery adapter trains and loads back, generate
 runs with it; the converters refuse what their layer plan lacks in one line, and so does every
 stage for a family afm_mlx does not handle."""
@@ -19,7 +19,13 @@ from afm_mlx.families import family_for, supported_types
 from afm_mlx.finetune import FinetuneConfig, finetune
 from afm_mlx.lora import AdapterCache, read_adapter
 from afm_mlx.model import build_model, load, load_model, save_model
-from afm_mlx.palettize import PalettizeConfig, _swap, measure_sensitivity, palettize
+from afm_mlx.palettize import (
+    PalettizeConfig,
+    _swap,
+    linear_paths,
+    measure_sensitivity,
+    palettize,
+)
 from afm_mlx.palettized import PalettizedLinear
 from afm_mlx.recover import RecoverConfig, recover
 
@@ -65,6 +71,16 @@ CONFIGS = {
         "rms_norm_eps": 1e-5,
         "rope_theta": 10_000.0,
         "tie_word_embeddings": False,
+    },
+    "afm7": {  # 2 regular blocks (qkv_proj rows 64 | 32 | 32), then 2 reading the last one's cache
+        "model_type": "afm7",
+        "hidden_dim": 64,
+        "num_layers": 4,
+        "num_kv_reuse_layers": 2,
+        "num_heads": 4,
+        "num_kv_heads": 2,
+        "hidden_dim_scale_factor": 2.0,
+        "rope_theta": 10_000.0,
     },
 }
 
@@ -154,9 +170,10 @@ def test_palettized_forward_is_the_dense_forward_of_its_dequantized_weights(
         for name, module in tree_flatten(model.leaf_modules(), is_leaf=lambda m: hasattr(m, "lut"))
         if hasattr(module, "dequantize")
     ]
-    family = family_for(config, "t")
     # Every projection of every block, plus the embedding (8-bit rows, AFM's default).
-    assert len(replacement) == len(family.projections) * config["num_hidden_layers"] + 1
+    assert len(replacement) == len(linear_paths(dense)) + 1
+    projections = family_for(config, "t").projections
+    assert {p.split(".", 3)[-1] for p in linear_paths(dense)} == set(projections)
     fp = np.array(dense(TOKENS))
     dense.load_weights(replacement, strict=False)
     np.testing.assert_allclose(np.array(model(TOKENS)), np.array(dense(TOKENS)), atol=1e-4)
@@ -168,7 +185,9 @@ def test_sensitivity_replays_the_familys_masks(family_dir):
     model, _, _ = load_model(family_dir)
     cfg = PalettizeConfig(model=str(family_dir), out="unused", group_size=16)
     batches = [mx.concatenate([TOKENS, TOKENS[:, :1]], axis=1)]
-    paths = ["model.layers.1.self_attn.o_proj", "model.layers.2.mlp.down_proj"]
+    # An attention output projection of the second block, and the last projection of all.
+    attention_out = [p for p in linear_paths(model) if p.endswith(("o_proj", "out_proj"))]
+    paths = [attention_out[1], linear_paths(model)[-1]]
     got = measure_sensitivity(model, paths, [2], cfg, batches, None)
     ref = model(TOKENS).astype(mx.float32)
     ref = ref - mx.logsumexp(ref, axis=-1, keepdims=True)
@@ -208,6 +227,16 @@ def test_recovery_adapter_trains_loads_back_and_generates(
     saved = json.loads((out / "adapter_config.json").read_text())
     config = json.loads((family_dir / "config.json").read_text())
     assert saved["lora_parameters"]["keys"] == list(family_for(config, "t").projections)
+    # Every adapted projection's weights moved from their zero init, every slice of a fused one
+    # too (afm7's k and v reach the loss only through its 8-bit fake quantization).
+    fused = family_for(config, "t").fused(config)
+    for name, b in read_adapter(out).weights.items():
+        if not name.endswith("lora_b"):
+            continue
+        rel = next((r for r in fused if f".{r}." in name), None)
+        bounds = np.cumsum([0, *fused[rel]]) if rel else [0, b.shape[1]]
+        b = np.abs(np.array(b.astype(mx.float32)))
+        assert all(b[:, lo:hi].max() > 0 for lo, hi in zip(bounds, bounds[1:])), name
     # Loaded back onto a fresh base, the adapter moves the compressed model's distribution
     # toward the teacher's (KL on tokens it never trained on), the same way each time.
     teacher, tokenizer = load(family_dir)
@@ -273,6 +302,50 @@ def test_recovery_adapter_trains_loads_back_and_generates(
             break
     expected = tokenizer.decode(ids[len(tokenizer.encode("The king")) :])
     assert proc.stdout == expected + "\n", (proc.stdout, expected)
+
+
+def test_afm7_keys_and_values_pass_gradients_to_every_adapted_projection(monkeypatch):
+    """mlx-lm's afm7 rounds keys and values to 8 bits (``fake_8bit_quant``), and ``round`` has no
+    gradient in MLX: an adapter's k and v slices of ``qkv_proj`` would never train. Built by
+    afm_mlx, the function has a straight-through gradient; with mlx-lm's own they get none."""
+    import mlx.nn as nn
+    from mlx_lm.models import afm7
+
+    from afm_mlx.lora import LoRASettings, attach_lora, settings_for_model
+
+    config = {**CONFIGS["afm7"], "vocab_size": 512}
+    mx.random.seed(3)
+    model = build_model(config)
+    attach_lora(model, settings_for_model(LoRASettings.from_flags(4, None, None), model), seed=1)
+    mx.eval(model.parameters())
+    bounds = np.cumsum([0, *family_for(config, "t").fused(config)["self_attn.qkv_proj"]])
+
+    def slice_gradients() -> dict[str, list[float]]:
+        def loss(m):
+            logits = m(TOKENS[:, :-1]).astype(mx.float32)
+            return nn.losses.cross_entropy(logits, TOKENS[:, 1:]).mean()
+
+        _, grads = nn.value_and_grad(model, loss)(model)
+        out = {}
+        for name, g in tree_flatten(grads):
+            if name.endswith("lora_b"):
+                g = np.abs(np.array(g))
+                cuts = bounds if "qkv_proj" in name else [0, g.shape[1]]
+                out[name] = [float(g[:, lo:hi].max()) for lo, hi in zip(cuts, cuts[1:])]
+        return out
+
+    got = slice_gradients()
+    # 2 regular blocks (qkv, out, gate, up, down) + 2 KV-reuse blocks (q, out, gate, up, down).
+    assert len(got) == 20 and all(min(v) > 0 for v in got.values()), got
+
+    def mlx_lms_fake_8bit_quant(x, scale):  # mlx-lm's definition: round, clip, rescale
+        q = mx.clip((x.astype(mx.float32) / scale).round(), -128, 127)
+        return (q * scale).astype(x.dtype)
+
+    monkeypatch.setattr(afm7, "fake_8bit_quant", mlx_lms_fake_8bit_quant)
+    without = slice_gradients()
+    qkv = [v for k, v in without.items() if "qkv_proj" in k]
+    assert len(qkv) == 2 and all(q > 0 and k == 0 and v == 0 for q, k, v in qkv), qkv
 
 
 def test_converted_package_and_asset_compute_mlxs_logits(family_dir, palettized_dir, tmp_path):
