@@ -494,12 +494,35 @@ def kmeans_lut(
     """
     n_groups = check_palettization_settings(tuple(weight.shape), bits, group_size, axis)
     shape = (weight.shape[0], weight.shape[1])
-    w16 = weight if weight.dtype == mx.float16 else weight.astype(mx.float16)
-    keys = _fp16_keys(_grouped(w16, group_size, axis))
-    lo_key, hi_key = mx.min(keys).item(), mx.max(keys).item()
+    per_row = shape[1] * group_size  # values per group with groups of rows
+    per_group_values = per_row if axis == 0 else shape[0] * group_size
+
+    # With groups of rows (axis 0) a group is a slice of rows: keys and masses are made one
+    # slice at a time, so the working memory is a slice's, not the matrix's (an embedding).
+    # Groups of columns are transposed once, whole.
+    def rows_of(part: slice) -> slice:
+        return slice(part.start * group_size, part.stop * group_size)
+
+    def keys_of(part: slice) -> mx.array:
+        if axis == 1:
+            return whole_keys[part]
+        w = weight[rows_of(part)]
+        return _fp16_keys(
+            (w if w.dtype == mx.float16 else w.astype(mx.float16)).reshape(-1, per_row)
+        )
+
+    whole_keys = None
+    if axis == 1:
+        w16 = weight if weight.dtype == mx.float16 else weight.astype(mx.float16)
+        whole_keys = _fp16_keys(_grouped(w16, group_size, axis))
+    scan = max(1, _MAX_POSITIONS_PER_CHUNK // per_group_values)  # groups per range-scan slice
+    lo_key, hi_key = 65535, 0
+    for start in range(0, n_groups, scan):
+        keys = keys_of(slice(start, min(n_groups, start + scan)))
+        lo_key, hi_key = min(lo_key, mx.min(keys).item()), max(hi_key, mx.max(keys).item())
     if lo_key < _KEY_FINITE_MIN or hi_key > _KEY_FINITE_MAX:
         raise ValueError("weight has values that are NaN, infinite or beyond the fp16 range")
-    mass = None
+    imp = floor = None
     if weights is not None:
         if tuple(weights.shape) != shape:
             raise ValueError(f"importance shape {tuple(weights.shape)} != weight shape {shape}")
@@ -508,16 +531,22 @@ def kmeans_lut(
             raise ValueError("importance weights must be non-negative")
         # A small floor keeps every weight (and group) in play where importances are all zero.
         floor = mx.maximum(mx.mean(imp), 1e-30) * 1e-6
-        mass = _grouped(imp + floor, group_size, axis)
+
+    def mass_of(part: slice) -> mx.array | None:
+        if imp is None:
+            return None
+        if axis == 1:
+            return _grouped(imp + floor, group_size, axis)[part]
+        return (imp[rows_of(part)] + floor).reshape(-1, per_row)
 
     span = hi_key - lo_key + 1
-    per_group = min(span, keys.shape[1]) + 1
+    per_group = min(span, per_group_values) + 1
     # At most 2**16 groups per chunk: the sorted layout tags keys with their group in 32 bits.
     chunk = max(1, min(1 << 16, _MAX_POSITIONS_PER_CHUNK // per_group))
     luts, idxs = [], []
     for start in range(0, n_groups, chunk):
         part = slice(start, min(n_groups, start + chunk))
-        lut, idx = _solve_chunk(keys[part], None if mass is None else mass[part], bits, span)
+        lut, idx = _solve_chunk(keys_of(part), mass_of(part), bits, span)
         luts.append(lut)
         idxs.append(idx)
     lut = mx.concatenate(luts, axis=0) if len(luts) > 1 else luts[0]

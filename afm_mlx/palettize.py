@@ -377,28 +377,29 @@ def _palettize(cfg: PalettizeConfig, out: Path) -> dict[str, Any]:
     from tqdm import tqdm
 
     start = time.perf_counter()
-    model, config, model_dir = load_model(cfg.model)
+    need_calibration = cfg.target_bpw is not None or cfg.sensitivity != "none"
+    # Without calibration passes nothing needs the whole dense model at once: it stays on disk
+    # and each layer is read, palettized and freed in turn (peak: the output + one dense layer).
+    model, config, model_dir = load_model(cfg.model, lazy=not need_calibration)
     paths = linear_paths(model)
     if not paths:
         already = " (it is already palettized)" if "palettization" in config else ""
         raise UserError(f"--model {cfg.model}: has no float linear layers to palettize{already}")
     modules = dict(tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module))
     shapes = {p: tuple(modules[p].weight.shape) for p in paths}
-    originals = {p: modules[p].weight for p in paths}
+    embeddings = {p: m.weight.shape for p, m in modules.items() if isinstance(m, nn.Embedding)}
+    del modules  # no reference may keep a dense weight alive once its layer is palettized
     # Refuse impossible settings before any slow work.
     checks = [(p, shapes[p], cfg.group_size, cfg.axis, "--group-size") for p in paths]
     if cfg.embedding_bits:
-        for path, module in modules.items():
-            if isinstance(module, nn.Embedding):
-                shape = module.weight.shape
-                checks.append((path, shape, cfg.embedding_group_size, 0, "--embedding-group-size"))
+        for path, shape in embeddings.items():
+            checks.append((path, shape, cfg.embedding_group_size, 0, "--embedding-group-size"))
     for p, shape, group, axis, flag in checks:
         try:
             check_palettization_settings(tuple(shape), cfg.bits, group, axis)
         except ValueError as e:
             raise UserError(f"{flag} {group}: {p}: {e}") from e
     check_fused_groups(family_for(config, cfg.model).fused(config), paths, cfg.group_size, cfg.axis)
-    need_calibration = cfg.target_bpw is not None or cfg.sensitivity != "none"
     batches = calibration_batches(cfg, model_dir, config["vocab_size"]) if need_calibration else []
 
     importance = None
@@ -429,18 +430,16 @@ def _palettize(cfg: PalettizeConfig, out: Path) -> dict[str, Any]:
             bar.set_postfix_str(path.removeprefix("model."), refresh=False)
             bar.update(1)
 
+        errors: dict[str, float] = {}
         try:
-            chosen = palettize_model(model, predicate, importance=importance, on_layer=advance)
+            chosen = palettize_model(
+                model, predicate, importance=importance, on_layer=advance, errors=errors
+            )
         except ValueError as e:
             raise UserError(f"--group-size/--bits: {e}") from e
-
-    modules = dict(tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module))
-    table = []
-    for p in paths:
-        w, q = originals[p].astype(mx.float32), modules[p].dequantize(mx.float32)
-        rel = (mx.sum((w - q) ** 2) / mx.sum(w * w)).item()
-        table.append({"layer": p, "bits": bits[p], "shape": list(shapes[p]), "rel_mse": rel})
-    del originals
+    table = [
+        {"layer": p, "bits": bits[p], "shape": list(shapes[p]), "rel_mse": errors[p]} for p in paths
+    ]
     new_config = dict(config)
     new_config["palettization"] = {
         "method": "grouped-kmeans-lut",

@@ -272,14 +272,18 @@ def palettize_model(
     axis: int = 0,
     importance: Mapping[str, mx.array] | Callable[[str, nn.Module], mx.array | None] | None = None,
     on_layer: Callable[[str, int, int], None] | None = None,
+    errors: dict[str, float] | None = None,
 ) -> dict[str, dict[str, int]]:
     """Replace ``nn.Linear`` (and, if the predicate accepts them, ``nn.Embedding``) layers in place.
 
     ``class_predicate(path, module)`` returns False, True (use ``bits``/``group_size``/``axis``) or a
     dict of per-layer settings; the default palettizes every ``nn.Linear``. ``importance`` maps a path
     (or a callable maps ``(path, module)``) to per-weight importance for weighted k-means.
-    Layers are palettized one at a time, each replaced right away so its dense weight can be freed;
-    ``on_layer(path, done, total)`` is called after each (a progress bar).
+    Layers are palettized one at a time, each replaced right away so its dense weight can be freed
+    (with a lazily loaded model, ``load_model(lazy=True)``, each weight is also read from disk
+    only when its turn comes: the peak is the palettized model plus one dense layer);
+    ``on_layer(path, done, total)`` is called after each (a progress bar). ``errors``, if given,
+    receives each linear layer's relative reconstruction error ``|W - W_q|^2 / |W|^2``.
 
     Returns ``{path: {"bits", "group_size", "axis"}}`` for every palettized layer, the record that
     ``apply_palettization_config`` rebuilds the layers from.
@@ -296,6 +300,11 @@ def palettize_model(
             new = PalettizedEmbedding.from_embedding(module, importance=imp, **settings)
         else:
             new = PalettizedLinear.from_linear(module, importance=imp, **settings)
+            if errors is not None:
+                w = module.weight.astype(mx.float32)
+                q = new.dequantize(mx.float32)
+                errors[path] = (mx.sum((w - q) ** 2) / mx.sum(w * w)).item()
+                del w, q
         del module, imp
         model.update_modules(tree_unflatten([(path, new)]))
         if on_layer is not None:

@@ -189,3 +189,50 @@ def test_existing_output_is_not_overwritten(tiny_model_dir, tmp_path):
         run_cli("afm_mlx.palettize", "--model", tiny_model_dir, "--out", tmp_path / "out")
     )
     assert "not an empty folder" in line and (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_fixed_bits_read_and_free_one_layer_at_a_time(tiny_tokenizer, tmp_path, monkeypatch):
+    """Without calibration nothing needs the whole dense model: it stays on disk, and each layer
+    is read, palettized and freed in turn. MLX's peak is measured against the same run with the
+    whole model loaded first (what palettize did before): it must save most of the dense size
+    (the rest of the peak is k-means' working set, bounded per slice of groups)."""
+    import afm_mlx.palettize as stage
+    from afm_mlx.model import build_model, preset_config, save_model
+
+    config = preset_config(
+        "tiny", hidden_size=256, intermediate_size=1024, num_hidden_layers=8, head_dim=32
+    )
+    model = build_model(config)
+    mx.eval(model.parameters())
+    dense = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    folder = save_model(tmp_path / "fp", model, config, tiny_tokenizer)
+    del model
+
+    def peak_of(out: str) -> tuple[int, dict]:
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        summary = palettize(PalettizeConfig(model=str(folder), out=str(tmp_path / out), bits=4))
+        return mx.get_peak_memory() - base, summary
+
+    lazy, summary = peak_of("lazy")
+    eager_load = stage.load_model
+    monkeypatch.setattr(stage, "load_model", lambda path, lazy=False: eager_load(path))
+    eager, _ = peak_of("eager")
+    print(
+        f"MLX peak: layer by layer {lazy / 1e6:.1f} MB, whole model first {eager / 1e6:.1f} MB, dense {dense / 1e6:.1f} MB"
+    )
+    assert dense > 20e6 and eager - lazy > 0.7 * dense, (lazy, eager, dense)
+    assert (tmp_path / "lazy/model.safetensors").read_bytes() == (
+        tmp_path / "eager/model.safetensors"
+    ).read_bytes()
+    # The error table is still there, computed layer by layer: each layer's own error.
+    lut, _, _ = load_model(tmp_path / "lazy")
+    fp, _, _ = load_model(folder)
+    fp_modules = dict(tree_flatten(fp.leaf_modules(), is_leaf=lambda m: hasattr(m, "weight")))
+    lut_modules = dict(tree_flatten(lut.leaf_modules(), is_leaf=lambda m: hasattr(m, "lut")))
+    for row in summary["layers"][:3]:
+        w = fp_modules[row["layer"]].weight
+        q = lut_modules[row["layer"]].dequantize(mx.float32)
+        want = (mx.sum((w - q) ** 2) / mx.sum(w * w)).item()
+        assert row["rel_mse"] == pytest.approx(want, rel=1e-5)
