@@ -387,6 +387,41 @@ def test_converted_package_and_asset_compute_mlxs_logits(family_dir, palettized_
     a.assert_fp32_close(a.coreai_logits(asset, adapter="task"), want)
 
 
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="coreai-core needs CPython >= 3.11")
+def test_converted_asset_stores_the_palettized_weights_byte_for_byte(palettized_dir, tmp_path):
+    """The Core AI asset's index and LUT blobs, read back through coreai, are the MLX model's
+    stored bytes: a fused projection's slices (Phi-3) are its rows and their LUTs' rows."""
+    import re
+
+    from test_coreai import _blob, _resources, to_aimodel
+
+    model, config, _ = load_model(palettized_dir)
+    family = family_for(config, "t")
+    if family.converter_missing:
+        pytest.skip(f"the converters refuse {family.name}")
+    blobs = _resources(to_aimodel(palettized_dir, tmp_path / "m.aimodel"))
+    fused, checked = family.fused(config), 0
+    for path, layer in model.named_modules():
+        if not isinstance(layer, PalettizedLinear):
+            continue
+        i, rel = re.fullmatch(r"model\.layers\.(\d+)\.(\w+\.\w+)", path).groups()
+        packed, lut, start = np.array(layer.packed), np.array(layer.lut), 0
+        assert layer.axis == 0  # groups of rows: a slice's LUTs are rows of the layer's
+        for rows, part in zip(
+            fused.get(rel, [packed.shape[0]]), family.fused_parts.get(rel, (rel,))
+        ):
+            stem = f"l{i}_{part.rsplit('.', 1)[-1]}_weight"
+            assert _blob(blobs, stem + "_indices") == packed[start : start + rows].tobytes(), stem
+            g = layer.group_size
+            assert _blob(blobs, stem + "_lut") == lut[start // g : (start + rows) // g].tobytes()
+            start, checked = start + rows, checked + 1
+        assert start == packed.shape[0]
+    assert checked == 7 * config["num_hidden_layers"]  # q, k, v, o, gate, up, down per block
+    embedding = model.model.embed_tokens
+    assert _blob(blobs, "embed_tokens_indices") == np.array(embedding.packed).tobytes()
+    assert _blob(blobs, "embed_tokens_lut") == np.array(embedding.lut).tobytes()
+
+
 def test_converters_refuse_what_their_layer_plan_lacks(family_dir, tmp_path):
     family = family_for(json.loads((family_dir / "config.json").read_text()), "t")
     if not family.converter_missing:
