@@ -348,10 +348,41 @@ def test_afm7_keys_and_values_pass_gradients_to_every_adapted_projection(monkeyp
     assert len(qkv) == 2 and all(q > 0 and k == 0 and v == 0 for q, k, v in qkv), qkv
 
 
+def assert_asset_stores_the_palettized_weights(model, config, asset) -> None:
+    """The Core AI asset's index and LUT blobs, read back through coreai, are the MLX model's
+    stored bytes: a fused projection's slices (Phi-3) are its rows and their LUTs' rows."""
+    import re
+
+    from test_coreai import _blob, _resources
+
+    family = family_for(config, "t")
+    blobs = _resources(asset)
+    fused, checked = family.fused(config), 0
+    for path, layer in model.named_modules():
+        if not isinstance(layer, PalettizedLinear):
+            continue
+        i, rel = re.fullmatch(r"model\.layers\.(\d+)\.(\w+\.\w+)", path).groups()
+        packed, lut, start = np.array(layer.packed), np.array(layer.lut), 0
+        assert layer.axis == 0  # groups of rows: a slice's LUTs are rows of the layer's
+        for rows, part in zip(
+            fused.get(rel, [packed.shape[0]]), family.fused_parts.get(rel, (rel,))
+        ):
+            stem = f"l{i}_{part.rsplit('.', 1)[-1]}_weight"
+            assert _blob(blobs, stem + "_indices") == packed[start : start + rows].tobytes(), stem
+            g = layer.group_size
+            assert _blob(blobs, stem + "_lut") == lut[start // g : (start + rows) // g].tobytes()
+            start, checked = start + rows, checked + 1
+        assert start == packed.shape[0]
+    assert checked == 7 * config["num_hidden_layers"]  # q, k, v, o, gate, up, down per block
+    embedding = model.model.embed_tokens
+    assert _blob(blobs, "embed_tokens_indices") == np.array(embedding.packed).tobytes()
+    assert _blob(blobs, "embed_tokens_lut") == np.array(embedding.lut).tobytes()
+
+
 def test_converted_package_and_asset_compute_mlxs_logits(family_dir, palettized_dir, tmp_path):
     """Core ML (our reference executor of the saved program) and Core AI (Apple's runtime, float32
     compute, with and without an adapter) run the palettized model to MLX's logits, prefill and
-    decode through the state."""
+    decode through the state; the asset stores the palettized weights byte for byte."""
     import test_coreai
     import test_coreml
     from test_coreml_adapters import make_adapter
@@ -378,6 +409,7 @@ def test_converted_package_and_asset_compute_mlxs_logits(family_dir, palettized_
     # With an adapter too: on a fused projection (Phi-3's qkv_proj) it is split with the weight.
     adapter = make_adapter(palettized_dir, tmp_path / "adapter", seed=3)
     asset = a.to_aimodel(palettized_dir, tmp_path / "m.aimodel", adapter=[f"task={adapter}"])
+    assert_asset_stores_the_palettized_weights(model, load_model(palettized_dir)[1], asset)
     a.assert_fp32_close(a.coreai_logits(asset), c.mlx_logits(model, a.PROMPT, a.DECODE))
     AdapterCache(model).activate(read_adapter(adapter))
     want = c.mlx_logits(model, a.PROMPT, a.DECODE)
@@ -385,41 +417,6 @@ def test_converted_package_and_asset_compute_mlxs_logits(family_dir, palettized_
         np.abs(want - c.mlx_logits(load_model(palettized_dir)[0], a.PROMPT, a.DECODE)).max() > 0.1
     )
     a.assert_fp32_close(a.coreai_logits(asset, adapter="task"), want)
-
-
-@pytest.mark.skipif(sys.version_info < (3, 11), reason="coreai-core needs CPython >= 3.11")
-def test_converted_asset_stores_the_palettized_weights_byte_for_byte(palettized_dir, tmp_path):
-    """The Core AI asset's index and LUT blobs, read back through coreai, are the MLX model's
-    stored bytes: a fused projection's slices (Phi-3) are its rows and their LUTs' rows."""
-    import re
-
-    from test_coreai import _blob, _resources, to_aimodel
-
-    model, config, _ = load_model(palettized_dir)
-    family = family_for(config, "t")
-    if family.converter_missing:
-        pytest.skip(f"the converters refuse {family.name}")
-    blobs = _resources(to_aimodel(palettized_dir, tmp_path / "m.aimodel"))
-    fused, checked = family.fused(config), 0
-    for path, layer in model.named_modules():
-        if not isinstance(layer, PalettizedLinear):
-            continue
-        i, rel = re.fullmatch(r"model\.layers\.(\d+)\.(\w+\.\w+)", path).groups()
-        packed, lut, start = np.array(layer.packed), np.array(layer.lut), 0
-        assert layer.axis == 0  # groups of rows: a slice's LUTs are rows of the layer's
-        for rows, part in zip(
-            fused.get(rel, [packed.shape[0]]), family.fused_parts.get(rel, (rel,))
-        ):
-            stem = f"l{i}_{part.rsplit('.', 1)[-1]}_weight"
-            assert _blob(blobs, stem + "_indices") == packed[start : start + rows].tobytes(), stem
-            g = layer.group_size
-            assert _blob(blobs, stem + "_lut") == lut[start // g : (start + rows) // g].tobytes()
-            start, checked = start + rows, checked + 1
-        assert start == packed.shape[0]
-    assert checked == 7 * config["num_hidden_layers"]  # q, k, v, o, gate, up, down per block
-    embedding = model.model.embed_tokens
-    assert _blob(blobs, "embed_tokens_indices") == np.array(embedding.packed).tobytes()
-    assert _blob(blobs, "embed_tokens_lut") == np.array(embedding.lut).tobytes()
 
 
 def test_converters_refuse_what_their_layer_plan_lacks(family_dir, tmp_path):
