@@ -123,6 +123,13 @@ def _afm7_straight_through() -> None:
     afm7.fake_8bit_quant = _afm7_patched = fake_8bit_quant
 
 
+def _gemma_embed_scale(c: dict[str, Any]) -> float:
+    """sqrt(hidden_size), rounded to bfloat16 as mlx-lm's Gemma 3 rounds it."""
+    import mlx.core as mx
+
+    return float(mx.array(c["hidden_size"] ** 0.5, mx.bfloat16).astype(mx.float32).item())
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -135,6 +142,11 @@ class Family:
     standardize: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     replay_blocks: bool = True
     setup: Callable[[], None] | None = None
+    # What the converters' layer plan needs beyond the Llama layout (Gemma): RMSNorm scales of
+    # ``norm_offset + weight``, the embedded tokens times ``embed_scale(config)``, the MLP's gate.
+    norm_offset: float = 0.0
+    embed_scale: Callable[[dict[str, Any]], float] | None = None
+    mlp_activation: str = "silu"
 
 
 FAMILIES = (
@@ -142,10 +154,11 @@ FAMILIES = (
     Family(
         "Gemma 3",
         ("gemma3_text",),
-        converter_missing=(
-            "sliding-window layers, the embedding scale and Gemma's (1 + weight) RMSNorm "
-            "with its extra sandwich norms"
-        ),
+        # Sliding-window layers, a local and a global RoPE, q/k norms and the sandwich norms
+        # are read off the modules; these three are not.
+        norm_offset=1.0,
+        embed_scale=_gemma_embed_scale,
+        mlp_activation="gelu_tanh",
     ),
     Family("SmolLM3", ("smollm3",)),  # its layers without RoPE: converters skip the rotation
     Family(

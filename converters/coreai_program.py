@@ -190,6 +190,9 @@ class CoreAIEmitter(Emitter):
     def silu(self, x, name):
         return ops.silu(x)
 
+    def tanh(self, x, name):
+        return ops.tanh(x)
+
     def matmul(self, x, y, name, transpose_y=False):
         if transpose_y:
             rank = len(self.shape(y))

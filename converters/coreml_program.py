@@ -105,6 +105,9 @@ class MILEmitter(Emitter):
     def silu(self, x, name):
         return mb.silu(x=x, name=name)
 
+    def tanh(self, x, name):
+        return mb.tanh(x=x, name=name)
+
     def matmul(self, x, y, name, transpose_y=False):
         return mb.matmul(x=x, y=y, transpose_y=transpose_y, name=name)
 

@@ -90,6 +90,9 @@ class Emitter(ABC):
     def silu(self, x: Value, name: str) -> Value: ...
 
     @abstractmethod
+    def tanh(self, x: Value, name: str) -> Value: ...
+
+    @abstractmethod
     def matmul(self, x: Value, y: Value, name: str, transpose_y: bool = False) -> Value:
         """Batched ``x @ y`` (or ``x @ y^T``) over equal leading dimensions."""
 
@@ -158,14 +161,17 @@ def _project(em: Emitter, x: Value, proj: Projection, lora: LoraWeights | None, 
     return y
 
 
-def _rope(em: Emitter, x: Value, ctx: dict, half: int, name: str) -> Value:
-    """x * cos + swap_halves(x) * sin on (heads, head_dim, S); ``sin`` carries the sign."""
+def _rope(em: Emitter, x: Value, ctx: dict, table: int, half: int, name: str) -> Value:
+    """x * cos + swap_halves(x) * sin on (heads, head_dim, S), with RoPE table ``table``;
+    ``sin`` carries the sign."""
     heads, dim, seq = em.shape(x)
     first = em.slice(x, [0, 0, 0], [heads, half, seq], name + "_lo")
     second = em.slice(x, [0, half, 0], [heads, dim, seq], name + "_hi")
     swapped = em.concat([second, first], 1, name + "_swap")
     return em.add(
-        em.mul(x, ctx["cos"], name + "_cos"), em.mul(swapped, ctx["sin"], name + "_sin"), name
+        em.mul(x, ctx["cos"][table], name + "_cos"),
+        em.mul(swapped, ctx["sin"][table], name + "_sin"),
+        name,
     )
 
 
@@ -185,8 +191,8 @@ def _attention(em, h, i: int, mw: ModelWeights, lora, seq: int, ctx: dict) -> Va
         q = _rms_norm(em, q, layer.q_norm, mw.eps, 1, p + "q_norm")
         k = _rms_norm(em, k, layer.k_norm, mw.eps, 1, p + "k_norm")
     if layer.rope:
-        q = _rope(em, q, ctx, hd // 2, p + "q_rope")
-        k = _rope(em, k, ctx, hd // 2, p + "k_rope")
+        q = _rope(em, q, ctx, layer.rope_table, hd // 2, p + "q_rope")
+        k = _rope(em, k, ctx, layer.rope_table, hd // 2, p + "k_rope")
     q = em.mul(q, np.float32(mw.attn_scale), p + "q_scaled")
 
     # Write this chunk's keys/values into the cache rows [position, position + S), then attend
@@ -203,6 +209,8 @@ def _attention(em, h, i: int, mw: ModelWeights, lora, seq: int, ctx: dict) -> Va
     context = em.shape(k_all)[1]
     scores = em.reshape(scores, [kv, group, seq, context], p + "scores_4d")
     scores = em.where(ctx["future"], MASK_VALUE, scores, p + "scores_masked")
+    if layer.window is not None:  # a sliding-window layer: positions too far back are masked
+        scores = em.where(ctx["far"][layer.window], MASK_VALUE, scores, p + "scores_windowed")
     probs = em.softmax(scores, -1, p + "probs")
     probs = em.reshape(probs, [kv, group * seq, context], p + "probs_3d")
     out = em.matmul(probs, v_all, p + "attn")  # (kv, group*S, hd)
@@ -216,8 +224,21 @@ def _mlp(em: Emitter, h: Value, i: int, mw: ModelWeights, lora) -> Value:
     layer, p = mw.layers[i], f"l{i}_"
     gate = _project(em, h, layer.proj["mlp.gate_proj"], lora, p + "gate_proj")
     up = _project(em, h, layer.proj["mlp.up_proj"], lora, p + "up_proj")
-    act = em.mul(em.silu(gate, p + "silu"), up, p + "swiglu")
+    if mw.mlp_activation == "gelu_tanh":
+        gate = _gelu_tanh(em, gate, p + "gelu")
+    else:
+        gate = em.silu(gate, p + "silu")
+    act = em.mul(gate, up, p + "gated")
     return _project(em, act, layer.proj["mlp.down_proj"], lora, p + "down_proj")
+
+
+def _gelu_tanh(em: Emitter, x: Value, name: str) -> Value:
+    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))): MLX's ``nn.gelu_approx``."""
+    cube = em.mul(em.mul(x, x, name + "_sq"), x, name + "_cube")
+    inner = em.add(x, em.mul(cube, np.float32(0.044715), name + "_c3"), name + "_inner")
+    t = em.tanh(em.mul(inner, np.float32(math.sqrt(2 / math.pi)), name + "_arg"), name + "_tanh")
+    half = em.mul(x, np.float32(0.5), name + "_half")
+    return em.mul(half, em.add(t, np.float32(1.0), name + "_1p"), name)
 
 
 def _embed(em: Emitter, mw: ModelWeights, ids: Value, seq: int) -> Value:
@@ -237,7 +258,10 @@ def _embed(em: Emitter, mw: ModelWeights, ids: Value, seq: int) -> Value:
             part = em.mul(part, em.reshape(inside, [seq, 1], f"embed_{j}_in_col"), f"embed_{j}")
             rows = part if rows is None else em.add(rows, part, f"embed_sum_{j}")
     h = em.transpose(rows, [1, 0], "embed_t")
-    return em.reshape(h, em.act_shape(mw.hidden, seq), "embed_cf")
+    h = em.reshape(h, em.act_shape(mw.hidden, seq), "embed_cf")
+    if mw.embed_scale is not None:
+        h = em.mul(h, np.float32(mw.embed_scale), "embed_scaled")
+    return h
 
 
 def _positions(em: Emitter, mw: ModelWeights, position: Value, seq: int, context: int) -> dict:
@@ -247,20 +271,28 @@ def _positions(em: Emitter, mw: ModelWeights, position: Value, seq: int, context
     so it costs at most one hand-off to the accelerator.
     """
     qpos = em.add(position, np.arange(seq, dtype=np.int32), "query_positions")
-    cs = {}
-    for name, table in (("cos", mw.rope_cos), ("sin", mw.rope_sin)):
-        rows = em.gather(table[:context], qpos, name)  # (S, hd)
-        rows = em.transpose(rows, [1, 0], name + "_t")
-        cs[name] = em.reshape(rows, [1, mw.head_dim, seq], name + "_b")  # vs (heads, hd, S)
-    future = em.greater(
-        np.arange(context, dtype=np.int32).reshape(1, context),
-        em.reshape(qpos, [seq, 1], "query_positions_col"),
-        "future",
-    )  # (S, context)
+    cs: dict[str, list] = {"cos": [], "sin": []}
+    for name, tables in (("cos", mw.rope_cos), ("sin", mw.rope_sin)):
+        for t, table in enumerate(tables):
+            tag = name if t == 0 else f"{name}{t}"
+            rows = em.gather(table[:context], qpos, tag)  # (S, hd)
+            rows = em.transpose(rows, [1, 0], tag + "_t")
+            cs[name].append(em.reshape(rows, [1, mw.head_dim, seq], tag + "_b"))  # (heads, hd, S)
+    qcol = em.reshape(qpos, [seq, 1], "query_positions_col")
+    keys = np.arange(context, dtype=np.int32).reshape(1, context)
+    future = em.greater(keys, qcol, "future")  # (S, context): key after the query
+    # Sliding windows: key k is too far back for query q when q - k >= window, i.e. when
+    # -(k + window - 1) > -q.
+    far = {}
+    windows = sorted({layer.window for layer in mw.layers if layer.window is not None})
+    if windows:
+        neg_q = em.mul(qcol, np.int32(-1), "query_positions_neg")
+        for w in windows:
+            far[w] = em.greater(-(keys + np.int32(w - 1)), neg_q, f"far_{w}")
     zero = np.zeros((1,), np.int32)
     begin = em.concat([zero, position, zero], 0, "cache_begin")
     end = em.add(begin, np.array([mw.kv_heads, seq, mw.head_dim], np.int32), "cache_end")
-    return {**cs, "future": future, "begin": begin, "end": end}
+    return {**cs, "future": future, "far": far, "begin": begin, "end": end}
 
 
 def lower(
@@ -280,9 +312,15 @@ def lower(
     axis = em.channel_axis
     for i, layer in enumerate(mw.layers):
         x = _rms_norm(em, h, layer.input_norm, mw.eps, axis, f"l{i}_input_norm")
-        h = em.add(h, _attention(em, x, i, mw, lora, seq, ctx), f"l{i}_attn_res")
+        r = _attention(em, x, i, mw, lora, seq, ctx)
+        if layer.attn_out_norm is not None:
+            r = _rms_norm(em, r, layer.attn_out_norm, mw.eps, axis, f"l{i}_attn_out_norm")
+        h = em.add(h, r, f"l{i}_attn_res")
         x = _rms_norm(em, h, layer.post_norm, mw.eps, axis, f"l{i}_post_norm")
-        h = em.add(h, _mlp(em, x, i, mw, lora), f"l{i}_mlp_res")
+        r = _mlp(em, x, i, mw, lora)
+        if layer.mlp_out_norm is not None:
+            r = _rms_norm(em, r, layer.mlp_out_norm, mw.eps, axis, f"l{i}_mlp_out_norm")
+        h = em.add(h, r, f"l{i}_mlp_res")
     h = _rms_norm(em, h, mw.final_norm, mw.eps, axis, "final_norm")
     outputs = []
     for j, chunk in enumerate(mw.head_chunks()):

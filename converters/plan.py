@@ -10,6 +10,7 @@ asset, with no arithmetic in between.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,11 +88,15 @@ class Projection:
 @dataclass
 class Layer:
     input_norm: np.ndarray
-    post_norm: np.ndarray
+    post_norm: np.ndarray  # the norm before the MLP
     q_norm: np.ndarray | None
     k_norm: np.ndarray | None
     proj: dict[str, Projection]  # keyed by PROJECTIONS
     rope: bool = True  # False: a layer without positional rotation (SmolLM3's NoPE layers)
+    rope_table: int = 0  # which of ``ModelWeights.rope_cos/sin`` (Gemma: local or global)
+    window: int | None = None  # attends to the last ``window`` positions only (Gemma's local)
+    attn_out_norm: np.ndarray | None = None  # Gemma's sandwich norms: on the attention output
+    mlp_out_norm: np.ndarray | None = None  # ... and on the MLP output, before each residual
 
 
 @dataclass
@@ -122,9 +127,13 @@ class ModelWeights:
     lm_head: Matrix | None  # None: tied to the embedding
     final_norm: np.ndarray
     layers: list[Layer]
-    rope_cos: np.ndarray  # (max_context, head_dim) float32, half-rotation layout
-    rope_sin: np.ndarray  # same, sign folded in: x*cos + swap_halves(x)*sin == RoPE(x)
+    # Per distinct RoPE: (max_context, head_dim) float32, half-rotation layout; sin has the sign
+    # folded in: x*cos + swap_halves(x)*sin == RoPE(x).
+    rope_cos: list[np.ndarray]
+    rope_sin: list[np.ndarray]
     head_chunk: int = DEFAULT_HEAD_CHUNK
+    embed_scale: float | None = None  # Gemma multiplies the embedded tokens by this
+    mlp_activation: str = "silu"  # or "gelu_tanh" (Gemma)
     _chunks: dict[str, list[HeadChunk]] = field(default_factory=dict, repr=False)
 
     def projections(self) -> dict[str, Projection]:
@@ -171,10 +180,10 @@ class LoraWeights:
 
 
 def check_convertible(config: dict[str, Any], source: str) -> None:
-    """Refuse architectures the converters do not handle, before any weights are read: the
-    Llama-layout families (pre-norm decoders with q/k/v/o projections and a SwiGLU MLP, the
-    layout lowered here), with the SiLU gate; other families afm_mlx loads are named with what
-    the layer plan lacks for them."""
+    """Refuse architectures the converters do not handle, before any weights are read: decoders
+    with q/k/v/o projections (or fused slices of them) and a gated MLP, the layout lowered here,
+    with what a family adds to it read off its modules or its ``families`` entry (Gemma's norms,
+    windows and GELU); other families afm_mlx loads are named with what the layer plan lacks."""
     validate_config(config, source)
     family = family_for(config, source)
     if family.converter_missing:
@@ -238,6 +247,13 @@ def _projection(module: nn.Module, path: str) -> Projection:
 
 def _f32(a: mx.array, what: str) -> np.ndarray:
     return _dense(a, what).astype(np.float32)
+
+
+def _norm(module: nn.Module, what: str, offset: float = 0.0) -> np.ndarray:
+    """An RMSNorm's scale as its forward pass applies it: ``weight``, or ``offset + weight``
+    (Gemma's ``1 + weight``) computed by MLX in the weight's own dtype, as the model does."""
+    weight = module.weight if not offset else offset + module.weight
+    return _f32(weight, what)
 
 
 def _rope_tables(rope: nn.Module, head_dim: int, max_context: int) -> tuple[np.ndarray, np.ndarray]:
@@ -335,36 +351,54 @@ def extract_weights(
         }
         has_qk_norm = hasattr(attn, "q_norm")
         head_dim = proj["self_attn.q_proj"].shape[0] // heads
+        sandwich = "pre_feedforward_layernorm" in block  # Gemma: four norms per block
+        norm = functools.partial(_norm, offset=family.norm_offset)
         layers.append(
             Layer(
-                input_norm=_f32(block.input_layernorm.weight, f"layer {i} input_layernorm"),
-                post_norm=_f32(block.post_attention_layernorm.weight, f"layer {i} post norm"),
-                q_norm=_f32(attn.q_norm.weight, f"layer {i} q_norm") if has_qk_norm else None,
-                k_norm=_f32(attn.k_norm.weight, f"layer {i} k_norm") if has_qk_norm else None,
+                input_norm=norm(block.input_layernorm, f"layer {i} input_layernorm"),
+                post_norm=norm(
+                    block.pre_feedforward_layernorm if sandwich else block.post_attention_layernorm,
+                    f"layer {i} pre-MLP norm",
+                ),
+                q_norm=norm(attn.q_norm, f"layer {i} q_norm") if has_qk_norm else None,
+                k_norm=norm(attn.k_norm, f"layer {i} k_norm") if has_qk_norm else None,
                 proj=proj,
                 rope=_rotates(attn.rope, head_dim),
+                window=int(config["sliding_window"])
+                if getattr(attn, "is_sliding", False)
+                else None,
+                attn_out_norm=(
+                    norm(block.post_attention_layernorm, f"layer {i} post_attention_layernorm")
+                    if sandwich
+                    else None
+                ),
+                mlp_out_norm=(
+                    norm(block.post_feedforward_layernorm, f"layer {i} post_feedforward_layernorm")
+                    if sandwich
+                    else None
+                ),
             )
         )
-    # One cos/sin table serves every rotating layer: refuse layers whose rotations differ.
-    tables = [
-        _rope_tables(block.self_attn.rope, head_dim, max_context)
-        for block, layer in zip(inner.layers, layers)
-        if layer.rope
-    ]
-    if any(not (np.array_equal(t[0], tables[0][0]) and np.array_equal(t[1], tables[0][1]))
-           for t in tables[1:]):  # fmt: skip
-        raise UserError(
-            "layers rotate with different RoPE tables; one table per model is supported"
-        )
-    cos, sin = (
-        tables[0]
-        if tables
-        else (
-            np.ones((max_context, head_dim), np.float32),
-            np.zeros((max_context, head_dim), np.float32),
-        )
-    )
-    tied = config.get("tie_word_embeddings", True) or not hasattr(model, "lm_head")
+    # One cos/sin table per distinct rotation (Gemma: its local and its global RoPE).
+    cos_tables: list[np.ndarray] = []
+    sin_tables: list[np.ndarray] = []
+    for block, layer in zip(inner.layers, layers):
+        if not layer.rope:
+            continue
+        cos, sin = _rope_tables(block.self_attn.rope, head_dim, max_context)
+        for t, (c, s_) in enumerate(zip(cos_tables, sin_tables)):
+            if np.array_equal(c, cos) and np.array_equal(s_, sin):
+                layer.rope_table = t
+                break
+        else:
+            layer.rope_table = len(cos_tables)
+            cos_tables.append(cos)
+            sin_tables.append(sin)
+    if not cos_tables:  # no layer rotates: one identity table keeps the emitters uniform
+        cos_tables = [np.ones((max_context, head_dim), np.float32)]
+        sin_tables = [np.zeros((max_context, head_dim), np.float32)]
+    # Tied: no head of its own (or one its family marks tied: Gemma drops a missing head).
+    tied = "lm_head" not in model or getattr(model, "tie_word_embeddings", False) is True
     embedding = _matrix(inner.embed_tokens, "model.embed_tokens")
     weights = ModelWeights(
         hidden=embedding.shape[1],
@@ -376,11 +410,13 @@ def extract_weights(
         attn_scale=float(attn0.scale),
         embedding=embedding,
         lm_head=None if tied else _matrix(model.lm_head, "lm_head"),
-        final_norm=_f32(inner.norm.weight, "model.norm"),
+        final_norm=_norm(inner.norm, "model.norm", family.norm_offset),
         layers=layers,
-        rope_cos=cos,
-        rope_sin=sin,
+        rope_cos=cos_tables,
+        rope_sin=sin_tables,
         head_chunk=head_chunk,
+        embed_scale=family.embed_scale(config) if family.embed_scale else None,
+        mlp_activation=family.mlp_activation,
     )
     try:
         weights.head_chunks()

@@ -40,6 +40,7 @@ ANE_OPS = {
     "reduce_sum",
     "softmax",
     "silu",
+    "tanh",
     "reshape",
     "transpose",
     "expand_dims",

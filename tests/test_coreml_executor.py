@@ -110,6 +110,7 @@ OPS = {
     ),
     "softmax": lambda x, axis: _softmax(_f32(x), int(axis)),
     "silu": lambda x: _f32(x) / (1.0 + np.exp(-_f32(x))),
+    "tanh": lambda x: np.tanh(_f32(x)),
     "constexpr_lut_to_dense": lambda indices, lut, vector_axis=None: lut_to_dense(indices, lut),
     "slice_update": _slice_update,
     "identity": lambda x: x,

@@ -1,8 +1,8 @@
 """Gemma 3, SmolLM3, Phi-3 and AFM (afm7) through the MLX stages, each as a tiny random model: our
 loader's logits equal mlx-lm's, the palettized forward is the dense forward of the dequantized weights, mixed-bit
 sensitivity replays the family's own masks, a recovery adapter trains and loads back, generate
-runs with it; the converters refuse what their layer plan lacks in one line, and so does every
-stage for a family afm_mlx does not handle."""
+runs with it; the converters run Gemma 3, SmolLM3 and Phi-3 to MLX's logits and refuse what their
+layer plan lacks (afm7) in one line, and every stage refuses a family afm_mlx does not handle."""
 
 from __future__ import annotations
 
