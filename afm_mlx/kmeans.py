@@ -532,11 +532,13 @@ def kmeans_lut(
         # A small floor keeps every weight (and group) in play where importances are all zero.
         floor = mx.maximum(mx.mean(imp), 1e-30) * 1e-6
 
+    whole_mass = None if imp is None or axis == 0 else _grouped(imp + floor, group_size, axis)
+
     def mass_of(part: slice) -> mx.array | None:
         if imp is None:
             return None
         if axis == 1:
-            return _grouped(imp + floor, group_size, axis)[part]
+            return whole_mass[part]
         return (imp[rows_of(part)] + floor).reshape(-1, per_row)
 
     span = hi_key - lo_key + 1
