@@ -92,6 +92,44 @@ def test_target_bpw_is_met_with_mixed_bits(tiny_model_dir, tmp_path):
     assert min(two_bit) > max(four_bit)  # error follows the assigned bits
 
 
+def test_a_bfloat16_model_is_calibrated_in_float32_and_saved_as_stored(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """On the CPU the calibration passes run in float32 (MLX has no fast bfloat16 matmul there);
+    widening is exact, so each layer's LUTs are those of its stored bfloat16 weight, and what
+    stays unpalettized is saved in bfloat16 as it was stored."""
+    import afm_mlx.palettize as stage
+    from afm_mlx.kmeans import kmeans_lut
+    from afm_mlx.model import save_model
+
+    model, config, _ = load_model(tiny_model_dir)
+    model.set_dtype(mx.bfloat16)
+    bf16 = save_model(tmp_path / "bf16", model, config, tiny_model_dir)
+    seen = set()
+    measure = stage.measure_sensitivity
+
+    def recording(model, *args, **kwargs):
+        seen.update(v.dtype for _, v in tree_flatten(model.parameters()))
+        return measure(model, *args, **kwargs)
+
+    monkeypatch.setattr(stage, "measure_sensitivity", recording)
+    cfg = PalettizeConfig(
+        model=str(bf16), out=str(tmp_path / "mix"), target_bpw=3.2, bit_choices=[2, 4],
+        calibration_batches=1, calibration_seq_len=32,
+    )  # fmt: skip
+    palettize(cfg)
+    assert seen == {mx.float32}  # the sensitivity passes ran on a float32 model
+    saved = mx.load(str(tmp_path / "mix" / "model.safetensors"))
+    norms = [k for k in saved if k.endswith("norm.weight")]
+    assert norms and all(saved[k].dtype == mx.bfloat16 for k in norms)
+    stored = mx.load(str(bf16 / "model.safetensors"))
+    recorded = json.loads((tmp_path / "mix" / "config.json").read_text())["palettization"]
+    path = "model.layers.1.mlp.down_proj"
+    settings = recorded["layers"][path]
+    lut, _ = kmeans_lut(stored[f"{path}.weight"], settings["bits"], settings["group_size"])
+    assert mx.array_equal(saved[f"{path}.lut"], lut).item()
+
+
 def test_allocation_matches_brute_force():
     rng = np.random.default_rng(0)
     shapes = {f"l{i}": (64, 64 * (1 + i % 3)) for i in range(6)}
