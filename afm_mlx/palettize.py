@@ -28,7 +28,7 @@ from afm_mlx.families import family_for, model_family
 from afm_mlx.fileio import check_new_output, output_lock, staged_dir
 from afm_mlx.kmeans import SUPPORTED_BITS, check_palettization_settings
 from afm_mlx.losses import token_nll
-from afm_mlx.model import load_model, save_model
+from afm_mlx.model import load_model, restore_dtypes, save_model, widen_for_cpu
 from afm_mlx.packing import packed_length
 from afm_mlx.palettized import PalettizedLinear, bits_per_weight, palettize_model
 
@@ -356,27 +356,6 @@ def palettize(cfg: PalettizeConfig) -> dict[str, Any]:
         return _palettize(cfg, out)
 
 
-def _compute_in_float32(model: nn.Module) -> dict[str, mx.Dtype]:
-    """Widen a half-precision model to float32 for the calibration passes on the CPU, where
-    MLX has no fast bfloat16/float16 matmul (a Qwen3-0.6B sensitivity trial took over a minute
-    in bfloat16). Widening is exact, so the palettized layers come out the same; returns the
-    stored dtypes, which ``_restore_dtypes`` puts back on what is saved unpalettized."""
-    if mx.default_device().type != mx.cpu:
-        return {}
-    stored = {k: v.dtype for k, v in tree_flatten(model.parameters())}
-    if all(d == mx.float32 or not mx.issubdtype(d, mx.floating) for d in stored.values()):
-        return {}
-    model.set_dtype(mx.float32)
-    return stored
-
-
-def _restore_dtypes(model: nn.Module, stored: dict[str, mx.Dtype]) -> None:
-    if stored:
-        params = tree_flatten(model.parameters())
-        back = [(k, v.astype(stored[k])) for k, v in params if k in stored and v.dtype != stored[k]]
-        model.load_weights(back, strict=False)
-
-
 def check_fused_groups(
     fused: dict[str, list[int]], paths: list[str], group_size: int, axis: int
 ) -> None:
@@ -422,7 +401,7 @@ def _palettize(cfg: PalettizeConfig, out: Path) -> dict[str, Any]:
             raise UserError(f"{flag} {group}: {p}: {e}") from e
     check_fused_groups(family_for(config, cfg.model).fused(config), paths, cfg.group_size, cfg.axis)
     batches = calibration_batches(cfg, model_dir, config["vocab_size"]) if need_calibration else []
-    stored_dtypes = _compute_in_float32(model) if need_calibration else {}
+    stored_dtypes = widen_for_cpu(model) if need_calibration else {}
 
     importance = None
     if cfg.sensitivity == "activation":
@@ -469,7 +448,7 @@ def _palettize(cfg: PalettizeConfig, out: Path) -> dict[str, Any]:
         "target_bpw": cfg.target_bpw,
         "layers": chosen,
     }
-    _restore_dtypes(model, stored_dtypes)
+    restore_dtypes(model, stored_dtypes)
     with staged_dir(out) as staged:
         save_model(staged, model, new_config, model_dir)
     bpw = bits_per_weight(model)
