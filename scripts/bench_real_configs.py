@@ -18,8 +18,7 @@ subprocess with ``HF_HUB_OFFLINE=1``, naming the model by its repo id:
 
 Each row: wall time and the peak resident memory of that process (``wait4``'s ``ru_maxrss``), next
 to the dense bf16 checkpoint's size. Random weights make quality figures meaningless, so none are
-printed; the bench measures cost. A stage that refuses the family (the converters and Gemma 3)
-prints its one-line reason.
+printed; the bench measures cost. A stage that refuses a family prints its one-line reason.
 """
 
 from __future__ import annotations
