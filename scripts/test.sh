@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run afm_mlx's checks: lint, the default test suite, then the slow ones if there is time.
 #   bash scripts/test.sh            lint + default suite (+ slow suite unless AFM_MLX_SKIP_SLOW=1)
-# The slow suite (~12 minutes here) runs only if the run so far left time for it inside
+# The slow suite (~15 minutes here) runs only if the run so far left time for it inside
 # AFM_MLX_TIME_BUDGET_S (default 1650 s, counted from AFM_MLX_START_S, which .ci/run sets before
 # set-up; otherwise from the start of this script), so CI stays inside its 30 minutes on a slow day.
 set -euo pipefail
@@ -11,7 +11,7 @@ if [ -z "${PYTHON:-}" ] && [ -s .afm_python ]; then PYTHON="$(cat .afm_python)";
 PYTHON="${PYTHON:-python3}"
 START_S="${AFM_MLX_START_S:-$(date +%s)}"
 BUDGET_S="${AFM_MLX_TIME_BUDGET_S:-1650}"
-SLOW_NEEDS_S=800  # the slow suite's time on this 2-core box (~12 min), with room for a slow day
+SLOW_NEEDS_S=950  # the slow suite's time on this 2-core box (907 s measured 2026-11-30), + 5%
 
 # The reference comparison against transformers needs torch (CPU build, test-only dependency).
 "$PYTHON" -c "import torch" 2>/dev/null || "$PYTHON" -m pip install --quiet "torch==2.13.0"
