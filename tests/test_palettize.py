@@ -92,6 +92,7 @@ def test_target_bpw_is_met_with_mixed_bits(tiny_model_dir, tmp_path):
     assert min(two_bit) > max(four_bit)  # error follows the assigned bits
 
 
+@pytest.mark.slow  # about 10-15 s
 def test_a_bfloat16_model_is_calibrated_in_float32_and_saved_as_stored(
     tiny_model_dir, tmp_path, monkeypatch
 ):
@@ -229,6 +230,7 @@ def test_existing_output_is_not_overwritten(tiny_model_dir, tmp_path):
     assert "not an empty folder" in line and (tmp_path / "out" / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.slow  # about 10-15 s
 def test_fixed_bits_read_and_free_one_layer_at_a_time(tiny_tokenizer, tmp_path, monkeypatch):
     """Without calibration nothing needs the whole dense model: it stays on disk, and each layer
     is read, palettized and freed in turn. MLX's peak is measured against the same run with the
