@@ -178,14 +178,14 @@ def layer_storage_bits(shape: tuple[int, int], bits: int, group_size: int, axis:
     return 8 * rows * packed_length(cols, bits) + 16 * n_groups * (1 << bits)
 
 
-def _kl_to_reference(logits: mx.array, ref_logprobs: mx.array) -> float:
-    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    return mx.mean(mx.sum(mx.exp(ref_logprobs) * (ref_logprobs - logprobs), axis=-1)).item()
-
-
 def _log_softmax(logits: mx.array) -> mx.array:
     logits = logits.astype(mx.float32)
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
+def _kl_to_reference(logits: mx.array, ref_logprobs: mx.array) -> float:
+    logprobs = _log_softmax(logits)
+    return mx.mean(mx.sum(mx.exp(ref_logprobs) * (ref_logprobs - logprobs), axis=-1)).item()
 
 
 def _logits_from_hidden(model: nn.Module, h: mx.array) -> mx.array:
@@ -269,7 +269,7 @@ def measure_sensitivity(
             kls = []
             for j in range(len(batches)):
                 if calls is None:
-                    kls.append(_kl_to_reference(model(inputs[j]).astype(mx.float32), ref[j]))
+                    kls.append(_kl_to_reference(model(inputs[j]), ref[j]))
                     continue
                 x = calls[block_index][j][0]
                 for k in range(block_index, len(blocks)):
