@@ -10,8 +10,11 @@ branching on ``model_type``:
   ``gate_up_proj``), with the row count of each slice: a LUT group of rows must not straddle two
   slices, so that each slice keeps a group layout of its own (as if it were its own layer); the
   converters lower each slice as the Llama-layout projection it stands for (``fused_parts``);
-* ``converter_missing``: what the Core ML / Core AI converters' layer plan lacks for the family,
-  or None when they convert it. A converter refuses such a model in one line naming it;
+* what the converters' layer plan cannot read off the modules: ``aliases`` (the family's names
+  for the Llama layout's modules, afm7's ``out_proj``, ``embedding`` and ``output_norm``),
+  ``block_lists`` (the lists of blocks under ``model``, in order: afm7's KV-reuse blocks follow
+  its regular ones), ``qk_norm_after_rope`` (afm7 rotates queries and keys before their norms),
+  ``norm_offset``, ``embed_scale`` and ``mlp_activation`` (Gemma);
 * ``standardize``: the config under the Llama layout's key names (``hidden_size``,
   ``num_hidden_layers``, ...) for a family that names them otherwise (afm7's ``hidden_dim``,
   ``num_layers``, ...); every stage reads sizes through ``standard_config``;
@@ -135,15 +138,18 @@ class Family:
     name: str
     model_types: tuple[str, ...]
     projections: tuple[str, ...] = LLAMA_PROJECTIONS
-    converter_missing: str | None = None
     fused: Callable[[dict[str, Any]], dict[str, list[int]]] = field(default=lambda c: {})
     # Each fused projection's slices, in order, named as the Llama layout's projections.
     fused_parts: dict[str, tuple[str, ...]] = field(default_factory=dict)
     standardize: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     replay_blocks: bool = True
     setup: Callable[[], None] | None = None
-    # What the converters' layer plan needs beyond the Llama layout (Gemma): RMSNorm scales of
-    # ``norm_offset + weight``, the embedded tokens times ``embed_scale(config)``, the MLP's gate.
+    # What the converters' layer plan needs beyond the Llama layout: module names, the lists of
+    # blocks, where the q/k norms sit (afm7); RMSNorm scales of ``norm_offset + weight``, the
+    # embedded tokens times ``embed_scale(config)``, the MLP's gate (Gemma).
+    aliases: dict[str, str] = field(default_factory=dict)
+    block_lists: tuple[str, ...] = ("layers",)
+    qk_norm_after_rope: bool = False
     norm_offset: float = 0.0
     embed_scale: Callable[[dict[str, Any]], float] | None = None
     mlp_activation: str = "silu"
@@ -183,11 +189,21 @@ FAMILIES = (
             "mlp.up_proj",
             "mlp.down_proj",
         ),
-        converter_missing=(
-            "KV-reuse layers (the last layers attend to an earlier layer's cache), "
-            "normalization after RoPE and 8-bit fake-quantized keys and values"
-        ),
         fused=_afm7_slices,
+        fused_parts={
+            "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+        },
+        # The converters read the rest off the modules: a block without key and value
+        # projections attends to the last cache before it (the KV-reuse blocks), the keys and
+        # values of the others are rounded to 8 bits with their ``quant_*_scale``, and RoPE
+        # pairs are interleaved (traditional).
+        aliases={
+            "self_attn.o_proj": "self_attn.out_proj",
+            "embed_tokens": "embedding",
+            "norm": "output_norm",
+        },
+        block_lists=("layers", "kv_reuse_layers"),
+        qk_norm_after_rope=True,
         standardize=_afm7_standard,
         replay_blocks=False,
         setup=_afm7_straight_through,

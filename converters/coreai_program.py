@@ -230,6 +230,13 @@ class CoreAIEmitter(Emitter):
         low_v = ops.broadcasting_maximum(x, self._c(np.int32(low)))
         return ops.broadcasting_minimum(low_v, self._c(np.int32(high)))
 
+    def clamp(self, x, low, high, name):
+        low_v = ops.broadcasting_maximum(x, self._c(np.float32(low)))
+        return ops.broadcasting_minimum(low_v, self._c(np.float32(high)))
+
+    def round(self, x, name):
+        return ops.round_(x)
+
     def where(self, cond, value, x, name):
         return ops.broadcasting_where(cond, self._c(np.float32(value)), x)
 
@@ -250,7 +257,7 @@ def build_program(
         element = _mlir_float(dtype)
         si32 = ir.IntegerType.get_signed(32)
         cache_type = ir.RankedTensorType.get([mw.kv_heads, context, mw.head_dim], element)
-        states = state_names(len(mw.layers))
+        states = state_names(mw)
         for fn in plan.functions:
             inputs = [
                 ir.RankedTensorType.get([1, fn.seq], si32),

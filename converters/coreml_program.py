@@ -139,6 +139,12 @@ class MILEmitter(Emitter):
         low_var = mb.maximum(x=x, y=np.int32(low), name=name + "_low")
         return mb.minimum(x=low_var, y=np.int32(high), name=name)
 
+    def clamp(self, x, low, high, name):
+        return mb.clip(x=x, alpha=np.float16(low), beta=np.float16(high), name=name)
+
+    def round(self, x, name):
+        return mb.round(x=x, name=name)
+
     def where(self, cond, value, x, name):
         return mb.select(cond=cond, a=np.float16(value), b=x, name=name)
 
@@ -155,11 +161,11 @@ def build_function(
         "input_ids": mb.TensorSpec((1, seq), dtype=types.int32),
         "position": mb.TensorSpec((1,), dtype=types.int32),
     }
-    for name in state_names(len(mw.layers)):
+    for name in state_names(mw):
         specs[name] = mb.StateTensorSpec(cache_shape, dtype=types.fp16)
     with Function(specs, opset_version=_opset()) as func:
         inputs = func.inputs
-        states = {name: inputs[name] for name in state_names(len(mw.layers))}
+        states = {name: inputs[name] for name in state_names(mw)}
         em = MILEmitter(states)
         func.set_outputs(lower(em, mw, inputs["input_ids"], inputs["position"], seq, context, lora))
     prog = Program()

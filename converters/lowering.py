@@ -12,7 +12,8 @@ with the weight as stored, ``(out, in)``, and never transposed.
 
 Inputs: ``input_ids`` (1, S) int32 and ``position`` (1,) int32, the cache row of the first token.
 State: per layer ``k_cache_i`` and ``v_cache_i`` of shape (kv_heads, context, head_dim), written at
-rows [position, position + S) and read whole; scores of rows after the current token are replaced
+rows [position, position + S) and read whole (a KV-reuse layer, afm7's, has none: it reads the
+cache an earlier layer has just written); scores of rows after the current token are replaced
 with a select (not an added mask), so no stale key reaches the softmax whatever it holds. Stale
 value rows meet probability 0, which keeps any finite value out: the caller starts the state
 zero-filled (a NaN there would survive 0 * NaN).
@@ -27,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from converters.plan import LoraWeights, Matrix, ModelWeights, Projection
+from converters.plan import Layer, LoraWeights, Matrix, ModelWeights, Projection
 
 # Attention scores of future (masked) positions: finite so that softmax stays finite in fp16, and
 # large enough that exp() underflows to 0.
@@ -36,8 +37,9 @@ MASK_VALUE = -30000.0
 Value = Any  # an emitter's own value type (MIL Var, coreai Value)
 
 
-def state_names(num_layers: int) -> list[str]:
-    return [f"{t}_cache_{i}" for i in range(num_layers) for t in ("k", "v")]
+def state_names(mw: ModelWeights) -> list[str]:
+    """The cache state of every layer that writes one, named by the layer's index."""
+    return [f"{t}_cache_{i}" for i in mw.cache_layers() for t in ("k", "v")]
 
 
 class Emitter(ABC):
@@ -125,6 +127,14 @@ class Emitter(ABC):
         """Integers clamped to [low, high]."""
 
     @abstractmethod
+    def clamp(self, x: Value, low: float, high: float, name: str) -> Value:
+        """Floats clamped to [low, high]."""
+
+    @abstractmethod
+    def round(self, x: Value, name: str) -> Value:
+        """Floats rounded to the nearest integer (ties to even, as MLX and NumPy)."""
+
+    @abstractmethod
     def where(self, cond: Value, value: float, x: Value, name: str) -> Value:
         """``value`` where ``cond`` else ``x`` (broadcasting)."""
 
@@ -161,18 +171,46 @@ def _project(em: Emitter, x: Value, proj: Projection, lora: LoraWeights | None, 
     return y
 
 
-def _rope(em: Emitter, x: Value, ctx: dict, table: int, half: int, name: str) -> Value:
-    """x * cos + swap_halves(x) * sin on (heads, head_dim, S), with RoPE table ``table``;
-    ``sin`` carries the sign."""
+def _rope(em: Emitter, x: Value, ctx: dict, layer: Layer, name: str) -> Value:
+    """x * cos + swap(x) * sin on (heads, head_dim, S) with the layer's RoPE table; ``swap``
+    exchanges the two dims of each rotated pair (the two halves, or neighbours 2i and 2i+1 for
+    an interleaved RoPE); ``sin`` carries the sign."""
     heads, dim, seq = em.shape(x)
-    first = em.slice(x, [0, 0, 0], [heads, half, seq], name + "_lo")
-    second = em.slice(x, [0, half, 0], [heads, dim, seq], name + "_hi")
-    swapped = em.concat([second, first], 1, name + "_swap")
+    if layer.rope_interleaved:
+        pairs = em.reshape(x, [heads, dim // 2, 2, seq], name + "_pairs")
+        even = em.slice(pairs, [0, 0, 0, 0], [heads, dim // 2, 1, seq], name + "_even")
+        odd = em.slice(pairs, [0, 0, 1, 0], [heads, dim // 2, 2, seq], name + "_odd")
+        swapped = em.concat([odd, even], 2, name + "_swap_pairs")
+        swapped = em.reshape(swapped, [heads, dim, seq], name + "_swap")
+    else:
+        half = dim // 2
+        first = em.slice(x, [0, 0, 0], [heads, half, seq], name + "_lo")
+        second = em.slice(x, [0, half, 0], [heads, dim, seq], name + "_hi")
+        swapped = em.concat([second, first], 1, name + "_swap")
     return em.add(
-        em.mul(x, ctx["cos"][table], name + "_cos"),
-        em.mul(swapped, ctx["sin"][table], name + "_sin"),
+        em.mul(x, ctx["cos"][layer.rope_table], name + "_cos"),
+        em.mul(swapped, ctx["sin"][layer.rope_table], name + "_sin"),
         name,
     )
+
+
+def _norm_and_rope(em, x: Value, norm: np.ndarray | None, layer: Layer, mw, ctx, p: str) -> Value:
+    """A query or key tensor's per-head norm and rotation, in the layer's order."""
+    eps = mw.eps if layer.qk_eps is None else layer.qk_eps
+
+    def normed(v):
+        return v if norm is None else _rms_norm(em, v, norm, eps, 1, p + "_norm")
+
+    def rotated(v):
+        return _rope(em, v, ctx, layer, p + "_rope") if layer.rope else v
+
+    return normed(rotated(x)) if layer.qk_norm_after_rope else rotated(normed(x))
+
+
+def _fake_quant(em: Emitter, x: Value, scale: float, name: str) -> Value:
+    """afm7's 8-bit fake quantization: clip(round(x / scale), -128, 127) * scale."""
+    q = em.round(em.mul(x, np.float32(1.0 / scale), name + "_div"), name + "_round")
+    return em.mul(em.clamp(q, -128.0, 127.0, name + "_clip"), np.float32(scale), name)
 
 
 def _attention(em, h, i: int, mw: ModelWeights, lora, seq: int, ctx: dict) -> Value:
@@ -181,26 +219,28 @@ def _attention(em, h, i: int, mw: ModelWeights, lora, seq: int, ctx: dict) -> Va
     group = heads // kv
     p = f"l{i}_"
     q = _project(em, h, layer.proj["self_attn.q_proj"], lora, p + "q_proj")
-    k = _project(em, h, layer.proj["self_attn.k_proj"], lora, p + "k_proj")
-    v = _project(em, h, layer.proj["self_attn.v_proj"], lora, p + "v_proj")
     # (H*hd, S) -> (H, hd, S): channel h*hd + d is head h, dim d, as in mlx-lm's reshape.
     q = em.reshape(q, [heads, hd, seq], p + "q_heads")
-    k = em.reshape(k, [kv, hd, seq], p + "k_heads")
-    v = em.reshape(v, [kv, hd, seq], p + "v_heads")
-    if layer.q_norm is not None:
-        q = _rms_norm(em, q, layer.q_norm, mw.eps, 1, p + "q_norm")
-        k = _rms_norm(em, k, layer.k_norm, mw.eps, 1, p + "k_norm")
-    if layer.rope:
-        q = _rope(em, q, ctx, layer.rope_table, hd // 2, p + "q_rope")
-        k = _rope(em, k, ctx, layer.rope_table, hd // 2, p + "k_rope")
+    q = _norm_and_rope(em, q, layer.q_norm, layer, mw, ctx, p + "q")
     q = em.mul(q, np.float32(mw.attn_scale), p + "q_scaled")
-
-    # Write this chunk's keys/values into the cache rows [position, position + S), then attend
-    # over the whole cache; rows after the current token are masked.
-    k_rows = em.transpose(k, [0, 2, 1], p + "k_rows")
-    v_rows = em.transpose(v, [0, 2, 1], p + "v_rows")
-    k_all = em.update_cache(f"k_cache_{i}", k_rows, ctx["begin"], ctx["end"], p + "k_cache")
-    v_all = em.update_cache(f"v_cache_{i}", v_rows, ctx["begin"], ctx["end"], p + "v_cache")
+    if layer.kv_from is not None:  # a KV-reuse layer: the cache an earlier layer just wrote
+        k_all, v_all = ctx["caches"][layer.kv_from]
+    else:
+        k = _project(em, h, layer.proj["self_attn.k_proj"], lora, p + "k_proj")
+        v = _project(em, h, layer.proj["self_attn.v_proj"], lora, p + "v_proj")
+        k = em.reshape(k, [kv, hd, seq], p + "k_heads")
+        v = em.reshape(v, [kv, hd, seq], p + "v_heads")
+        k = _norm_and_rope(em, k, layer.k_norm, layer, mw, ctx, p + "k")
+        if layer.kv_quant is not None:
+            k = _fake_quant(em, k, layer.kv_quant[0], p + "k_quant")
+            v = _fake_quant(em, v, layer.kv_quant[1], p + "v_quant")
+        # Write this chunk's keys/values into the cache rows [position, position + S), then
+        # attend over the whole cache; rows after the current token are masked.
+        k_rows = em.transpose(k, [0, 2, 1], p + "k_rows")
+        v_rows = em.transpose(v, [0, 2, 1], p + "v_rows")
+        k_all = em.update_cache(f"k_cache_{i}", k_rows, ctx["begin"], ctx["end"], p + "k_cache")
+        v_all = em.update_cache(f"v_cache_{i}", v_rows, ctx["begin"], ctx["end"], p + "v_cache")
+        ctx["caches"][i] = (k_all, v_all)
 
     # GQA without repeating K/V: query heads of one KV head are stacked along the row axis.
     q_rows = em.transpose(q, [0, 2, 1], p + "q_rows")  # (H, S, hd)
@@ -292,7 +332,8 @@ def _positions(em: Emitter, mw: ModelWeights, position: Value, seq: int, context
     zero = np.zeros((1,), np.int32)
     begin = em.concat([zero, position, zero], 0, "cache_begin")
     end = em.add(begin, np.array([mw.kv_heads, seq, mw.head_dim], np.int32), "cache_end")
-    return {**cs, "future": future, "far": far, "begin": begin, "end": end}
+    # "caches": each layer's whole cache once written, for the KV-reuse layers after it.
+    return {**cs, "future": future, "far": far, "begin": begin, "end": end, "caches": {}}
 
 
 def lower(

@@ -94,6 +94,14 @@ class Layer:
     proj: dict[str, Projection]  # keyed by PROJECTIONS
     rope: bool = True  # False: a layer without positional rotation (SmolLM3's NoPE layers)
     rope_table: int = 0  # which of ``ModelWeights.rope_cos/sin`` (Gemma: local or global)
+    rope_interleaved: bool = False  # RoPE pairs (2i, 2i+1) (traditional, afm7) not halves
+    qk_eps: float | None = None  # the q/k norms' own epsilon (afm7's are nn.RMSNorm defaults)
+    qk_norm_after_rope: bool = False  # afm7: q_norm(rope(q)), not rope(q_norm(q))
+    # afm7: keys and values rounded to 8 bits before the cache, x -> clip(round(x / s)) * s,
+    # with (key scale, value scale).
+    kv_quant: tuple[float, float] | None = None
+    # A KV-reuse layer (afm7): no key/value projections, it attends to layer ``kv_from``'s cache.
+    kv_from: int | None = None
     window: int | None = None  # attends to the last ``window`` positions only (Gemma's local)
     attn_out_norm: np.ndarray | None = None  # Gemma's sandwich norms: on the attention output
     mlp_out_norm: np.ndarray | None = None  # ... and on the MLP output, before each residual
@@ -139,6 +147,10 @@ class ModelWeights:
     def projections(self) -> dict[str, Projection]:
         return {p.path: p for layer in self.layers for p in layer.proj.values()}
 
+    def cache_layers(self) -> list[int]:
+        """The layers that write a KV cache of their own (not afm7's KV-reuse layers)."""
+        return [i for i, layer in enumerate(self.layers) if layer.kv_from is None]
+
     def _chunked(self, key: str, matrix: Matrix) -> list[HeadChunk]:
         """Row chunks of ``matrix``, made once, so every function reuses the same slices (the
         emitters then store each chunk once, and no op ever holds the whole table)."""
@@ -183,14 +195,10 @@ def check_convertible(config: dict[str, Any], source: str) -> None:
     """Refuse architectures the converters do not handle, before any weights are read: decoders
     with q/k/v/o projections (or fused slices of them) and a gated MLP, the layout lowered here,
     with what a family adds to it read off its modules or its ``families`` entry (Gemma's norms,
-    windows and GELU); other families afm_mlx loads are named with what the layer plan lacks."""
+    windows and GELU, afm7's KV-reuse blocks); a family afm_mlx does not know is refused by
+    ``family_for`` in one line."""
     validate_config(config, source)
-    family = family_for(config, source)
-    if family.converter_missing:
-        raise UserError(
-            f"{source}: the converters do not handle {family.name} models yet: their layer plan "
-            f"lacks {family.converter_missing} (palettize, recover, finetune and generate do)"
-        )
+    family_for(config, source)
     if config.get("hidden_act", "silu") != "silu":
         raise UserError(f"{source}: hidden_act {config['hidden_act']!r} is not supported (silu)")
 
@@ -256,44 +264,55 @@ def _norm(module: nn.Module, what: str, offset: float = 0.0) -> np.ndarray:
     return _f32(weight, what)
 
 
-def _rope_tables(rope: nn.Module, head_dim: int, max_context: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin tables read off the model's own RoPE module, so any scaling variant is matched.
+def _rope_tables(
+    rope: nn.Module, head_dim: int, max_context: int
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """cos/sin tables read off the model's own RoPE module, so any scaling variant is matched, and
+    whether it rotates interleaved pairs (``traditional``: dims 2i and 2i+1) rather than halves.
 
-    Feeding ``[1]*half + [0]*half`` through a half-rotation RoPE returns ``[cos, sin]`` per position.
-    A probe with random data then checks the module really is that rotation (not interleaved).
+    Feeding ones in the first dim of every pair and zeros in the second returns ``[cos, sin]`` per
+    pair and position. A probe with random data then checks the module really is that rotation.
+    The tables are laid out so that ``x*cos + swap(x)*sin == RoPE(x)``, ``swap`` exchanging the
+    two dims of each pair (the halves, or neighbours when interleaved); ``sin`` carries the sign.
     """
     half = head_dim // 2
-    if getattr(rope, "traditional", False):
-        raise UserError("RoPE with traditional=True (interleaved pairs) is not supported")
-    unit = mx.concatenate([mx.ones((half,)), mx.zeros((half,))])
-    out = rope(mx.broadcast_to(unit, (1, 1, max_context, head_dim)), offset=0)
+    interleaved = bool(getattr(rope, "traditional", False))
+    unit = np.zeros(head_dim, np.float32)
+    first = np.arange(0, head_dim, 2) if interleaved else np.arange(half)
+    second = first + 1 if interleaved else first + half
+    unit[first] = 1.0
+    out = rope(mx.broadcast_to(mx.array(unit), (1, 1, max_context, head_dim)), offset=0)
     out = np.array(out.astype(mx.float32))[0, 0]
-    cos = np.concatenate([out[:, :half], out[:, :half]], axis=1)
-    sin = np.concatenate([-out[:, half:], out[:, half:]], axis=1)
+    cos, sin = np.empty_like(out), np.empty_like(out)
+    cos[:, first] = cos[:, second] = out[:, first]
+    sin[:, first], sin[:, second] = -out[:, second], out[:, second]
     probe = mx.random.normal((1, 1, max_context, head_dim), key=mx.random.key(0))
     want = np.array(rope(probe, offset=0))[0, 0]
     x = np.array(probe)[0, 0]
-    got = x * cos + np.concatenate([x[:, half:], x[:, :half]], axis=1) * sin
-    if not np.allclose(got, want, atol=1e-3, rtol=1e-3):
-        raise UserError(f"RoPE variant {type(rope).__name__} is not a half-rotation RoPE")
-    return cos.astype(np.float32), sin.astype(np.float32)
+    swapped = np.empty_like(x)
+    swapped[:, first], swapped[:, second] = x[:, second], x[:, first]
+    if not np.allclose(x * cos + swapped * sin, want, atol=1e-3, rtol=1e-3):
+        raise UserError(f"RoPE variant {type(rope).__name__} is not a rotation of dimension pairs")
+    return cos.astype(np.float32), sin.astype(np.float32), interleaved
 
 
 def _block_projection(
     block: nn.Module,
-    i: int,
+    prefix: str,
     rel: str,
     family,
     fused_rows: dict[str, list[int]],
     read: dict[str, Projection],
-) -> Projection:
-    """Block ``i``'s projection ``rel`` (``self_attn.q_proj`` ...): its own layer, or its rows of
-    the family's fused layer (a LUT group never spans two slices: palettize refuses that). A fused
-    layer is read once per block into ``read``, then sliced."""
-    owner, name = rel.split(".")
+) -> Projection | None:
+    """The projection ``rel`` (Llama name: ``self_attn.q_proj`` ...) of the block at module path
+    ``prefix``: its own layer (under the family's name for it), or its rows of the family's fused
+    layer (a LUT group never spans two slices: palettize refuses that); None if the block has
+    neither. A fused layer is read once per block into ``read``, then sliced."""
+    own = family.aliases.get(rel, rel)
+    owner, name = own.split(".")
     module = getattr(getattr(block, owner), name, None)
     if module is not None:
-        return _projection(module, f"model.layers.{i}.{rel}")
+        return _projection(module, f"{prefix}.{own}")
     for fused, parts in family.fused_parts.items():
         if rel not in parts:
             continue
@@ -304,7 +323,7 @@ def _block_projection(
         k = parts.index(rel)
         start = sum(fused_rows[fused][:k])
         stop = start + fused_rows[fused][k]
-        path = f"model.layers.{i}.{fused}"
+        path = f"{prefix}.{fused}"
         if path not in read:
             read[path] = _projection(module, path)
         whole = read[path]
@@ -316,16 +335,24 @@ def _block_projection(
                 else weight[start:stop]
             )
         except ValueError as e:
-            raise UserError(f"model.layers.{i}.{fused}: {e}") from e
+            raise UserError(f"{path}: {e}") from e
         bias = None if whole.bias is None else whole.bias[start:stop]
-        return Projection(f"model.layers.{i}.{rel}", part, bias, whole.path, (start, stop))
-    raise UserError(f"model.layers.{i}.{rel}: missing; architecture not supported")
+        return Projection(f"{prefix}.{rel}", part, bias, whole.path, (start, stop))
+    return None
 
 
 def _rotates(rope: nn.Module, head_dim: int) -> bool:
     """Whether a layer's RoPE module changes its input at all (SmolLM3's NoPE layers do not)."""
     probe = mx.random.normal((1, 1, 4, head_dim), key=mx.random.key(1))
     return not np.array_equal(np.array(rope(probe, offset=3)), np.array(probe))
+
+
+def _kv_quant(attn: nn.Module) -> tuple[float, float] | None:
+    """afm7's 8-bit fake quantization of keys and values: their scales, if the layer has them."""
+    if "quant_key_scale" not in attn:
+        return None
+    scales = (attn.quant_key_scale, attn.quant_value_scale)
+    return tuple(float(x.astype(mx.float32).item()) for x in scales)  # type: ignore[return-value]
 
 
 def extract_weights(
@@ -335,82 +362,115 @@ def extract_weights(
     head_chunk: int = DEFAULT_HEAD_CHUNK,
 ) -> ModelWeights:
     """Read an mlx-lm model of a family the converters handle into ``ModelWeights`` (RoPE up to
-    ``max_context``, the LM head in chunks of at most ``head_chunk`` vocabulary rows)."""
+    ``max_context``, the LM head in chunks of at most ``head_chunk`` vocabulary rows).
+
+    A block without key and value projections (afm7's KV-reuse blocks) attends to the cache of
+    the last block before it that has them, as mlx-lm's afm7 does."""
     inner = model.model
     family = family_for(config, "config.json")
     fused_rows = family.fused(config)
-    attn0 = inner.layers[0].self_attn
+    blocks = [
+        (f"model.{name}.{j}", block)
+        for name in family.block_lists
+        for j, block in enumerate(getattr(inner, name))
+    ]
+    attn0 = blocks[0][1].self_attn
     heads, kv_heads = int(attn0.n_heads), int(attn0.n_kv_heads)
+    norm = functools.partial(_norm, offset=family.norm_offset)
     layers = []
-    for i, block in enumerate(inner.layers):
+    last_cache = None
+    for i, (prefix, block) in enumerate(blocks):
         attn = block.self_attn
         fused_read: dict[str, Projection] = {}
-        proj = {
-            rel: _block_projection(block, i, rel, family, fused_rows, fused_read)
-            for rel in PROJECTIONS
-        }
-        has_qk_norm = hasattr(attn, "q_norm")
+        proj = {}
+        for rel in PROJECTIONS:
+            found = _block_projection(block, prefix, rel, family, fused_rows, fused_read)
+            if found is not None:
+                proj[rel] = found
+        # No key and value projections: a KV-reuse block, reading the last cache before it.
+        kv = ("self_attn.k_proj", "self_attn.v_proj")
+        reuse = last_cache is not None and not any(rel in proj for rel in kv)
+        kv_from = last_cache if reuse else None
+        missing = [rel for rel in PROJECTIONS if rel not in proj and not (reuse and rel in kv)]
+        if missing:
+            raise UserError(
+                f"{prefix}: no {family.aliases.get(missing[0], missing[0])}; "
+                "architecture not supported"
+            )
+        if not reuse:
+            last_cache = i
         head_dim = proj["self_attn.q_proj"].shape[0] // heads
         sandwich = "pre_feedforward_layernorm" in block  # Gemma: four norms per block
-        norm = functools.partial(_norm, offset=family.norm_offset)
+        k_norm = getattr(attn, "k_norm", None) if kv_from is None else None
+        q_norm = getattr(attn, "q_norm", None)
         layers.append(
             Layer(
-                input_norm=norm(block.input_layernorm, f"layer {i} input_layernorm"),
+                input_norm=norm(block.input_layernorm, f"{prefix}.input_layernorm"),
                 post_norm=norm(
                     block.pre_feedforward_layernorm if sandwich else block.post_attention_layernorm,
-                    f"layer {i} pre-MLP norm",
+                    f"{prefix} pre-MLP norm",
                 ),
-                q_norm=norm(attn.q_norm, f"layer {i} q_norm") if has_qk_norm else None,
-                k_norm=norm(attn.k_norm, f"layer {i} k_norm") if has_qk_norm else None,
+                q_norm=None if q_norm is None else norm(q_norm, f"{prefix}.self_attn.q_norm"),
+                k_norm=None if k_norm is None else norm(k_norm, f"{prefix}.self_attn.k_norm"),
+                qk_eps=None if q_norm is None else float(q_norm.eps),
+                qk_norm_after_rope=family.qk_norm_after_rope,
                 proj=proj,
                 rope=_rotates(attn.rope, head_dim),
                 window=int(config["sliding_window"])
                 if getattr(attn, "is_sliding", False)
                 else None,
                 attn_out_norm=(
-                    norm(block.post_attention_layernorm, f"layer {i} post_attention_layernorm")
+                    norm(block.post_attention_layernorm, f"{prefix}.post_attention_layernorm")
                     if sandwich
                     else None
                 ),
                 mlp_out_norm=(
-                    norm(block.post_feedforward_layernorm, f"layer {i} post_feedforward_layernorm")
+                    norm(block.post_feedforward_layernorm, f"{prefix}.post_feedforward_layernorm")
                     if sandwich
                     else None
                 ),
+                kv_quant=_kv_quant(attn) if kv_from is None else None,
+                kv_from=kv_from,
             )
         )
     # One cos/sin table per distinct rotation (Gemma: its local and its global RoPE).
     cos_tables: list[np.ndarray] = []
     sin_tables: list[np.ndarray] = []
-    for block, layer in zip(inner.layers, layers):
+    styles: list[bool] = []
+    for (_, block), layer in zip(blocks, layers):
         if not layer.rope:
             continue
-        cos, sin = _rope_tables(block.self_attn.rope, head_dim, max_context)
-        for t, (c, s_) in enumerate(zip(cos_tables, sin_tables)):
-            if np.array_equal(c, cos) and np.array_equal(s_, sin):
+        cos, sin, layer.rope_interleaved = _rope_tables(block.self_attn.rope, head_dim, max_context)
+        for t, (c, s_, style) in enumerate(zip(cos_tables, sin_tables, styles)):
+            same = np.array_equal(c, cos) and np.array_equal(s_, sin)
+            if same and style == layer.rope_interleaved:
                 layer.rope_table = t
                 break
         else:
             layer.rope_table = len(cos_tables)
             cos_tables.append(cos)
             sin_tables.append(sin)
+            styles.append(layer.rope_interleaved)
     if not cos_tables:  # no layer rotates: one identity table keeps the emitters uniform
         cos_tables = [np.ones((max_context, head_dim), np.float32)]
         sin_tables = [np.zeros((max_context, head_dim), np.float32)]
     # Tied: no head of its own (or one its family marks tied: Gemma drops a missing head).
     tied = "lm_head" not in model or getattr(model, "tie_word_embeddings", False) is True
-    embedding = _matrix(inner.embed_tokens, "model.embed_tokens")
+    embed_name = family.aliases.get("embed_tokens", "embed_tokens")
+    embedding = _matrix(getattr(inner, embed_name), f"model.{embed_name}")
+    norm_name = family.aliases.get("norm", "norm")
+    final_norm = getattr(inner, norm_name)
     weights = ModelWeights(
         hidden=embedding.shape[1],
         heads=heads,
         kv_heads=kv_heads,
         head_dim=head_dim,
         vocab=embedding.shape[0],
-        eps=float(inner.norm.eps),
+        eps=float(final_norm.eps),
         attn_scale=float(attn0.scale),
         embedding=embedding,
         lm_head=None if tied else _matrix(model.lm_head, "lm_head"),
-        final_norm=_norm(inner.norm, "model.norm", family.norm_offset),
+        final_norm=norm(final_norm, f"model.{norm_name}"),
         layers=layers,
         rope_cos=cos_tables,
         rope_sin=sin_tables,

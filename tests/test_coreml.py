@@ -41,6 +41,8 @@ ANE_OPS = {
     "softmax",
     "silu",
     "tanh",
+    "round",
+    "clip",
     "reshape",
     "transpose",
     "expand_dims",

@@ -111,6 +111,8 @@ OPS = {
     "softmax": lambda x, axis: _softmax(_f32(x), int(axis)),
     "silu": lambda x: _f32(x) / (1.0 + np.exp(-_f32(x))),
     "tanh": lambda x: np.tanh(_f32(x)),
+    "round": lambda x: np.round(_f32(x)),  # ties to even, as MIL's round
+    "clip": lambda x, alpha, beta: np.clip(_f32(x), _f32(alpha), _f32(beta)),
     "constexpr_lut_to_dense": lambda indices, lut, vector_axis=None: lut_to_dense(indices, lut),
     "slice_update": _slice_update,
     "identity": lambda x: x,
@@ -296,7 +298,8 @@ def test_executor_lut_semantics_equal_coremltools_reference(bits):
 
 
 def test_executor_selection_ops_match_numpy(tmp_path):
-    """The ops behind the chunked embedding and the select mask, against NumPy."""
+    """The ops behind the chunked embedding, the select mask, Gemma's GELU and afm7's 8-bit
+    fake quantization (round, clip), against NumPy."""
 
     @mb.program(
         input_specs=[
@@ -309,7 +312,11 @@ def test_executor_selection_ops_match_numpy(tmp_path):
         clipped = mb.minimum(x=mb.maximum(x=ids, y=np.int32(0)), y=np.int32(5), name="clipped")
         same = mb.equal(x=ids, y=clipped, name="same")
         picked = mb.select(cond=same, a=np.float16(-3.0), b=x, name="picked")
-        return clipped, same, picked
+        scaled = mb.mul(x=x, y=np.float16(0.75))
+        rounded = mb.round(x=scaled, name="rounded")
+        clamped = mb.clip(x=scaled, alpha=np.float16(1.0), beta=np.float16(3.5), name="clamped")
+        squashed = mb.tanh(x=mb.mul(x=x, y=np.float16(0.25)), name="squashed")
+        return clipped, same, picked, rounded, clamped, squashed
 
     _, _, loaded = _save_and_load(prog, tmp_path)
     ids = np.array([-2, 0, 5, 9], np.int32)
@@ -319,6 +326,10 @@ def test_executor_selection_ops_match_numpy(tmp_path):
     np.testing.assert_array_equal(out["same"], [False, True, True, False])
     np.testing.assert_array_equal(out["picked"], np.where([False, True, True, False], -3.0, x))
     assert out["picked"].dtype == np.float16
+    # 0.75 * [0..7]: 1.5 and 4.5 are ties, to even (2 and 4).
+    np.testing.assert_array_equal(out["rounded"].reshape(-1), [0, 1, 2, 2, 3, 4, 4, 5])
+    np.testing.assert_array_equal(out["clamped"].reshape(-1), np.clip(np.arange(8) * 0.75, 1, 3.5))
+    np.testing.assert_allclose(out["squashed"], np.tanh(x.astype(np.float32) / 4), atol=1e-3)
 
 
 def test_executor_refuses_unknown_ops(tmp_path):
