@@ -227,3 +227,22 @@ def test_bad_values_raise():
         kmeans_lut(mx.zeros((16, 8)), 4, weights=-mx.ones((16, 8)))
     with pytest.raises(ValueError, match="2-D"):
         kmeans_lut(mx.zeros((16,)), 4)
+
+
+@pytest.mark.parametrize("n_groups, refined", [(64, True), (600, False)])
+def test_refining_many_levels_is_the_matrixs_choice_not_the_chunks(monkeypatch, n_groups, refined):
+    """8-bit refinement is chosen by the whole matrix's size (its cost grows with every group):
+    a matrix too large to refine is not refined piecemeal because a small memory budget cut it
+    into chunks that would each qualify, and a small one is refined in every chunk."""
+    from afm_mlx import kmeans
+
+    calls = []
+    refine = kmeans._refine
+    monkeypatch.setattr(kmeans, "_MAX_POSITIONS_PER_CHUNK", 1 << 14)  # ~31 groups per chunk
+    monkeypatch.setattr(kmeans, "_refine", lambda *a: calls.append(a[0].shape[0]) or refine(*a))
+    w = mx.random.normal((16 * n_groups, 32), key=mx.random.key(n_groups)).astype(mx.float16)
+    lut, idx = kmeans_lut(w, 8, group_size=16)
+    assert lut.shape == (n_groups, 256)
+    assert calls if refined else not calls
+    if refined:
+        assert len(calls) > 1 and sum(calls) == n_groups  # several chunks, each refined
