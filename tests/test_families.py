@@ -70,6 +70,14 @@ CONFIGS = {
         "num_key_value_heads": 2,
         "rms_norm_eps": 1e-5,
         "rope_theta": 10_000.0,
+        # Phi-3-128k's longrope: per-frequency factors and a sqrt(1 + ln 4 / ln 16) scale.
+        "rope_scaling": {
+            "type": "longrope",
+            "short_factor": [1.0] * 8,
+            "long_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 3.0, 4.5, 6.0],
+        },
+        "original_max_position_embeddings": 16,
+        "max_position_embeddings": 64,
         "tie_word_embeddings": False,
     },
     "afm7": {  # 2 regular blocks (qkv_proj rows 64 | 32 | 32), then 2 reading the last one's cache
