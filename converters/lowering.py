@@ -160,13 +160,18 @@ def _rms_norm(em: Emitter, x: Value, weight: np.ndarray, eps: float, axis: int, 
     return em.mul(normed, weight.reshape(bshape).astype(np.float32), name)
 
 
-def _project(em: Emitter, x: Value, proj: Projection, lora: LoraWeights | None, name: str):
-    """The base projection plus the unfused low-rank adapter path B(A x), if any."""
+def _project(
+    em: Emitter, x: Value, proj: Projection, lora: LoraWeights | None, name: str, ctx: dict
+) -> Value:
+    """The base projection plus the unfused low-rank adapter path B(A x), if any. The slices of a
+    fused layer (Phi-3, afm7) share their A, so A x is computed once for all of them."""
     y = em.project(x, proj.weight, proj.bias, name)
     if lora is not None and proj.path in lora.pairs:
         a, b = lora.pairs[proj.path]
-        down = em.project(x, a, None, name + "_lora_a")
-        up = em.project(down, b, None, name + "_lora_b")
+        key = (id(a), id(x))
+        if key not in ctx["lora_down"]:
+            ctx["lora_down"][key] = em.project(x, a, None, name + "_lora_a")
+        up = em.project(ctx["lora_down"][key], b, None, name + "_lora_b")
         y = em.add(y, up, name + "_lora")
     return y
 
@@ -218,7 +223,7 @@ def _attention(em, h, i: int, mw: ModelWeights, lora, seq: int, ctx: dict) -> Va
     hd, heads, kv = mw.head_dim, mw.heads, mw.kv_heads
     group = heads // kv
     p = f"l{i}_"
-    q = _project(em, h, layer.proj["self_attn.q_proj"], lora, p + "q_proj")
+    q = _project(em, h, layer.proj["self_attn.q_proj"], lora, p + "q_proj", ctx)
     # (H*hd, S) -> (H, hd, S): channel h*hd + d is head h, dim d, as in mlx-lm's reshape.
     q = em.reshape(q, [heads, hd, seq], p + "q_heads")
     q = _norm_and_rope(em, q, layer.q_norm, layer, mw, ctx, p + "q")
@@ -226,8 +231,8 @@ def _attention(em, h, i: int, mw: ModelWeights, lora, seq: int, ctx: dict) -> Va
     if layer.kv_from is not None:  # a KV-reuse layer: the cache an earlier layer just wrote
         k_all, v_all = ctx["caches"][layer.kv_from]
     else:
-        k = _project(em, h, layer.proj["self_attn.k_proj"], lora, p + "k_proj")
-        v = _project(em, h, layer.proj["self_attn.v_proj"], lora, p + "v_proj")
+        k = _project(em, h, layer.proj["self_attn.k_proj"], lora, p + "k_proj", ctx)
+        v = _project(em, h, layer.proj["self_attn.v_proj"], lora, p + "v_proj", ctx)
         k = em.reshape(k, [kv, hd, seq], p + "k_heads")
         v = em.reshape(v, [kv, hd, seq], p + "v_heads")
         k = _norm_and_rope(em, k, layer.k_norm, layer, mw, ctx, p + "k")
@@ -257,19 +262,19 @@ def _attention(em, h, i: int, mw: ModelWeights, lora, seq: int, ctx: dict) -> Va
     out = em.reshape(out, [heads, seq, hd], p + "attn_heads")
     out = em.transpose(out, [0, 2, 1], p + "attn_t")
     out = em.reshape(out, em.act_shape(heads * hd, seq), p + "attn_cf")
-    return _project(em, out, layer.proj["self_attn.o_proj"], lora, p + "o_proj")
+    return _project(em, out, layer.proj["self_attn.o_proj"], lora, p + "o_proj", ctx)
 
 
-def _mlp(em: Emitter, h: Value, i: int, mw: ModelWeights, lora) -> Value:
+def _mlp(em: Emitter, h: Value, i: int, mw: ModelWeights, lora, ctx: dict) -> Value:
     layer, p = mw.layers[i], f"l{i}_"
-    gate = _project(em, h, layer.proj["mlp.gate_proj"], lora, p + "gate_proj")
-    up = _project(em, h, layer.proj["mlp.up_proj"], lora, p + "up_proj")
+    gate = _project(em, h, layer.proj["mlp.gate_proj"], lora, p + "gate_proj", ctx)
+    up = _project(em, h, layer.proj["mlp.up_proj"], lora, p + "up_proj", ctx)
     if mw.mlp_activation == "gelu_tanh":
         gate = _gelu_tanh(em, gate, p + "gelu")
     else:
         gate = em.silu(gate, p + "silu")
     act = em.mul(gate, up, p + "gated")
-    return _project(em, act, layer.proj["mlp.down_proj"], lora, p + "down_proj")
+    return _project(em, act, layer.proj["mlp.down_proj"], lora, p + "down_proj", ctx)
 
 
 def _gelu_tanh(em: Emitter, x: Value, name: str) -> Value:
@@ -332,8 +337,11 @@ def _positions(em: Emitter, mw: ModelWeights, position: Value, seq: int, context
     zero = np.zeros((1,), np.int32)
     begin = em.concat([zero, position, zero], 0, "cache_begin")
     end = em.add(begin, np.array([mw.kv_heads, seq, mw.head_dim], np.int32), "cache_end")
-    # "caches": each layer's whole cache once written, for the KV-reuse layers after it.
-    return {**cs, "future": future, "far": far, "begin": begin, "end": end, "caches": {}}
+    # "caches": each layer's whole cache once written, for the KV-reuse layers after it;
+    # "lora_down": adapter down-projections (A x) already computed, shared by fused slices.
+    return {
+        **cs, "future": future, "far": far, "begin": begin, "end": end, "caches": {}, "lora_down": {}
+    }
 
 
 def lower(
@@ -358,7 +366,7 @@ def lower(
             r = _rms_norm(em, r, layer.attn_out_norm, mw.eps, axis, f"l{i}_attn_out_norm")
         h = em.add(h, r, f"l{i}_attn_res")
         x = _rms_norm(em, h, layer.post_norm, mw.eps, axis, f"l{i}_post_norm")
-        r = _mlp(em, x, i, mw, lora)
+        r = _mlp(em, x, i, mw, lora, ctx)
         if layer.mlp_out_norm is not None:
             r = _rms_norm(em, r, layer.mlp_out_norm, mw.eps, axis, f"l{i}_mlp_out_norm")
         h = em.add(h, r, f"l{i}_mlp_res")

@@ -541,14 +541,13 @@ def read_lora(name: str, folder: Path, weights: ModelWeights, fingerprint: str) 
             )
             continue
         # Matrices that act on channels-first activations: A (rank, in), B (out, rank); mlx-lm's
-        # scale is folded into B.
+        # scale is folded into B. The slices of a fused layer share one A array, which the
+        # emitters then store once.
         scaled_b = b.astype(mx.float32) * adapter.settings.scale
+        a_in = _f32(a.astype(mx.float32).T, f"{flag} {path}.lora_a")
         for proj in projs:
             start, stop = proj.rows or (0, out_dim)
-            lora.pairs[proj.path] = (
-                _f32(a.astype(mx.float32).T, f"{flag} {path}.lora_a"),
-                _f32(scaled_b[:, start:stop].T, f"{flag} {path}.lora_b"),
-            )
+            lora.pairs[proj.path] = (a_in, _f32(scaled_b[:, start:stop].T, f"{flag} {path}.lora_b"))
     if problems or not lora.pairs:
         shown = "; ".join(problems[:4]) or "no lora_a/lora_b weights"
         raise UserError(f"{flag}: does not fit the model: {shown}")

@@ -410,20 +410,31 @@ def test_converted_package_and_asset_compute_mlxs_logits(family_dir, palettized_
     from converters.coreml import ConvertConfig
     from converters.coreml import convert as convert_coreml
 
+    family = family_for(json.loads((family_dir / "config.json").read_text()), "t")
     model, _, _ = load_model(palettized_dir)
+    # With an adapter too: on a fused projection (Phi-3's qkv_proj) it is split with the weight.
+    adapter = make_adapter(palettized_dir, tmp_path / "adapter", seed=3)
     package = tmp_path / "m.mlpackage"
     c = test_coreml
     convert_coreml(
         ConvertConfig(model=str(palettized_dir), out=str(package), context=c.CONTEXT,
-                      prefill_chunk=c.CHUNK)
+                      prefill_chunk=c.CHUNK, adapter=[f"task={adapter}"])
     )  # fmt: skip
-    got = c.coreml_logits(open_package(package)[2], c.PROMPT, c.DECODE)
+    prog = open_package(package)[2]
+    got = c.coreml_logits(prog, c.PROMPT, c.DECODE)
     c.assert_logits_close(got, c.mlx_logits(model, c.PROMPT, c.DECODE))
+    # The adapter adds a B per projection and an A per adapted layer: the slices of a fused one
+    # (Phi-3, afm7) share their A x.
+    adapted = {k.rsplit(".", 1)[0] for k in read_adapter(adapter).weights}
+    slices = sum(len(family.fused_parts.get(path.split(".", 3)[3], (path,))) for path in adapted)
+    convs = {
+        fn: sum(op.op_type == "conv" for op in prog.functions[fn].operations)
+        for fn in ("decode", "decode_task")
+    }
+    assert convs["decode_task"] == convs["decode"] + len(adapted) + slices, convs
     if sys.version_info < (3, 11):
         return  # coreai-core has wheels for CPython >= 3.11 only
     a = test_coreai
-    # With an adapter too: on a fused projection (Phi-3's qkv_proj) it is split with the weight.
-    adapter = make_adapter(palettized_dir, tmp_path / "adapter", seed=3)
     asset = a.to_aimodel(palettized_dir, tmp_path / "m.aimodel", adapter=[f"task={adapter}"])
     assert_asset_stores_the_palettized_weights(model, load_model(palettized_dir)[1], asset)
     a.assert_fp32_close(a.coreai_logits(asset), c.mlx_logits(model, a.PROMPT, a.DECODE))
