@@ -10,6 +10,7 @@ meet the budget with the least summed damage.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -188,35 +189,81 @@ def _kl_to_reference(logits: mx.array, ref_logprobs: mx.array) -> float:
     return mx.mean(mx.sum(mx.exp(ref_logprobs) * (ref_logprobs - logprobs), axis=-1)).item()
 
 
+# Vocabulary rows of the LM head widened at a time (a 16384 x 2048 slice is 128 MB in float32).
+_HEAD_ROWS = 16384
+
+
+@contextlib.contextmanager
+def _in_float32(module: nn.Module):
+    """``module``'s half-precision parameters widened to float32 while the block runs, on the
+    CPU (MLX has no fast bfloat16 matmul there; widening is exact): a calibration pass holds
+    one block in float32 at a time, not a float32 copy of the whole model. Evaluate what the
+    block computes inside. A palettized layer's fp16 LUTs stay as they are."""
+    half = [
+        (k, v)
+        for k, v in tree_flatten(module.parameters())
+        if v.dtype in (mx.bfloat16, mx.float16) and not k.endswith("lut")
+    ]
+    if mx.default_device().type != mx.cpu or not half:
+        yield module
+        return
+    module.load_weights([(k, v.astype(mx.float32)) for k, v in half], strict=False)
+    try:
+        yield module
+    finally:
+        module.load_weights(half, strict=False)
+
+
 def _logits_from_hidden(model: nn.Module, h: mx.array) -> mx.array:
-    h = model.model.norm(h)
-    head = model.lm_head if "lm_head" in model else model.model.embed_tokens.as_linear
-    return head(h).astype(mx.float32)
+    """float32 logits of the last hidden states: the final norm, then the LM head (or the tied
+    embedding) widened ``_HEAD_ROWS`` vocabulary rows at a time."""
+    with _in_float32(model.model.norm) as norm:
+        h = norm(h).astype(mx.float32)
+        mx.eval(h)
+    tied = "lm_head" not in model
+    head = model.model.embed_tokens if tied else model.lm_head
+    if not isinstance(head, nn.Linear | nn.Embedding) or head.weight.dtype == mx.float32:
+        return (head.as_linear(h) if tied else head(h)).astype(mx.float32)
+    weight, bias = head.weight, None if tied else head.get("bias")
+    parts = []
+    for start in range(0, weight.shape[0], _HEAD_ROWS):
+        part = h @ weight[start : start + _HEAD_ROWS].astype(mx.float32).T
+        mx.eval(part)
+        parts.append(part)
+    logits = mx.concatenate(parts, axis=-1)
+    return logits if bias is None else logits + bias.astype(mx.float32)
 
 
 class _BlockCall:
-    """Stands in for a block during one forward pass, recording how the model calls it."""
+    """Stands in for a block during one forward pass, recording how the model calls it (and
+    running it widened, ``_in_float32``)."""
 
     def __init__(self, block: nn.Module):
-        self.block, self.calls = block, []
+        self.block, self.calls, self.last = block, [], None
 
     def __getattr__(self, name: str):  # a model may read its blocks' settings (use_sliding, ...)
         return getattr(self.block, name)
 
     def __call__(self, x, *args, **kwargs):
         self.calls.append((x, args, kwargs))
-        return self.block(x, *args, **kwargs)
+        with _in_float32(self.block) as block:
+            out = block(x, *args, **kwargs)
+            mx.eval(out)
+        self.last = out
+        return out
 
 
 def _block_inputs(
     model: nn.Module, inputs: list[mx.array]
 ) -> tuple[list[list[tuple]], list[mx.array]]:
     """(calls, log-probabilities): calls[i][j] is (hidden state, args, kwargs) with which the
-    model calls block i on batch j, and the model's next-token log-probabilities on each batch.
+    model calls block i on batch j, and the next-token log-probabilities on each batch (from the
+    last block's output, as the replays compute them).
 
     The model's own forward pass computes them, so what a family does before and between its
     blocks (Gemma's embedding scale, its sliding-window and global masks, layers without RoPE)
-    is replayed exactly; nothing here knows the family.
+    is replayed exactly; nothing here knows the family. Its logits are never evaluated: the
+    head runs widened in slices instead (``_logits_from_hidden``).
     """
     blocks = model.model.layers
     recorders = [_BlockCall(b) for b in blocks]
@@ -225,8 +272,9 @@ def _block_inputs(
         for i, r in enumerate(recorders):
             blocks[i] = r
         for x in inputs:
-            logprobs.append(_log_softmax(model(x)))
-            mx.eval(logprobs[-1], [c[0] for r in recorders for c in r.calls[-1:]])
+            model(x)
+            logprobs.append(_log_softmax(_logits_from_hidden(model, recorders[-1].last)))
+            mx.eval(logprobs[-1])
     finally:
         for i, r in enumerate(recorders):
             blocks[i] = r.block
@@ -274,7 +322,9 @@ def measure_sensitivity(
                 x = calls[block_index][j][0]
                 for k in range(block_index, len(blocks)):
                     _, args, kwargs = calls[k][j]
-                    x = blocks[k](x, *args, **kwargs)
+                    with _in_float32(blocks[k]) as block:
+                        x = block(x, *args, **kwargs)
+                        mx.eval(x)
                 kls.append(_kl_to_reference(_logits_from_hidden(model, x), ref[j]))
             result[path][bits] = float(np.mean(kls))
             _swap(model, path, original)
@@ -401,7 +451,10 @@ def _palettize(cfg: PalettizeConfig, out: Path) -> dict[str, Any]:
             raise UserError(f"{flag} {group}: {p}: {e}") from e
     check_fused_groups(family_for(config, cfg.model).fused(config), paths, cfg.group_size, cfg.axis)
     batches = calibration_batches(cfg, model_dir, config["vocab_size"]) if need_calibration else []
-    stored_dtypes = widen_for_cpu(model) if need_calibration else {}
+    # Importance (gradients, input statistics) and whole-pass sensitivity run the whole model at
+    # once: it is widened to float32 on the CPU. Replayed blocks are widened one at a time.
+    whole_passes = cfg.sensitivity != "none" or not family_for(config, cfg.model).replay_blocks
+    stored_dtypes = widen_for_cpu(model) if need_calibration and whole_passes else {}
 
     importance = None
     if cfg.sensitivity == "activation":

@@ -96,9 +96,12 @@ def test_target_bpw_is_met_with_mixed_bits(tiny_model_dir, tmp_path):
 def test_a_bfloat16_model_is_calibrated_in_float32_and_saved_as_stored(
     tiny_model_dir, tmp_path, monkeypatch
 ):
-    """On the CPU the calibration passes run in float32 (MLX has no fast bfloat16 matmul there);
-    widening is exact, so each layer's LUTs are those of its stored bfloat16 weight, and what
-    stays unpalettized is saved in bfloat16 as it was stored."""
+    """On the CPU the calibration passes run in float32 (MLX has no fast bfloat16 matmul there),
+    one block at a time: the model stays bfloat16 between its blocks' turns. Widening is exact,
+    so each layer's LUTs are those of its stored bfloat16 weight, and what stays unpalettized is
+    saved in bfloat16 as it was stored."""
+    import mlx.nn as nn
+
     import afm_mlx.palettize as stage
     from afm_mlx.kmeans import kmeans_lut
     from afm_mlx.model import save_model
@@ -106,20 +109,39 @@ def test_a_bfloat16_model_is_calibrated_in_float32_and_saved_as_stored(
     model, config, _ = load_model(tiny_model_dir)
     model.set_dtype(mx.bfloat16)
     bf16 = save_model(tmp_path / "bf16", model, config, tiny_model_dir)
-    seen = set()
-    measure = stage.measure_sensitivity
+    projections, whole, heads = set(), set(), []
+    measure, linear, head = stage.measure_sensitivity, nn.Linear.__call__, stage._logits_from_hidden
 
     def recording(model, *args, **kwargs):
-        seen.update(v.dtype for _, v in tree_flatten(model.parameters()))
+        whole.update(v.dtype for _, v in tree_flatten(model.parameters()))
         return measure(model, *args, **kwargs)
 
+    def projection(self, x):
+        projections.add(self.weight.dtype)
+        return linear(self, x)
+
+    def logits(model, h):
+        heads.append(head(model, h))
+        return heads[-1]
+
     monkeypatch.setattr(stage, "measure_sensitivity", recording)
+    monkeypatch.setattr(nn.Linear, "__call__", projection)
+    monkeypatch.setattr(stage, "_logits_from_hidden", logits)
+    monkeypatch.setattr(stage, "_HEAD_ROWS", 100)  # several slices of the 512-row tied head
     cfg = PalettizeConfig(
         model=str(bf16), out=str(tmp_path / "mix"), target_bpw=3.2, bit_choices=[2, 4],
         calibration_batches=1, calibration_seq_len=32,
     )  # fmt: skip
     palettize(cfg)
-    assert seen == {mx.float32}  # the sensitivity passes ran on a float32 model
+    assert whole == {mx.bfloat16}  # no float32 copy of the whole model
+    assert projections == {mx.float32}  # every projection ran widened
+    # The head, widened in slices, computes the logits of the widened tied embedding.
+    model32 = load_model(bf16)[0]
+    model32.set_dtype(mx.float32)
+    h = mx.random.normal((1, 3, config["hidden_size"]), key=mx.random.key(0))
+    want = model32.model.embed_tokens.as_linear(model32.model.norm(h))
+    assert heads and heads[0].dtype == mx.float32
+    assert mx.allclose(stage._logits_from_hidden(load_model(bf16)[0], h), want, atol=1e-5).item()
     saved = mx.load(str(tmp_path / "mix" / "model.safetensors"))
     norms = [k for k in saved if k.endswith("norm.weight")]
     assert norms and all(saved[k].dtype == mx.bfloat16 for k in norms)
