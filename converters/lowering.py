@@ -340,7 +340,13 @@ def _positions(em: Emitter, mw: ModelWeights, position: Value, seq: int, context
     # "caches": each layer's whole cache once written, for the KV-reuse layers after it;
     # "lora_down": adapter down-projections (A x) already computed, shared by fused slices.
     return {
-        **cs, "future": future, "far": far, "begin": begin, "end": end, "caches": {}, "lora_down": {}
+        **cs,
+        "future": future,
+        "far": far,
+        "begin": begin,
+        "end": end,
+        "caches": {},
+        "lora_down": {},
     }
 
 

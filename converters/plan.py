@@ -351,8 +351,15 @@ def _kv_quant(attn: nn.Module) -> tuple[float, float] | None:
     """afm7's 8-bit fake quantization of keys and values: their scales, if the layer has them."""
     if "quant_key_scale" not in attn:
         return None
-    scales = (attn.quant_key_scale, attn.quant_value_scale)
-    return tuple(float(x.astype(mx.float32).item()) for x in scales)  # type: ignore[return-value]
+    key, value = (
+        float(x.astype(mx.float32).item()) for x in (attn.quant_key_scale, attn.quant_value_scale)
+    )
+    if not (key > 0 and value > 0 and np.isfinite(key) and np.isfinite(value)):
+        raise UserError(
+            f"quant_key_scale {key} / quant_value_scale {value}: the 8-bit key/value scales must "
+            "be positive and finite"
+        )
+    return key, value
 
 
 def extract_weights(
