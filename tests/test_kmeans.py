@@ -229,7 +229,7 @@ def test_bad_values_raise():
         kmeans_lut(mx.zeros((16,)), 4)
 
 
-@pytest.mark.parametrize("n_groups, refined", [(64, True), (600, False)])
+@pytest.mark.parametrize("n_groups, refined", [(40, True), (600, False)])
 def test_refining_many_levels_is_the_matrixs_choice_not_the_chunks(monkeypatch, n_groups, refined):
     """8-bit refinement is chosen by the whole matrix's size (its cost grows with every group):
     a matrix too large to refine is not refined piecemeal because a small memory budget cut it
