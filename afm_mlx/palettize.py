@@ -10,7 +10,6 @@ meet the budget with the least summed damage.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -29,7 +28,13 @@ from afm_mlx.families import family_for, model_family
 from afm_mlx.fileio import check_new_output, output_lock, staged_dir
 from afm_mlx.kmeans import SUPPORTED_BITS, check_palettization_settings
 from afm_mlx.losses import token_nll
-from afm_mlx.model import load_model, restore_dtypes, save_model, widen_for_cpu
+from afm_mlx.model import (
+    float32_on_cpu,
+    load_model,
+    restore_dtypes,
+    save_model,
+    widen_for_cpu,
+)
 from afm_mlx.packing import packed_length
 from afm_mlx.palettized import PalettizedLinear, bits_per_weight, palettize_model
 
@@ -193,31 +198,10 @@ def _kl_to_reference(logits: mx.array, ref_logprobs: mx.array) -> float:
 _HEAD_ROWS = 16384
 
 
-@contextlib.contextmanager
-def _in_float32(module: nn.Module):
-    """``module``'s half-precision parameters widened to float32 while the block runs, on the
-    CPU (MLX has no fast bfloat16 matmul there; widening is exact): a calibration pass holds
-    one block in float32 at a time, not a float32 copy of the whole model. Evaluate what the
-    block computes inside. A palettized layer's fp16 LUTs stay as they are."""
-    half = [
-        (k, v)
-        for k, v in tree_flatten(module.parameters())
-        if v.dtype in (mx.bfloat16, mx.float16) and not k.endswith("lut")
-    ]
-    if mx.default_device().type != mx.cpu or not half:
-        yield module
-        return
-    module.load_weights([(k, v.astype(mx.float32)) for k, v in half], strict=False)
-    try:
-        yield module
-    finally:
-        module.load_weights(half, strict=False)
-
-
 def _logits_from_hidden(model: nn.Module, h: mx.array) -> mx.array:
     """float32 logits of the last hidden states: the final norm, then the LM head (or the tied
     embedding) widened ``_HEAD_ROWS`` vocabulary rows at a time."""
-    with _in_float32(model.model.norm) as norm:
+    with float32_on_cpu(model.model.norm) as norm:
         h = norm(h).astype(mx.float32)
         mx.eval(h)
     tied = "lm_head" not in model
@@ -236,7 +220,7 @@ def _logits_from_hidden(model: nn.Module, h: mx.array) -> mx.array:
 
 class _BlockCall:
     """Stands in for a block during one forward pass, recording how the model calls it (and
-    running it widened, ``_in_float32``)."""
+    running it widened, ``float32_on_cpu``)."""
 
     def __init__(self, block: nn.Module):
         self.block, self.calls, self.last = block, [], None
@@ -246,7 +230,7 @@ class _BlockCall:
 
     def __call__(self, x, *args, **kwargs):
         self.calls.append((x, args, kwargs))
-        with _in_float32(self.block) as block:
+        with float32_on_cpu(self.block) as block:
             out = block(x, *args, **kwargs)
             mx.eval(out)
         self.last = out
@@ -322,7 +306,7 @@ def measure_sensitivity(
                 x = calls[block_index][j][0]
                 for k in range(block_index, len(blocks)):
                     _, args, kwargs = calls[k][j]
-                    with _in_float32(blocks[k]) as block:
+                    with float32_on_cpu(blocks[k]) as block:
                         x = block(x, *args, **kwargs)
                         mx.eval(x)
                 kls.append(_kl_to_reference(_logits_from_hidden(model, x), ref[j]))

@@ -347,6 +347,11 @@ def _rotates(rope: nn.Module, head_dim: int) -> bool:
     return not np.array_equal(np.array(rope(probe, offset=3)), np.array(probe))
 
 
+def _same_rope(a: tuple, b: tuple) -> bool:
+    """Whether two ``_rope_tables`` results are one rotation (tables and pair layout)."""
+    return a[2] == b[2] and np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
 def _kv_quant(attn: nn.Module) -> tuple[float, float] | None:
     """afm7's 8-bit fake quantization of keys and values: their scales, if the layer has them."""
     if "quant_key_scale" not in attn:
@@ -441,23 +446,18 @@ def extract_weights(
             )
         )
     # One cos/sin table per distinct rotation (Gemma: its local and its global RoPE).
-    cos_tables: list[np.ndarray] = []
-    sin_tables: list[np.ndarray] = []
-    styles: list[bool] = []
+    tables: list[tuple[np.ndarray, np.ndarray, bool]] = []  # (cos, sin, interleaved)
     for (_, block), layer in zip(blocks, layers):
         if not layer.rope:
             continue
-        cos, sin, layer.rope_interleaved = _rope_tables(block.self_attn.rope, head_dim, max_context)
-        for t, (c, s_, style) in enumerate(zip(cos_tables, sin_tables, styles)):
-            same = np.array_equal(c, cos) and np.array_equal(s_, sin)
-            if same and style == layer.rope_interleaved:
-                layer.rope_table = t
-                break
-        else:
-            layer.rope_table = len(cos_tables)
-            cos_tables.append(cos)
-            sin_tables.append(sin)
-            styles.append(layer.rope_interleaved)
+        table = _rope_tables(block.self_attn.rope, head_dim, max_context)
+        layer.rope_interleaved = table[2]
+        same = [t for t, have in enumerate(tables) if _same_rope(have, table)]
+        layer.rope_table = same[0] if same else len(tables)
+        if not same:
+            tables.append(table)
+    cos_tables = [cos for cos, _, _ in tables]
+    sin_tables = [sin for _, sin, _ in tables]
     if not cos_tables:  # no layer rotates: one identity table keeps the emitters uniform
         cos_tables = [np.ones((max_context, head_dim), np.float32)]
         sin_tables = [np.zeros((max_context, head_dim), np.float32)]
