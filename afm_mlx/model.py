@@ -14,6 +14,7 @@ import glob
 import hashlib
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -330,6 +331,36 @@ def load_model(
         mx.eval(model.parameters())
     model.eval()
     return model, config, path
+
+
+def block_releaser(model: nn.Module, path: Path) -> Callable[[int], None] | None:
+    """For a model loaded with ``lazy=True`` from ``path``: a function that gives block ``i``'s
+    weights back to the checkpoint, replacing them with fresh, unread arrays of the same file.
+    A pass that releases each block after running it holds one block in memory at a time, not
+    the whole model; running the block again reads it again (from the page cache: about 0.15 s
+    for all of Qwen3-0.6B's blocks). Only weights stored under the name the model holds them by
+    are released (a palettized candidate swapped into the block stays). None when a block's
+    weight is not stored as the model holds it (a family whose ``sanitize`` reshapes them)."""
+    blocks = list(model.model.layers)
+    files = weight_files(path)
+    stored: dict[str, tuple[Path, tuple[int, ...], mx.Dtype]] = {}
+    for f in files:
+        stored.update({k: (f, tuple(v.shape), v.dtype) for k, v in load_safetensors(f).items()})
+    for i, block in enumerate(blocks):
+        for k, v in tree_flatten(block.parameters()):
+            if stored.get(f"model.layers.{i}.{k}", (None,))[1:] != (tuple(v.shape), v.dtype):
+                return None
+
+    def release(i: int) -> None:
+        names = {f"model.layers.{i}.{k}": k for k, _ in tree_flatten(blocks[i].parameters())}
+        names = {full: k for full, k in names.items() if full in stored}
+        fresh = []
+        for f in sorted({stored[full][0] for full in names}):
+            arrays = mx.load(str(f))  # lazy: nothing is read until a pass evaluates it
+            fresh += [(k, arrays[full]) for full, k in names.items() if stored[full][0] == f]
+        blocks[i].load_weights(fresh, strict=False)
+
+    return release
 
 
 def save_model(

@@ -29,6 +29,7 @@ from afm_mlx.fileio import check_new_output, output_lock, staged_dir
 from afm_mlx.kmeans import SUPPORTED_BITS, check_palettization_settings
 from afm_mlx.losses import token_nll
 from afm_mlx.model import (
+    block_releaser,
     float32_on_cpu,
     load_model,
     restore_dtypes,
@@ -184,46 +185,99 @@ def layer_storage_bits(shape: tuple[int, int], bits: int, group_size: int, axis:
     return 8 * rows * packed_length(cols, bits) + 16 * n_groups * (1 << bits)
 
 
-def _log_softmax(logits: mx.array) -> mx.array:
-    logits = logits.astype(mx.float32)
-    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-
-
-def _kl_to_reference(logits: mx.array, ref_logprobs: mx.array) -> float:
-    logprobs = _log_softmax(logits)
-    return mx.mean(mx.sum(mx.exp(ref_logprobs) * (ref_logprobs - logprobs), axis=-1)).item()
-
-
 # Vocabulary rows of the LM head widened at a time (a 16384 x 2048 slice is 128 MB in float32).
 _HEAD_ROWS = 16384
 
 
-def _logits_from_hidden(model: nn.Module, h: mx.array) -> mx.array:
-    """float32 logits of the last hidden states: the final norm, then the LM head (or the tied
-    embedding) widened ``_HEAD_ROWS`` vocabulary rows at a time."""
+def _final_norm(model: nn.Module, h: mx.array) -> mx.array:
     with float32_on_cpu(model.model.norm) as norm:
         h = norm(h).astype(mx.float32)
         mx.eval(h)
+    return h
+
+
+def _head_slices(model: nn.Module):
+    """(float32 weight, bias or None) of the LM head (or the tied embedding), ``_HEAD_ROWS``
+    vocabulary rows at a time; a float32 head comes whole."""
     tied = "lm_head" not in model
     head = model.model.embed_tokens if tied else model.lm_head
-    if not isinstance(head, nn.Linear | nn.Embedding) or head.weight.dtype == mx.float32:
-        return (head.as_linear(h) if tied else head(h)).astype(mx.float32)
     weight, bias = head.weight, None if tied else head.get("bias")
-    parts = []
-    for start in range(0, weight.shape[0], _HEAD_ROWS):
-        part = h @ weight[start : start + _HEAD_ROWS].astype(mx.float32).T
-        mx.eval(part)
-        parts.append(part)
-    logits = mx.concatenate(parts, axis=-1)
-    return logits if bias is None else logits + bias.astype(mx.float32)
+    rows = _HEAD_ROWS if weight.dtype != mx.float32 else weight.shape[0]
+    for start in range(0, weight.shape[0], rows):
+        w = weight[start : start + rows].astype(mx.float32)
+        yield w, None if bias is None else bias[start : start + rows].astype(mx.float32)
+
+
+def _head_logits(w: mx.array, bias: mx.array | None, h: mx.array) -> mx.array:
+    logits = h @ w.T
+    return logits if bias is None else logits + bias
+
+
+def _reference(model: nn.Module, h: mx.array) -> tuple[mx.array, mx.array]:
+    """(normed hidden states, log-sum-exp of the logits) of the fp model's last hidden states:
+    what ``_kl_from_hidden`` needs instead of a (tokens x vocabulary) table of log-probabilities
+    (1.2 GB for Qwen3-0.6B's default calibration)."""
+    h = _final_norm(model, h)
+    lse = mx.full(h.shape[:-1], -mx.inf)
+    for w, b in _head_slices(model):
+        lse = mx.logaddexp(lse, mx.logsumexp(_head_logits(w, b, h), axis=-1))
+        mx.eval(lse)
+    return h, lse
+
+
+def _kl_sums(zp: mx.array, zq: mx.array, ref_lse: mx.array) -> list[mx.array]:
+    """Per-token sums over a slice of the vocabulary, for ``_kl``: with reference logits z_p,
+    candidate logits z_q, d = z_q - z_p and w = exp(z_p - L_p): sum w (exp(d) - 1), sum w d,
+    sum w, and the candidate's log-sum-exp."""
+    zp, zq = zp.astype(mx.float32), zq.astype(mx.float32)
+    d = zq - zp
+    w = mx.exp(zp - ref_lse[..., None])
+    return [
+        mx.sum(w * mx.expm1(d), axis=-1),
+        mx.sum(w * d, axis=-1),
+        mx.sum(w, axis=-1),
+        mx.logsumexp(zq, axis=-1),
+    ]
+
+
+def _kl(sums: list[mx.array], ref_lse: mx.array) -> float:
+    """Mean KL(reference || candidate) over tokens from ``_kl_sums`` of the whole vocabulary:
+    KL = log(1 + E[exp(d) - 1]) - E[d], E[f] = sum w f / sum w. It is computed from d, not from
+    two log-sum-exps of ~10 whose difference loses the KL of a layer barely changed (1e-4
+    relative error against float64 at a KL of 1e-3, instead of 1e-7). Where exp(d) overflows,
+    the log-sum-exp form is used instead."""
+    shift, diff, mass, lse = sums
+    precise = mx.log1p(shift / mass) - diff / mass
+    robust = lse - ref_lse - mx.log(mass) - diff / mass
+    return mx.mean(mx.where(mx.isfinite(shift), precise, robust)).item()
+
+
+def _kl_from_hidden(model: nn.Module, h: mx.array, ref: tuple[mx.array, mx.array]) -> float:
+    """Mean KL(fp || candidate) over tokens, from the candidate's last hidden states ``h`` and
+    the fp model's ``_reference``, one head slice at a time (both sets of logits of a slice come
+    from one product with the widened slice)."""
+    ref_h, ref_lse = ref
+    h = _final_norm(model, h)
+    n = ref_h.shape[0]
+    sums = None
+    for w, b in _head_slices(model):
+        both = _head_logits(w, b, mx.concatenate([ref_h, h]))
+        part = _kl_sums(both[:n], both[n:], ref_lse)
+        sums = (
+            part
+            if sums is None
+            else [*map(mx.add, sums[:3], part[:3]), mx.logaddexp(sums[3], part[3])]
+        )
+        mx.eval(sums)
+    return _kl(sums, ref_lse)
 
 
 class _BlockCall:
     """Stands in for a block during one forward pass, recording how the model calls it (and
-    running it widened, ``float32_on_cpu``)."""
+    running it widened, ``float32_on_cpu``; then released to disk when ``release`` is given)."""
 
-    def __init__(self, block: nn.Module):
-        self.block, self.calls, self.last = block, [], None
+    def __init__(self, block: nn.Module, release=None):
+        self.block, self.release, self.calls, self.last = block, release, [], None
 
     def __getattr__(self, name: str):  # a model may read its blocks' settings (use_sliding, ...)
         return getattr(self.block, name)
@@ -233,36 +287,40 @@ class _BlockCall:
         with float32_on_cpu(self.block) as block:
             out = block(x, *args, **kwargs)
             mx.eval(out)
+        if self.release is not None:
+            self.release()
         self.last = out
         return out
 
 
 def _block_inputs(
-    model: nn.Module, inputs: list[mx.array]
+    model: nn.Module, inputs: list[mx.array], release=None
 ) -> tuple[list[list[tuple]], list[mx.array]]:
-    """(calls, log-probabilities): calls[i][j] is (hidden state, args, kwargs) with which the
-    model calls block i on batch j, and the next-token log-probabilities on each batch (from the
-    last block's output, as the replays compute them).
+    """(calls, last hidden states): calls[i][j] is (hidden state, args, kwargs) with which the
+    model calls block i on batch j, and the last block's output on each batch.
 
     The model's own forward pass computes them, so what a family does before and between its
     blocks (Gemma's embedding scale, its sliding-window and global masks, layers without RoPE)
     is replayed exactly; nothing here knows the family. Its logits are never evaluated: the
-    head runs widened in slices instead (``_logits_from_hidden``).
+    head runs widened in slices instead (``_reference``). With ``release``
+    (``model.block_releaser``) each block goes back to disk once it has run.
     """
     blocks = model.model.layers
-    recorders = [_BlockCall(b) for b in blocks]
-    logprobs = []
+    recorders = [
+        _BlockCall(b, None if release is None else lambda i=i: release(i))
+        for i, b in enumerate(blocks)
+    ]
+    last = []
     try:
         for i, r in enumerate(recorders):
             blocks[i] = r
         for x in inputs:
             model(x)
-            logprobs.append(_log_softmax(_logits_from_hidden(model, recorders[-1].last)))
-            mx.eval(logprobs[-1])
+            last.append(recorders[-1].last)
     finally:
         for i, r in enumerate(recorders):
             blocks[i] = r.block
-    return [r.calls for r in recorders], logprobs
+    return [r.calls for r in recorders], last
 
 
 def measure_sensitivity(
@@ -273,20 +331,26 @@ def measure_sensitivity(
     batches: list[mx.array],
     importance: dict[str, mx.array] | None,
     progress=None,
+    release=None,
 ) -> dict[str, dict[int, float]]:
     """KL(fp || model with only ``path`` palettized at b bits) for every layer and choice.
 
     Only the blocks from the changed layer's block onwards are re-run, from the fp hidden states
     (and masks) the model passed to each block, recorded once. A family whose blocks cannot be
     replayed alone (``Family.replay_blocks``: afm7's KV-reuse layers read a cache the earlier
-    layers fill during the pass) runs whole forward passes instead.
+    layers fill during the pass) runs whole forward passes instead. With ``release``
+    (``model.block_releaser``, for a lazily loaded model) every block is given back to disk
+    after each turn, so the replays hold one block at a time.
     """
     blocks = model.model.layers
     inputs = [b[:, :-1] for b in batches]
-    if model_family(model).replay_blocks:
-        calls, ref = _block_inputs(model, inputs)
+    replay = model_family(model).replay_blocks
+    if replay:
+        calls, last = _block_inputs(model, inputs, release)
+        ref = [_reference(model, h) for h in last]
     else:
-        calls, ref = None, [_log_softmax(model(x)) for x in inputs]
+        logits = [model(x).astype(mx.float32) for x in inputs]
+        calls, ref = None, [(z, mx.logsumexp(z, axis=-1)) for z in logits]
         mx.eval(ref)
     modules = dict(tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module))
     result: dict[str, dict[int, float]] = {}
@@ -301,7 +365,8 @@ def measure_sensitivity(
             kls = []
             for j in range(len(batches)):
                 if calls is None:
-                    kls.append(_kl_to_reference(model(inputs[j]), ref[j]))
+                    zp, ref_lse = ref[j]
+                    kls.append(_kl(_kl_sums(zp, model(inputs[j]), ref_lse), ref_lse))
                     continue
                 x = calls[block_index][j][0]
                 for k in range(block_index, len(blocks)):
@@ -309,9 +374,13 @@ def measure_sensitivity(
                     with float32_on_cpu(blocks[k]) as block:
                         x = block(x, *args, **kwargs)
                         mx.eval(x)
-                kls.append(_kl_to_reference(_logits_from_hidden(model, x), ref[j]))
+                    if release is not None:
+                        release(k)
+                kls.append(_kl_from_hidden(model, x, ref[j]))
             result[path][bits] = float(np.mean(kls))
             _swap(model, path, original)
+            if release is not None:
+                release(block_index)  # the original's weight, read to build the candidate
             if progress is not None:
                 progress.update(1)
     return result
@@ -412,9 +481,10 @@ def _palettize(cfg: PalettizeConfig, out: Path) -> dict[str, Any]:
 
     start = time.perf_counter()
     need_calibration = cfg.target_bpw is not None or cfg.sensitivity != "none"
-    # Without calibration passes nothing needs the whole dense model at once: it stays on disk
-    # and each layer is read, palettized and freed in turn (peak: the output + one dense layer).
-    model, config, model_dir = load_model(cfg.model, lazy=not need_calibration)
+    # The model stays on disk until a pass reads it: each layer is read, palettized and freed in
+    # turn (peak: the output + one dense layer), and the sensitivity replays give every block
+    # back to disk after its turn (``block_releaser``).
+    model, config, model_dir = load_model(cfg.model, lazy=True)
     paths = linear_paths(model)
     if not paths:
         already = " (it is already palettized)" if "palettization" in config else ""
@@ -451,7 +521,10 @@ def _palettize(cfg: PalettizeConfig, out: Path) -> dict[str, Any]:
     else:
         choices = sorted(set(cfg.bit_choices))
         with tqdm(total=len(paths) * len(choices), desc="sensitivity", unit="trial") as bar:
-            damage = measure_sensitivity(model, paths, choices, cfg, batches, importance, bar)
+            release = None if whole_passes else block_releaser(model, model_dir)
+            damage = measure_sensitivity(
+                model, paths, choices, cfg, batches, importance, bar, release
+            )
         bits = allocate_bits(shapes, damage, cfg.target_bpw, cfg.group_size, cfg.axis)
 
     def predicate(path: str, module: nn.Module):

@@ -109,8 +109,8 @@ def test_a_bfloat16_model_is_calibrated_in_float32_and_saved_as_stored(
     model, config, _ = load_model(tiny_model_dir)
     model.set_dtype(mx.bfloat16)
     bf16 = save_model(tmp_path / "bf16", model, config, tiny_model_dir)
-    projections, whole, heads = set(), set(), []
-    measure, linear, head = stage.measure_sensitivity, nn.Linear.__call__, stage._logits_from_hidden
+    projections, whole, slices = set(), set(), []
+    measure, linear, head = stage.measure_sensitivity, nn.Linear.__call__, stage._head_slices
 
     def recording(model, *args, **kwargs):
         whole.update(v.dtype for _, v in tree_flatten(model.parameters()))
@@ -120,13 +120,14 @@ def test_a_bfloat16_model_is_calibrated_in_float32_and_saved_as_stored(
         projections.add(self.weight.dtype)
         return linear(self, x)
 
-    def logits(model, h):
-        heads.append(head(model, h))
-        return heads[-1]
+    def head_slices(model):
+        for w, b in head(model):
+            slices.append((w.shape[0], w.dtype))
+            yield w, b
 
     monkeypatch.setattr(stage, "measure_sensitivity", recording)
     monkeypatch.setattr(nn.Linear, "__call__", projection)
-    monkeypatch.setattr(stage, "_logits_from_hidden", logits)
+    monkeypatch.setattr(stage, "_head_slices", head_slices)
     monkeypatch.setattr(stage, "_HEAD_ROWS", 100)  # several slices of the 512-row tied head
     cfg = PalettizeConfig(
         model=str(bf16), out=str(tmp_path / "mix"), target_bpw=3.2, bit_choices=[2, 4],
@@ -135,13 +136,28 @@ def test_a_bfloat16_model_is_calibrated_in_float32_and_saved_as_stored(
     palettize(cfg)
     assert whole == {mx.bfloat16}  # no float32 copy of the whole model
     assert projections == {mx.float32}  # every projection ran widened
-    # The head, widened in slices, computes the logits of the widened tied embedding.
-    model32 = load_model(bf16)[0]
-    model32.set_dtype(mx.float32)
-    h = mx.random.normal((1, 3, config["hidden_size"]), key=mx.random.key(0))
-    want = model32.model.embed_tokens.as_linear(model32.model.norm(h))
-    assert heads and heads[0].dtype == mx.float32
-    assert mx.allclose(stage._logits_from_hidden(load_model(bf16)[0], h), want, atol=1e-5).item()
+    assert slices[:6] == [(100, mx.float32)] * 5 + [(12, mx.float32)]  # the head, in slices
+    # The KL computed slice by slice from the bf16 model's hidden states is the KL of the
+    # widened model's full distributions, computed in float64: for a small change (where
+    # subtracting two log-sum-exps would lose digits) and, with the head scaled up, for a
+    # change so large that exp(d) overflows float32.
+    h = mx.random.normal((2, 3, config["hidden_size"]), key=mx.random.key(0))
+    h2 = h + 0.3 * mx.random.normal(h.shape, key=mx.random.key(1))
+    for factor, low, high in ((1, 1e-4, 1e-2), (3000, 10, 1e4)):
+        model = load_model(bf16)[0]
+        model.model.embed_tokens.weight = model.model.embed_tokens.weight * factor
+        model32 = load_model(bf16)[0]
+        model32.set_dtype(mx.float32)
+        model32.model.embed_tokens.weight = model.model.embed_tokens.weight.astype(mx.float32)
+        p, q = (
+            np.array(model32.model.embed_tokens.as_linear(model32.model.norm(x)), np.float64)
+            for x in (h, h2)
+        )
+        p, q = (z - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True))
+                - z.max(-1, keepdims=True) for z in (p, q))  # fmt: skip
+        want = (np.exp(p) * (p - q)).sum(axis=-1).mean()
+        got = stage._kl_from_hidden(model, h2, stage._reference(model, h))
+        assert low < want < high and got == pytest.approx(want, rel=1e-5), factor
     saved = mx.load(str(tmp_path / "mix" / "model.safetensors"))
     norms = [k for k in saved if k.endswith("norm.weight")]
     assert norms and all(saved[k].dtype == mx.bfloat16 for k in norms)
@@ -298,3 +314,32 @@ def test_fixed_bits_read_and_free_one_layer_at_a_time(tiny_tokenizer, tmp_path, 
         q = lut_modules[row["layer"]].dequantize(mx.float32)
         want = (mx.sum((w - q) ** 2) / mx.sum(w * w)).item()
         assert row["rel_mse"] == pytest.approx(want, rel=1e-5)
+
+
+def test_sensitivity_replays_hold_one_block_at_a_time(tiny_tokenizer, tmp_path):
+    """With ``block_releaser`` the replays give each block back to disk after its turn: the
+    peak holds a couple of blocks, not the model; and the blocks read back are the model's own
+    (the damage is the same as with the model resident)."""
+    from afm_mlx.model import block_releaser, build_model, init_weights, preset_config, save_model
+    from afm_mlx.palettize import linear_paths, measure_sensitivity
+
+    config = preset_config("tiny", hidden_size=256, intermediate_size=1024, num_hidden_layers=6)
+    model = build_model(config)
+    init_weights(model, config, seed=3)
+    folder = save_model(tmp_path / "m", model, config, tiny_tokenizer)
+    block_bytes = sum(v.nbytes for _, v in tree_flatten(model.model.parameters()["layers"]))
+    del model
+    cfg = PalettizeConfig(model=str(folder), out="unused", group_size=16)
+    batches = [mx.concatenate([TOKENS, TOKENS[:, :1]], axis=1)]
+    damage, peaks = [], []
+    for streamed in (True, False):
+        model = load_model(folder, lazy=True)[0]
+        release = block_releaser(model, folder) if streamed else None
+        assert streamed is (release is not None)
+        paths = linear_paths(model)
+        mx.reset_peak_memory()
+        damage.append(measure_sensitivity(model, paths[:2], [2], cfg, batches, None, None, release))
+        peaks.append(mx.get_peak_memory())
+        del model, release
+    assert damage[0] == damage[1] and min(damage[0][p][2] for p in damage[0]) > 0
+    assert peaks[0] < 0.45 * block_bytes < 0.45 * peaks[1], (peaks, block_bytes)
