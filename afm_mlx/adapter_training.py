@@ -205,6 +205,7 @@ def train_adapter(
     settings: LoRASettings | None = None,
     on_step: Callable[[int], None] | None = None,
     world: World | None = None,
+    teacher_outputs: Callable[[mx.array], mx.array] | None = None,
 ) -> dict[str, Any]:
     """Attach LoRA to the frozen ``model`` and train it (or resume ``ckpt``); save the adapter.
 
@@ -212,7 +213,7 @@ def train_adapter(
     values (else mlx-lm's init: random A, zero B).
     ``train_data``/``valid_data`` offer ``PackedDataset``'s interface. Returns a summary with the
     history and the measured training tokens/s. ``world``: data parallel over its ranks (rank 0
-    writes).
+    writes). ``teacher_outputs``: see ``engine.Trainer``.
     """
     world = world or World()
     settings = settings_for_model(settings or cfg.lora_settings(), model)
@@ -246,7 +247,10 @@ def train_adapter(
     mx.random.seed(cfg.seed)
     model.train()
     optimizer = build_optimizer(cfg, model, opt_state)
-    trainer = Trainer(model, optimizer, loss_fn, cfg.grad_accum, cfg.grad_clip, extra_state, world)
+    trainer = Trainer(
+        model, optimizer, loss_fn, cfg.grad_accum, cfg.grad_clip, extra_state, world,
+        teacher_outputs,
+    )  # fmt: skip
 
     n_train = sum(p.size for _, p in tree_flatten(model.trainable_parameters()))
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum

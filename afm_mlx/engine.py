@@ -354,8 +354,13 @@ class Trainer:
         grad_clip: float,
         extra_state: list | None = None,
         world: World | None = None,
+        teacher_outputs: Callable[[mx.array], mx.array] | None = None,
     ):
+        """``teacher_outputs(inputs)``, when given, is computed before each micro-batch's
+        compiled step, outside it, and passed to ``loss_fn(model, inputs, targets, outputs)``:
+        a teacher too large to hold can then run block by block (``model.streamed_logits``)."""
         self.model = model
+        self.teacher_outputs = teacher_outputs
         self.optimizer = optimizer
         self.grad_accum = grad_accum
         self.grad_clip = grad_clip
@@ -363,10 +368,10 @@ class Trainer:
         local_value_and_grad = nn.value_and_grad(model, loss_fn)
         state = [model.state, optimizer.state, mx.random.state, *(extra_state or [])]
 
-        def value_and_grad(model, inputs, targets):
+        def value_and_grad(model, inputs, targets, *extra):
             """Loss and gradients of the global batch: each rank's weighted by its share of the
             target tokens, so that masked (task) data combine exactly as in one process."""
-            loss, grads = local_value_and_grad(model, inputs, targets)
+            loss, grads = local_value_and_grad(model, inputs, targets, *extra)
             if world.size == 1:
                 return loss, grads
             weight = (targets >= 0).sum().astype(mx.float32)
@@ -387,13 +392,13 @@ class Trainer:
             return norm
 
         @partial(mx.compile, inputs=state, outputs=state)
-        def full_step(inputs, targets):
-            loss, grads = value_and_grad(model, inputs, targets)
+        def full_step(inputs, targets, *extra):
+            loss, grads = value_and_grad(model, inputs, targets, *extra)
             return loss, update(grads)
 
         @partial(mx.compile, inputs=state, outputs=state)
-        def accumulate(inputs, targets, acc):
-            loss, grads = value_and_grad(model, inputs, targets)
+        def accumulate(inputs, targets, acc, *extra):
+            loss, grads = value_and_grad(model, inputs, targets, *extra)
             return loss, tree_map(mx.add, acc, grads)
 
         @partial(mx.compile, inputs=state, outputs=state)
@@ -402,16 +407,19 @@ class Trainer:
 
         self._full_step, self._accumulate, self._apply = full_step, accumulate, apply
 
+    def _extra(self, batch: mx.array) -> tuple[mx.array, ...]:
+        return () if self.teacher_outputs is None else (self.teacher_outputs(batch[:, :-1]),)
+
     def step(self, micro_batches: list[np.ndarray]) -> tuple[mx.array, mx.array]:
         """One optimizer step over ``grad_accum`` micro-batches; returns (mean loss, grad norm)."""
         if self.grad_accum == 1:
             batch = mx.array(micro_batches[0])
-            return self._full_step(batch[:, :-1], batch[:, 1:])
+            return self._full_step(batch[:, :-1], batch[:, 1:], *self._extra(batch))
         acc = tree_map(mx.zeros_like, self.model.trainable_parameters())
         total = mx.array(0.0)
         for b in micro_batches:
             batch = mx.array(b)
-            loss, acc = self._accumulate(batch[:, :-1], batch[:, 1:], acc)
+            loss, acc = self._accumulate(batch[:, :-1], batch[:, 1:], acc, *self._extra(batch))
             total = total + loss
         return total / len(micro_batches), self._apply(acc)
 

@@ -74,20 +74,18 @@ def nll_sum(model: nn.Module, batches: Iterable[np.ndarray]) -> tuple[float, int
     return total, count
 
 
-def make_loss(
-    teacher: nn.Module | None = None,
-    mode: str = "top1",
-    weight: float = 0.9,
-    temperature: float = 1.0,
-) -> Callable[[nn.Module, mx.array, mx.array], mx.array]:
-    """``loss(model, inputs, targets)`` -> mean loss per token, for ``nn.value_and_grad``."""
+def distillation_loss(
+    mode: str = "top1", weight: float = 0.9, temperature: float = 1.0
+) -> Callable[[nn.Module, mx.array, mx.array, mx.array], mx.array]:
+    """``loss(model, inputs, targets, teacher_logits)`` -> mean loss per token: the teacher's
+    logits come computed (``make_loss`` runs the teacher in the graph; recovery runs a large
+    teacher block by block before each step, ``Trainer(teacher_outputs=...)``)."""
 
-    if teacher is None:
-        return masked_nll
-
-    def distill(model: nn.Module, inputs: mx.array, targets: mx.array) -> mx.array:
+    def distill(
+        model: nn.Module, inputs: mx.array, targets: mx.array, teacher_logits: mx.array
+    ) -> mx.array:
         logits = model(inputs).astype(mx.float32)
-        teacher_logits = mx.stop_gradient(teacher(inputs).astype(mx.float32))
+        teacher_logits = mx.stop_gradient(teacher_logits.astype(mx.float32))
         label_nll = token_nll(logits, targets)
         if mode == "top1":
             teacher_nll = token_nll(logits, mx.argmax(teacher_logits, axis=-1))
@@ -100,6 +98,25 @@ def make_loss(
         return mx.mean((1 - weight) * label_nll + weight * teacher_nll)
 
     return distill
+
+
+def make_loss(
+    teacher: nn.Module | None = None,
+    mode: str = "top1",
+    weight: float = 0.9,
+    temperature: float = 1.0,
+) -> Callable[[nn.Module, mx.array, mx.array], mx.array]:
+    """``loss(model, inputs, targets)`` -> mean loss per token, for ``nn.value_and_grad``:
+    ``masked_nll``, or ``distillation_loss`` from ``teacher`` run in the same graph."""
+
+    if teacher is None:
+        return masked_nll
+    distill = distillation_loss(mode, weight, temperature)
+
+    def loss(model: nn.Module, inputs: mx.array, targets: mx.array) -> mx.array:
+        return distill(model, inputs, targets, teacher(inputs))
+
+    return loss
 
 
 def choice_nll(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import glob
 import hashlib
 import math
@@ -172,6 +173,11 @@ def _half_on_cpu(params: list[tuple[str, mx.array]]) -> list[tuple[str, mx.array
     if mx.default_device().type != mx.cpu:
         return []
     return [(k, v) for k, v in params if v.dtype in (mx.bfloat16, mx.float16)]
+
+
+def needs_widening(model: nn.Module) -> bool:
+    """Whether ``model`` holds half-precision parameters and runs on the CPU (``_half_on_cpu``)."""
+    return bool(_half_on_cpu(tree_flatten(model.parameters())))
 
 
 def widen_for_cpu(model: nn.Module) -> dict[str, mx.Dtype]:
@@ -361,6 +367,82 @@ def block_releaser(model: nn.Module, path: Path) -> Callable[[int], None] | None
         blocks[i].load_weights(fresh, strict=False)
 
     return release
+
+
+class StreamedBlock:
+    """Stands in for a block during forward passes: runs it widened (``float32_on_cpu``),
+    evaluates its output, then gives its weights back to disk when ``release`` is given
+    (``block_releaser``): a pass holds one block in memory at a time. Evaluates eagerly, so a
+    model wearing these cannot run inside ``mx.compile`` or under autodiff."""
+
+    def __init__(self, block: nn.Module, release: Callable[[], None] | None = None):
+        self.block, self.release = block, release
+
+    def __getattr__(self, name: str):  # a model may read its blocks' settings (use_sliding, ...)
+        return getattr(self.block, name)
+
+    def __call__(self, x, *args, **kwargs):
+        with float32_on_cpu(self.block) as block:
+            out = block(x, *args, **kwargs)
+            mx.eval(out)
+        if self.release is not None:
+            self.release()
+        return out
+
+
+@contextlib.contextmanager
+def blocks_streamed(model: nn.Module, release: Callable[[int], None] | None, wrap=StreamedBlock):
+    """Inside: the model's blocks are ``wrap(block, release)`` stand-ins (``StreamedBlock``);
+    yields the stand-ins."""
+    blocks = model.model.layers
+    stand_ins = [
+        wrap(b, None if release is None else functools.partial(release, i))
+        for i, b in enumerate(blocks)
+    ]
+    try:
+        for i, s in enumerate(stand_ins):
+            blocks[i] = s
+        yield stand_ins
+    finally:
+        for i, s in enumerate(stand_ins):
+            blocks[i] = s.block
+
+
+# Vocabulary rows of the LM head widened at a time (a 16384 x 2048 slice is 128 MB in float32).
+HEAD_ROWS = 16384
+
+
+def head_slices(model: nn.Module):
+    """(float32 weight, float32 bias or None) of the LM head (or the tied embedding),
+    ``HEAD_ROWS`` vocabulary rows at a time; a float32 head comes whole."""
+    tied = "lm_head" not in model
+    head = model.model.embed_tokens if tied else model.lm_head
+    weight, bias = head.weight, None if tied else head.get("bias")
+    rows = HEAD_ROWS if weight.dtype != mx.float32 else weight.shape[0]
+    for start in range(0, weight.shape[0], rows):
+        w = weight[start : start + rows].astype(mx.float32)
+        yield w, None if bias is None else bias[start : start + rows].astype(mx.float32)
+
+
+def head_logits(w: mx.array, bias: mx.array | None, h: mx.array) -> mx.array:
+    logits = h @ w.T
+    return logits if bias is None else logits + bias
+
+
+def streamed_logits(model: nn.Module, release: Callable[[int], None] | None, x: mx.array):
+    """float32 logits of a half-precision model without a float32 copy of it: each block runs
+    widened in turn (and, with ``release``, is read from disk and given back, ``block_releaser``),
+    the head widened a slice at a time. Exact: the values are the widened model's, but for a
+    family that scales its embedding (Gemma), which scales it in the stored precision, as the
+    model itself does."""
+    with blocks_streamed(model, release), float32_on_cpu(model.model.norm):
+        h = model.model(x).astype(mx.float32)  # the blocks' stack and final norm
+        mx.eval(h)
+    parts = []
+    for w, b in head_slices(model):
+        parts.append(head_logits(w, b, h))
+        mx.eval(parts[-1])
+    return mx.concatenate(parts, axis=-1)
 
 
 def save_model(

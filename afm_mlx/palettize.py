@@ -29,8 +29,12 @@ from afm_mlx.fileio import check_new_output, output_lock, staged_dir
 from afm_mlx.kmeans import SUPPORTED_BITS, check_palettization_settings
 from afm_mlx.losses import token_nll
 from afm_mlx.model import (
+    StreamedBlock,
     block_releaser,
+    blocks_streamed,
     float32_on_cpu,
+    head_logits,
+    head_slices,
     load_model,
     restore_dtypes,
     save_model,
@@ -185,32 +189,11 @@ def layer_storage_bits(shape: tuple[int, int], bits: int, group_size: int, axis:
     return 8 * rows * packed_length(cols, bits) + 16 * n_groups * (1 << bits)
 
 
-# Vocabulary rows of the LM head widened at a time (a 16384 x 2048 slice is 128 MB in float32).
-_HEAD_ROWS = 16384
-
-
 def _final_norm(model: nn.Module, h: mx.array) -> mx.array:
     with float32_on_cpu(model.model.norm) as norm:
         h = norm(h).astype(mx.float32)
         mx.eval(h)
     return h
-
-
-def _head_slices(model: nn.Module):
-    """(float32 weight, bias or None) of the LM head (or the tied embedding), ``_HEAD_ROWS``
-    vocabulary rows at a time; a float32 head comes whole."""
-    tied = "lm_head" not in model
-    head = model.model.embed_tokens if tied else model.lm_head
-    weight, bias = head.weight, None if tied else head.get("bias")
-    rows = _HEAD_ROWS if weight.dtype != mx.float32 else weight.shape[0]
-    for start in range(0, weight.shape[0], rows):
-        w = weight[start : start + rows].astype(mx.float32)
-        yield w, None if bias is None else bias[start : start + rows].astype(mx.float32)
-
-
-def _head_logits(w: mx.array, bias: mx.array | None, h: mx.array) -> mx.array:
-    logits = h @ w.T
-    return logits if bias is None else logits + bias
 
 
 def _reference(model: nn.Module, h: mx.array) -> tuple[mx.array, mx.array]:
@@ -219,8 +202,8 @@ def _reference(model: nn.Module, h: mx.array) -> tuple[mx.array, mx.array]:
     (1.2 GB for Qwen3-0.6B's default calibration)."""
     h = _final_norm(model, h)
     lse = mx.full(h.shape[:-1], -mx.inf)
-    for w, b in _head_slices(model):
-        lse = mx.logaddexp(lse, mx.logsumexp(_head_logits(w, b, h), axis=-1))
+    for w, b in head_slices(model):
+        lse = mx.logaddexp(lse, mx.logsumexp(head_logits(w, b, h), axis=-1))
         mx.eval(lse)
     return h, lse
 
@@ -260,8 +243,8 @@ def _kl_from_hidden(model: nn.Module, h: mx.array, ref: tuple[mx.array, mx.array
     h = _final_norm(model, h)
     n = ref_h.shape[0]
     sums = None
-    for w, b in _head_slices(model):
-        both = _head_logits(w, b, mx.concatenate([ref_h, h]))
+    for w, b in head_slices(model):
+        both = head_logits(w, b, mx.concatenate([ref_h, h]))
         part = _kl_sums(both[:n], both[n:], ref_lse)
         sums = (
             part
@@ -272,25 +255,17 @@ def _kl_from_hidden(model: nn.Module, h: mx.array, ref: tuple[mx.array, mx.array
     return _kl(sums, ref_lse)
 
 
-class _BlockCall:
-    """Stands in for a block during one forward pass, recording how the model calls it (and
-    running it widened, ``float32_on_cpu``; then released to disk when ``release`` is given)."""
+class _BlockCall(StreamedBlock):
+    """A ``StreamedBlock`` that records how the model calls it, and its last output."""
 
     def __init__(self, block: nn.Module, release=None):
-        self.block, self.release, self.calls, self.last = block, release, [], None
-
-    def __getattr__(self, name: str):  # a model may read its blocks' settings (use_sliding, ...)
-        return getattr(self.block, name)
+        super().__init__(block, release)
+        self.calls, self.last = [], None
 
     def __call__(self, x, *args, **kwargs):
         self.calls.append((x, args, kwargs))
-        with float32_on_cpu(self.block) as block:
-            out = block(x, *args, **kwargs)
-            mx.eval(out)
-        if self.release is not None:
-            self.release()
-        self.last = out
-        return out
+        self.last = super().__call__(x, *args, **kwargs)
+        return self.last
 
 
 def _block_inputs(
@@ -305,21 +280,11 @@ def _block_inputs(
     head runs widened in slices instead (``_reference``). With ``release``
     (``model.block_releaser``) each block goes back to disk once it has run.
     """
-    blocks = model.model.layers
-    recorders = [
-        _BlockCall(b, None if release is None else lambda i=i: release(i))
-        for i, b in enumerate(blocks)
-    ]
     last = []
-    try:
-        for i, r in enumerate(recorders):
-            blocks[i] = r
+    with blocks_streamed(model, release, wrap=_BlockCall) as recorders:
         for x in inputs:
             model(x)
             last.append(recorders[-1].last)
-    finally:
-        for i, r in enumerate(recorders):
-            blocks[i] = r.block
     return [r.calls for r in recorders], last
 
 

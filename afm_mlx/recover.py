@@ -9,10 +9,13 @@ the teacher, the bare compressed base and base + adapter, and the share of the g
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
+
+import mlx.core as mx
 
 from afm_mlx import runtime
 from afm_mlx.adapter_training import AdapterTrainConfig, prepare_run, train_adapter
@@ -20,14 +23,19 @@ from afm_mlx.cli import stage_main
 from afm_mlx.data import corpus_digest, corpus_splits, eval_batches
 from afm_mlx.engine import World, init_world, locked_run
 from afm_mlx.errors import UserError
+from afm_mlx.families import model_family
 from afm_mlx.fileio import atomic_write_json
 from afm_mlx.lora import adapters_disabled
-from afm_mlx.losses import make_loss, nll_sum
+from afm_mlx.losses import distillation_loss, make_loss, nll_sum
 from afm_mlx.model import (
+    block_releaser,
     checkpoint_digest,
     load_base,
+    load_model,
     model_fingerprint,
+    needs_widening,
     resolve_model_path,
+    streamed_logits,
     widen_for_cpu,
 )
 
@@ -58,6 +66,27 @@ def gap_closed(fp: float, compressed: float, recovered: float) -> float:
     return (compressed - recovered) / gap if gap > 0 else float("nan")
 
 
+def _load_teacher(path_or_repo: str):
+    """(teacher, config, streamed): ``streamed(inputs)`` gives the teacher's float32 logits with
+    one block in memory at a time (``model.streamed_logits``), when the teacher is stored in
+    half precision and runs on the CPU, where it would otherwise be widened whole: a float32
+    copy of Llama-3.2-1B is 4.9 GB. None otherwise (the teacher then runs inside the compiled
+    step, widened if it must be)."""
+    try:
+        teacher, config, path = load_model(path_or_repo, lazy=True)
+    except UserError:
+        teacher, _, config = load_base(path_or_repo)  # an mlx-lm quantized checkpoint
+        path = None
+    teacher.freeze()
+    if path is not None and needs_widening(teacher) and model_family(teacher).replay_blocks:
+        release = block_releaser(teacher, path)
+        if release is not None:
+            return teacher, config, functools.partial(streamed_logits, teacher, release)
+    widen_for_cpu(teacher)  # a bfloat16 teacher's passes are 15-25x slower on the CPU
+    mx.eval(teacher.parameters())
+    return teacher, config, None
+
+
 def recover(cfg: RecoverConfig, on_step=None) -> dict[str, Any]:
     """Train (or resume) the recovery adapter in ``cfg.out``; returns the perplexity report."""
     world = init_world()
@@ -76,7 +105,7 @@ def _recover(cfg: RecoverConfig, world: World, on_step=None) -> dict[str, Any]:
     out, ckpt = prepare_run(cfg)
     # Every input is loaded and checked before the run folder is touched.
     model, _, config = load_base(cfg.model)
-    teacher, _, teacher_config = load_base(cfg.teacher)
+    teacher, teacher_config, streamed = _load_teacher(cfg.teacher)
     if teacher_config["vocab_size"] != config["vocab_size"]:
         raise UserError(
             f"--teacher {cfg.teacher}: vocab_size {teacher_config['vocab_size']} differs from the "
@@ -87,8 +116,13 @@ def _recover(cfg: RecoverConfig, world: World, on_step=None) -> dict[str, Any]:
     )
     if len(valid_data) == 0:
         raise UserError(f"--data {cfg.data}: nothing held out to measure recovery on")
-    teacher.freeze()
-    widen_for_cpu(teacher)  # a bfloat16 teacher's passes are 15-25x slower on the CPU
+    if streamed is None:
+        loss_fn, extra_state = (
+            make_loss(teacher, "kl", cfg.kd_weight, cfg.temperature),
+            [teacher.state],
+        )
+    else:
+        loss_fn, extra_state = distillation_loss("kl", cfg.kd_weight, cfg.temperature), None
     fingerprint = model_fingerprint(model)
     world.say(runtime.backend_report())
     summary = train_adapter(
@@ -97,13 +131,14 @@ def _recover(cfg: RecoverConfig, world: World, on_step=None) -> dict[str, Any]:
         ckpt,
         model,
         fingerprint,
-        make_loss(teacher, "kl", cfg.kd_weight, cfg.temperature),
+        loss_fn,
         train_data,
         valid_data,
-        extra_state=[teacher.state],
+        extra_state=extra_state,
         info={"kind": "recovery", "teacher": str(cfg.teacher)},
         on_step=on_step,
         world=world,
+        teacher_outputs=streamed,
     )
 
     if not world.main:
@@ -113,7 +148,7 @@ def _recover(cfg: RecoverConfig, world: World, on_step=None) -> dict[str, Any]:
         total, count = nll_sum(m, eval_batches(valid_data, cfg.batch_size, cfg.eval_batches))
         return math.exp(total / count)
 
-    report = {"teacher": ppl(teacher), "adapter": ppl(model)}
+    report = {"teacher": ppl(streamed or teacher), "adapter": ppl(model)}
     with adapters_disabled(model):
         report["base"] = ppl(model)
     report["gap_closed"] = gap_closed(report["teacher"], report["base"], report["adapter"])

@@ -219,6 +219,31 @@ def test_sensitivity_replays_the_familys_masks(family_dir):
         assert want > 0 and got[path][2] == pytest.approx(want, rel=1e-4)
 
 
+def test_a_half_precision_model_streamed_block_by_block_gives_its_widened_logits(
+    family_dir, tmp_path
+):
+    """``streamed_logits`` (a recovery teacher's passes): one bfloat16 block read from disk
+    and widened at a time, the head in slices, gives the logits of the float32 copy (that the
+    peak holds a block, not the model, is tested in test_palettize on a larger model)."""
+    from afm_mlx.families import model_family
+    from afm_mlx.model import block_releaser, streamed_logits
+
+    model, config, _ = load_model(family_dir)
+    if not model_family(model).replay_blocks:
+        pytest.skip("its blocks read each other's caches: it runs whole, widened")
+    model.set_dtype(mx.bfloat16)
+    bf16 = save_model(tmp_path / "bf16", model, config, family_dir)
+    model.set_dtype(mx.float32)
+    want = np.array(model(TOKENS))
+    lazy = load_model(bf16, lazy=True)[0]
+    release = block_releaser(lazy, bf16)
+    assert release is not None
+    got = np.array(streamed_logits(lazy, release, TOKENS))
+    np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(want).max())
+    half = np.array(load_model(bf16)[0](TOKENS).astype(mx.float32))
+    assert np.abs(half - want).max() > 1e-4  # run in bfloat16 it differs
+
+
 @pytest.mark.slow  # about 15 s per family
 def test_recovery_adapter_trains_loads_back_and_generates(
     family_dir, palettized_dir, tiny_corpus, tmp_path

@@ -102,6 +102,7 @@ def test_a_bfloat16_model_is_calibrated_in_float32_and_saved_as_stored(
     saved in bfloat16 as it was stored."""
     import mlx.nn as nn
 
+    import afm_mlx.model
     import afm_mlx.palettize as stage
     from afm_mlx.kmeans import kmeans_lut
     from afm_mlx.model import save_model
@@ -110,7 +111,7 @@ def test_a_bfloat16_model_is_calibrated_in_float32_and_saved_as_stored(
     model.set_dtype(mx.bfloat16)
     bf16 = save_model(tmp_path / "bf16", model, config, tiny_model_dir)
     projections, whole, slices = set(), set(), []
-    measure, linear, head = stage.measure_sensitivity, nn.Linear.__call__, stage._head_slices
+    measure, linear, head = stage.measure_sensitivity, nn.Linear.__call__, stage.head_slices
 
     def recording(model, *args, **kwargs):
         whole.update(v.dtype for _, v in tree_flatten(model.parameters()))
@@ -127,8 +128,8 @@ def test_a_bfloat16_model_is_calibrated_in_float32_and_saved_as_stored(
 
     monkeypatch.setattr(stage, "measure_sensitivity", recording)
     monkeypatch.setattr(nn.Linear, "__call__", projection)
-    monkeypatch.setattr(stage, "_head_slices", head_slices)
-    monkeypatch.setattr(stage, "_HEAD_ROWS", 100)  # several slices of the 512-row tied head
+    monkeypatch.setattr(stage, "head_slices", head_slices)
+    monkeypatch.setattr(afm_mlx.model, "HEAD_ROWS", 100)  # several slices of the 512-row tied head
     cfg = PalettizeConfig(
         model=str(bf16), out=str(tmp_path / "mix"), target_bpw=3.2, bit_choices=[2, 4],
         calibration_batches=1, calibration_seq_len=32,

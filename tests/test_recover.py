@@ -111,6 +111,43 @@ def test_recovery_reduces_the_distillation_loss(recovery_adapter):
     assert config["kind"] == "recovery" and config["lora_parameters"]["rank"] == 8
 
 
+def test_a_half_precision_teacher_runs_block_by_block_as_its_float32_copy(
+    q2_model_dir, teacher_dir, tiny_corpus, tmp_path, monkeypatch
+):
+    """A bfloat16 teacher on the CPU is not widened whole (a float32 copy of Llama-3.2-1B is
+    4.9 GB): its logits are computed before each step one block at a time
+    (``streamed_logits``). The recovery is the one its float32 copy gives."""
+    import afm_mlx.recover as stage
+    from afm_mlx.model import load_model, save_model
+
+    teacher, config, _ = load_model(teacher_dir)
+    teacher.set_dtype(mx.bfloat16)
+    half = save_model(tmp_path / "bf16", teacher, config, teacher_dir)
+    teacher.set_dtype(mx.float32)  # exact: the float32 copy of the bfloat16 teacher
+    full = save_model(tmp_path / "f32", teacher, config, teacher_dir)
+    streamed, real = [], stage.streamed_logits
+
+    def counting(*args):
+        streamed.append(args[-1].shape)
+        return real(*args)
+
+    monkeypatch.setattr(stage, "streamed_logits", counting)
+    runs = []
+    for name, fp in (("half", half), ("full", full)):
+        cfg = _recover_cfg(tmp_path, q2_model_dir, fp, tiny_corpus, name, max_steps=4)
+        report = recover(cfg)
+        losses = [r["loss"] for r in map(json.loads, open(f"{cfg.out}/metrics.jsonl")) if "loss" in r]
+        runs.append((report, losses))
+        if name == "half":
+            assert (4, 32) in streamed  # each training micro-batch, then the held-out batches
+            count = len(streamed)
+    assert len(streamed) == count  # the float32 teacher ran inside the compiled step
+    (r1, l1), (r2, l2) = runs
+    np.testing.assert_allclose(l1, l2, rtol=1e-4)
+    assert r1["teacher"] == pytest.approx(r2["teacher"], rel=1e-5)
+    assert r1["adapter"] == pytest.approx(r2["adapter"], rel=1e-4)
+
+
 class _Killed(Exception):
     pass
 
