@@ -136,7 +136,9 @@ def test_a_half_precision_teacher_runs_block_by_block_as_its_float32_copy(
     for name, fp in (("half", half), ("full", full)):
         cfg = _recover_cfg(tmp_path, q2_model_dir, fp, tiny_corpus, name, max_steps=4)
         report = recover(cfg)
-        losses = [r["loss"] for r in map(json.loads, open(f"{cfg.out}/metrics.jsonl")) if "loss" in r]
+        losses = [
+            r["loss"] for r in map(json.loads, open(f"{cfg.out}/metrics.jsonl")) if "loss" in r
+        ]
         runs.append((report, losses))
         if name == "half":
             assert (4, 32) in streamed  # each training micro-batch, then the held-out batches
