@@ -413,20 +413,22 @@ HEAD_ROWS = 16384
 
 
 def head_slices(model: nn.Module):
-    """(float32 weight, float32 bias or None) of the LM head (or the tied embedding),
-    ``HEAD_ROWS`` vocabulary rows at a time; a float32 head comes whole."""
+    """Functions ``f(h)`` giving the float32 logits of the LM head (or the tied embedding),
+    ``HEAD_ROWS`` vocabulary rows each, the slice widened when called; a float32 head, or one
+    that is palettized or quantized (it dequantizes as it computes), comes as one function."""
     tied = "lm_head" not in model
     head = model.model.embed_tokens if tied else model.lm_head
+    if type(head) not in (nn.Linear, nn.Embedding) or head.weight.dtype == mx.float32:
+        yield lambda h: (head.as_linear(h) if tied else head(h)).astype(mx.float32)
+        return
     weight, bias = head.weight, None if tied else head.get("bias")
-    rows = HEAD_ROWS if weight.dtype != mx.float32 else weight.shape[0]
-    for start in range(0, weight.shape[0], rows):
-        w = weight[start : start + rows].astype(mx.float32)
-        yield w, None if bias is None else bias[start : start + rows].astype(mx.float32)
+    for start in range(0, weight.shape[0], HEAD_ROWS):
 
+        def logits(h: mx.array, start: int = start) -> mx.array:
+            out = h @ weight[start : start + HEAD_ROWS].astype(mx.float32).T
+            return out if bias is None else out + bias[start : start + HEAD_ROWS].astype(mx.float32)
 
-def head_logits(w: mx.array, bias: mx.array | None, h: mx.array) -> mx.array:
-    logits = h @ w.T
-    return logits if bias is None else logits + bias
+        yield logits
 
 
 def streamed_logits(model: nn.Module, release: Callable[[int], None] | None, x: mx.array):
@@ -439,8 +441,8 @@ def streamed_logits(model: nn.Module, release: Callable[[int], None] | None, x: 
         h = model.model(x).astype(mx.float32)  # the blocks' stack and final norm
         mx.eval(h)
     parts = []
-    for w, b in head_slices(model):
-        parts.append(head_logits(w, b, h))
+    for logits in head_slices(model):
+        parts.append(logits(h))
         mx.eval(parts[-1])
     return mx.concatenate(parts, axis=-1)
 

@@ -33,7 +33,6 @@ from afm_mlx.model import (
     block_releaser,
     blocks_streamed,
     float32_on_cpu,
-    head_logits,
     head_slices,
     load_model,
     restore_dtypes,
@@ -202,8 +201,8 @@ def _reference(model: nn.Module, h: mx.array) -> tuple[mx.array, mx.array]:
     (1.2 GB for Qwen3-0.6B's default calibration)."""
     h = _final_norm(model, h)
     lse = mx.full(h.shape[:-1], -mx.inf)
-    for w, b in head_slices(model):
-        lse = mx.logaddexp(lse, mx.logsumexp(head_logits(w, b, h), axis=-1))
+    for logits in head_slices(model):
+        lse = mx.logaddexp(lse, mx.logsumexp(logits(h), axis=-1))
         mx.eval(lse)
     return h, lse
 
@@ -243,8 +242,8 @@ def _kl_from_hidden(model: nn.Module, h: mx.array, ref: tuple[mx.array, mx.array
     h = _final_norm(model, h)
     n = ref_h.shape[0]
     sums = None
-    for w, b in head_slices(model):
-        both = head_logits(w, b, mx.concatenate([ref_h, h]))
+    for logits in head_slices(model):
+        both = logits(mx.concatenate([ref_h, h]))
         part = _kl_sums(both[:n], both[n:], ref_lse)
         sums = (
             part
@@ -309,8 +308,7 @@ def measure_sensitivity(
     """
     blocks = model.model.layers
     inputs = [b[:, :-1] for b in batches]
-    replay = model_family(model).replay_blocks
-    if replay:
+    if model_family(model).replay_blocks:
         calls, last = _block_inputs(model, inputs, release)
         ref = [_reference(model, h) for h in last]
     else:

@@ -122,9 +122,14 @@ def test_a_bfloat16_model_is_calibrated_in_float32_and_saved_as_stored(
         return linear(self, x)
 
     def head_slices(model):
-        for w, b in head(model):
-            slices.append((w.shape[0], w.dtype))
-            yield w, b
+        for logits in head(model):
+
+            def recorded(h, logits=logits):
+                out = logits(h)
+                slices.append((out.shape[-1], out.dtype))
+                return out
+
+            yield recorded
 
     monkeypatch.setattr(stage, "measure_sensitivity", recording)
     monkeypatch.setattr(nn.Linear, "__call__", projection)
@@ -344,3 +349,16 @@ def test_sensitivity_replays_hold_one_block_at_a_time(tiny_tokenizer, tmp_path):
         del model, release
     assert damage[0] == damage[1] and min(damage[0][p][2] for p in damage[0]) > 0
     assert peaks[0] < 0.45 * block_bytes < 0.45 * peaks[1], (peaks, block_bytes)
+
+
+def test_a_palettized_model_streams_block_by_block_as_it_runs_whole(lut4_dir):
+    """A palettized teacher (its LUTs are float16: it counts as half precision) streams too:
+    its blocks read back from disk, its 8-bit embedding as the head in one piece."""
+    from afm_mlx.model import block_releaser, streamed_logits
+
+    lazy = load_model(lut4_dir, lazy=True)[0]
+    release = block_releaser(lazy, lut4_dir)
+    assert release is not None
+    want = np.array(load_model(lut4_dir)[0](TOKENS))
+    got = np.array(streamed_logits(lazy, release, TOKENS))
+    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max())
