@@ -10,6 +10,7 @@ meet the budget with the least summed damage.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -316,6 +317,10 @@ def measure_sensitivity(
         calls, ref = None, [(z, mx.logsumexp(z, axis=-1)) for z in logits]
         mx.eval(ref)
     modules = dict(tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module))
+    replays = [
+        StreamedBlock(b, None if release is None else functools.partial(release, i))
+        for i, b in enumerate(blocks)
+    ]
     result: dict[str, dict[int, float]] = {}
     for path in paths:
         block_index = int(path.split("layers.")[1].split(".")[0])
@@ -334,11 +339,7 @@ def measure_sensitivity(
                 x = calls[block_index][j][0]
                 for k in range(block_index, len(blocks)):
                     _, args, kwargs = calls[k][j]
-                    with float32_on_cpu(blocks[k]) as block:
-                        x = block(x, *args, **kwargs)
-                        mx.eval(x)
-                    if release is not None:
-                        release(k)
+                    x = replays[k](x, *args, **kwargs)
                 kls.append(_kl_from_hidden(model, x, ref[j]))
             result[path][bits] = float(np.mean(kls))
             _swap(model, path, original)
