@@ -339,14 +339,16 @@ def load_model(
     return model, config, path
 
 
-def block_releaser(model: nn.Module, path: Path) -> Callable[[int], None] | None:
+def block_releaser(model: nn.Module, path: Path) -> Callable[[int | None], None] | None:
     """For a model loaded with ``lazy=True`` from ``path``: a function that gives block ``i``'s
-    weights back to the checkpoint, replacing them with fresh, unread arrays of the same file.
+    weights (``None``: the weights outside the blocks, the embedding and head among them) back
+    to the checkpoint, replacing them with fresh, unread arrays of the same file.
     A pass that releases each block after running it holds one block in memory at a time, not
     the whole model; running the block again reads it again (from the page cache: about 0.15 s
-    for all of Qwen3-0.6B's blocks). Only weights stored under the name the model holds them by
-    are released (a palettized candidate swapped into the block stays). None when a block's
-    weight is not stored as the model holds it (a family whose ``sanitize`` reshapes them)."""
+    for all of Qwen3-0.6B's blocks). Only weights stored under the name, shape and dtype the
+    model holds them by are released (a palettized candidate swapped into the block stays).
+    None when a block's weight is not stored as the model holds it (a family whose
+    ``sanitize`` reshapes them)."""
     blocks = list(model.model.layers)
     files = weight_files(path)
     stored: dict[str, tuple[Path, tuple[int, ...], mx.Dtype]] = {}
@@ -357,14 +359,26 @@ def block_releaser(model: nn.Module, path: Path) -> Callable[[int], None] | None
             if stored.get(f"model.layers.{i}.{k}", (None,))[1:] != (tuple(v.shape), v.dtype):
                 return None
 
-    def release(i: int) -> None:
-        names = {f"model.layers.{i}.{k}": k for k, _ in tree_flatten(blocks[i].parameters())}
-        names = {full: k for full, k in names.items() if full in stored}
+    def release(i: int | None) -> None:
+        if i is None:
+            module, names = (
+                model,
+                {
+                    k: k
+                    for k, v in tree_flatten(model.parameters())
+                    if not k.startswith("model.layers.")
+                    and stored.get(k, (None,))[1:] == (tuple(v.shape), v.dtype)
+                },
+            )
+        else:
+            module = blocks[i]
+            names = {f"model.layers.{i}.{k}": k for k, _ in tree_flatten(module.parameters())}
+            names = {full: k for full, k in names.items() if full in stored}
         fresh = []
         for f in sorted({stored[full][0] for full in names}):
             arrays = mx.load(str(f))  # lazy: nothing is read until a pass evaluates it
             fresh += [(k, arrays[full]) for full, k in names.items() if stored[full][0] == f]
-        blocks[i].load_weights(fresh, strict=False)
+        module.load_weights(fresh, strict=False)
 
     return release
 
@@ -412,14 +426,31 @@ def blocks_streamed(model: nn.Module, release: Callable[[int], None] | None, wra
 HEAD_ROWS = 16384
 
 
-def head_slices(model: nn.Module):
-    """Functions ``f(h)`` giving the float32 logits of the LM head (or the tied embedding),
-    ``HEAD_ROWS`` vocabulary rows each, the slice widened when called; a float32 head, or one
-    that is palettized or quantized (it dequantizes as it computes), comes as one function."""
+def head_slices(model: nn.Module, widen: bool = True):
+    """Functions ``f(h)`` giving the logits of the LM head (or the tied embedding), about
+    ``HEAD_ROWS`` vocabulary rows each, so that no more than a slice of the head's weight is
+    ever widened or decoded at once: in float32 (``widen``: each slice widened when called),
+    else as the head itself computes them. A palettized head decodes one slice of rows at a
+    time; a head that needs neither (float32, or unwidened, or quantized) comes whole."""
+    from afm_mlx.palettized import _Palettized
+
     tied = "lm_head" not in model
     head = model.model.embed_tokens if tied else model.lm_head
-    if type(head) not in (nn.Linear, nn.Embedding) or head.weight.dtype == mx.float32:
-        yield lambda h: (head.as_linear(h) if tied else head(h)).astype(mx.float32)
+    cast = (lambda y: y.astype(mx.float32)) if widen else (lambda y: y)
+    if isinstance(head, _Palettized) and head._dense is None:
+        for start, stop in head.row_slices(HEAD_ROWS):
+
+            def decoded(h: mx.array, start: int = start, stop: int = stop) -> mx.array:
+                w = head.dequantize_rows(start, stop)
+                y = (h.astype(w.dtype) @ w.T).astype(h.dtype)
+                if not tied and "bias" in head:
+                    y = y + head.bias[start:stop].astype(y.dtype)
+                return cast(y)
+
+            yield decoded
+        return
+    if not widen or type(head) not in (nn.Linear, nn.Embedding) or head.weight.dtype == mx.float32:
+        yield lambda h: cast(head.as_linear(h) if tied else head(h))
         return
     weight, bias = head.weight, None if tied else head.get("bias")
     for start in range(0, weight.shape[0], HEAD_ROWS):
@@ -431,10 +462,12 @@ def head_slices(model: nn.Module):
         yield logits
 
 
-def streamed_logits(model: nn.Module, release: Callable[[int], None] | None, x: mx.array):
+def streamed_logits(
+    model: nn.Module, release: Callable[[int | None], None] | None, x: mx.array
+) -> mx.array:
     """float32 logits of a half-precision model without a float32 copy of it: each block runs
-    widened in turn (and, with ``release``, is read from disk and given back, ``block_releaser``),
-    the head widened a slice at a time. Exact: the values are the widened model's, but for a
+    widened in turn (and, with ``release``, is read from disk and given back, ``block_releaser``,
+    as are the embedding and head at the end), the head widened a slice at a time. Exact: the values are the widened model's, but for a
     family that scales its embedding (Gemma), which scales it in the stored precision, as the
     model itself does."""
     with blocks_streamed(model, release), float32_on_cpu(model.model.norm):
@@ -444,6 +477,8 @@ def streamed_logits(model: nn.Module, release: Callable[[int], None] | None, x: 
     for logits in head_slices(model):
         parts.append(logits(h))
         mx.eval(parts[-1])
+    if release is not None:
+        release(None)  # the embedding and head too (Gemma-3-1B's table: 604 MB in bfloat16)
     return mx.concatenate(parts, axis=-1)
 
 

@@ -33,6 +33,11 @@ SETTING_KEYS = ("bits", "group_size", "axis")
 AFM_EMBEDDING_SETTINGS = {"bits": 8, "group_size": 1, "axis": 0}
 
 
+# Output rows a layer decodes at a time in its forward pass when it has more (a vocabulary-sized
+# head: 16384 rows of 2048 columns are 128 MB in float32).
+DECODE_ROWS = 16384
+
+
 def _evaluate_now(y: mx.array) -> None:
     """Compute a dequantized layer's output before the next layer is built: MLX's CPU backend
     allocates every op's output when it is scheduled, so a lazy forward pass would otherwise hold
@@ -83,6 +88,25 @@ class _Palettized(nn.Module):
         dense = lut_to_dense(self.lut, self.indices(), self.group_size, self.axis)
         return dense.astype(dtype or self.compute_dtype)
 
+    def row_slices(self, rows: int) -> list[tuple[int, int]]:
+        """(start, stop) pairs of about ``rows`` output rows each covering the weight, cut on LUT
+        group boundaries (``dequantize_rows``)."""
+        total = self.packed.shape[0]
+        step = max(self.group_size, rows // self.group_size * self.group_size)
+        if self.axis != 0:
+            step = max(1, rows)
+        return [(a, min(a + step, total)) for a in range(0, total, step)]
+
+    def dequantize_rows(self, start: int, stop: int, dtype: mx.Dtype | None = None) -> mx.array:
+        """Rows ``start:stop`` of ``dequantize`` (on group boundaries with ``axis=0``: see
+        ``row_slices``), decoding only their codes and LUTs."""
+        lut = self.lut
+        if self.axis == 0:
+            lut = lut[start // self.group_size : stop // self.group_size]
+        codes = unpack_indices(self.packed[start:stop], self.bits, self._cols)
+        dense = lut_to_dense(lut, codes, self.group_size, self.axis)
+        return dense.astype(dtype or self.compute_dtype)
+
     def cache_dense_weight(self, dtype: mx.Dtype | None = None) -> None:
         """Keep the dense weight for fast forward passes (memory of a dense layer; not saved)."""
         if dtype is not None:
@@ -111,6 +135,15 @@ class _Palettized(nn.Module):
             y = kernel_matmul(x, self.packed, self.lut, self.bits, self.group_size, self.axis)
             if y is not None:
                 return y
+        if self._dense is None and self.packed.shape[0] > DECODE_ROWS:
+            # A vocabulary-sized head: decoding it whole would take 3.5 bytes per weight
+            # (codes, fp16 values, their float32 copy) beside the output.
+            parts = []
+            for start, stop in self.row_slices(DECODE_ROWS):
+                w = self.dequantize_rows(start, stop)
+                parts.append((x.astype(w.dtype) @ w.T).astype(x.dtype))
+                _evaluate_now(parts[-1])
+            return mx.concatenate(parts, axis=-1)
         w = self._dense_weight()
         y = (x.astype(w.dtype) @ w.T).astype(x.dtype)
         if w is not self._dense:

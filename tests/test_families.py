@@ -238,8 +238,12 @@ def test_a_half_precision_model_streamed_block_by_block_gives_its_widened_logits
     lazy = load_model(bf16, lazy=True)[0]
     release = block_releaser(lazy, bf16)
     assert release is not None
+    mx.eval(TOKENS)
+    before = mx.get_active_memory()
     got = np.array(streamed_logits(lazy, release, TOKENS))
     np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(want).max())
+    # Blocks, embedding and head all went back to disk: the pass left nothing in memory.
+    assert mx.get_active_memory() - before < 1024, mx.get_active_memory() - before
     half = np.array(load_model(bf16)[0](TOKENS).astype(mx.float32))
     assert np.abs(half - want).max() > 1e-4  # run in bfloat16 it differs
 

@@ -9,7 +9,7 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models import qwen3
 
-from afm_mlx import lut_kernels
+from afm_mlx import lut_kernels, palettized
 from afm_mlx.kmeans import kmeans_lut, lut_to_dense
 from afm_mlx.packing import PACKABLE_BITS, pack_indices, packed_length, unpack_indices
 from afm_mlx.palettized import (
@@ -115,6 +115,38 @@ def test_embedding_rows_and_tied_head():
     assert mx.allclose(layer.as_linear(h), h @ table.T, rtol=1e-5, atol=1e-5)  # the kernel
     # 32 values per row and 256 levels: every value keeps its own level, exactly.
     assert mx.array_equal(table, emb.weight.astype(mx.float16).astype(mx.float32))
+
+
+@pytest.mark.parametrize("kind, axis", [("tied head", 0), ("linear", 0), ("linear", 1)])
+def test_a_vocabulary_sized_layer_decodes_a_slice_of_rows_at_a_time(kind, axis, monkeypatch):
+    """More rows than ``DECODE_ROWS``: the forward pass decodes 16-row-aligned slices of 1000
+    rows, exactly what decoding the whole weight gives, and never the whole weight at once."""
+    mx.random.seed(2)
+    if kind == "tied head":
+        layer = PalettizedEmbedding.from_embedding(nn.Embedding(4096, 128), 4, 16, axis)
+        run, bias = layer.as_linear, 0
+    else:
+        dense = _linear(4096, 128)
+        layer = PalettizedLinear.from_linear(dense, 4, 16, axis)
+        run, bias = layer, dense.bias
+    assert layer.row_slices(1000)[:2] == (
+        [(0, 992), (992, 1984)] if axis == 0 else [(0, 1000), (1000, 2000)]
+    )
+    x = mx.random.normal((3, 128))
+    want = x @ layer.dequantize().T + bias
+    mx.eval(want)
+    peaks = []
+    for rows in (1000, 10**9):  # then the whole weight at once
+        monkeypatch.setattr(palettized, "DECODE_ROWS", rows)
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        before = mx.get_active_memory()
+        with lut_kernels.using("off"):
+            got = run(x)
+            mx.eval(got)
+        peaks.append(mx.get_peak_memory() - before)
+        assert mx.allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert peaks[0] < peaks[1] / 2, peaks
 
 
 def _tiny_qwen3(seed=0):
