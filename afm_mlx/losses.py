@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 
 import mlx.core as mx
@@ -74,6 +75,28 @@ def nll_sum(model: nn.Module, batches: Iterable[np.ndarray]) -> tuple[float, int
     return total, count
 
 
+@functools.cache
+def _tempered_kl(t: float):
+    """``kl(logits, teacher_logits)``: t^2 KL(teacher || student) per position at temperature
+    ``t``. Its gradient, t (softmax(logits / t) - softmax(teacher_logits / t)), is computed
+    from the logits again rather than kept from the forward pass: at a step's many tokens x
+    vocabulary entries each kept array is large."""
+
+    @mx.custom_function
+    def kl(logits: mx.array, teacher_logits: mx.array) -> mx.array:
+        log_q = logits / t - mx.logsumexp(logits / t, -1, keepdims=True)
+        log_p = teacher_logits / t - mx.logsumexp(teacher_logits / t, -1, keepdims=True)
+        return (t * t) * mx.sum(mx.exp(log_p) * (log_p - log_q), axis=-1)
+
+    @kl.vjp
+    def kl_vjp(primals, cotangent, output):
+        logits, teacher_logits = primals
+        diff = mx.softmax(logits / t, axis=-1) - mx.softmax(teacher_logits / t, axis=-1)
+        return t * diff * cotangent[..., None], mx.zeros_like(teacher_logits)
+
+    return kl
+
+
 def distillation_loss(
     mode: str = "top1", weight: float = 0.9, temperature: float = 1.0
 ) -> Callable[[nn.Module, mx.array, mx.array, mx.array], mx.array]:
@@ -86,16 +109,14 @@ def distillation_loss(
     ) -> mx.array:
         logits = model(inputs).astype(mx.float32)
         teacher_logits = mx.stop_gradient(teacher_logits.astype(mx.float32))
-        label_nll = token_nll(logits, targets)
-        if mode == "top1":
-            teacher_nll = token_nll(logits, mx.argmax(teacher_logits, axis=-1))
-        else:
-            t = temperature
-            p_teacher = mx.softmax(teacher_logits / t, axis=-1)
-            log_p_teacher = teacher_logits / t - mx.logsumexp(teacher_logits / t, -1, keepdims=True)
-            log_p_student = logits / t - mx.logsumexp(logits / t, -1, keepdims=True)
-            teacher_nll = (t * t) * mx.sum(p_teacher * (log_p_teacher - log_p_student), axis=-1)
-        return mx.mean((1 - weight) * label_nll + weight * teacher_nll)
+        parts = []  # a term of weight 0 is not computed (each is tokens x vocabulary wide)
+        if weight < 1:
+            parts.append((1 - weight) * token_nll(logits, targets))
+        if weight > 0 and mode == "top1":
+            parts.append(weight * token_nll(logits, mx.argmax(teacher_logits, axis=-1)))
+        elif weight > 0:
+            parts.append(weight * _tempered_kl(temperature)(logits, teacher_logits))
+        return mx.mean(sum(parts[1:], parts[0]))
 
     return distill
 

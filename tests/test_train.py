@@ -22,7 +22,7 @@ from mlx.utils import tree_flatten
 
 from afm_mlx.checkpoint import latest_checkpoint, load_checkpoint
 from afm_mlx.engine import Trainer
-from afm_mlx.losses import make_loss
+from afm_mlx.losses import distillation_loss, make_loss
 from afm_mlx.model import build_model, init_weights, load, load_model, preset_config
 from afm_mlx.train import TrainConfig, train
 
@@ -156,6 +156,16 @@ def test_distillation_losses_match_numpy(tiny_model_dir):
         expected_kl, rel=1e-5
     )
     assert make_loss()(student, x, y).item() == pytest.approx(label.mean(), rel=1e-5)
+    # The gradient with respect to the student's logits (the KL's is a custom VJP), for each
+    # mix, a term of weight 0 left out: mean of (1 - w)(q - onehot) + w T (q_T - p_T).
+    z, tz = mx.array(s.astype(np.float32)), mx.array(t.astype(np.float32))
+    q, qT = np.exp(ls), np.exp(lsT)
+    onehot = np.eye(s.shape[-1])[np.array(y)]
+    for w in (0.0, 0.5, 1.0):
+        loss = distillation_loss("kl", w, T)
+        got = np.array(mx.grad(lambda z, loss=loss: loss(lambda _: z, x, y, tz))(z))
+        want = ((1 - w) * (q - onehot) + w * T * (qT - pt)) / label.size
+        np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max())
 
 
 def test_gradient_accumulation_equals_one_big_batch(tiny_model_dir):
