@@ -215,12 +215,12 @@ def _nothing_left(folder: Path) -> None:
 def test_failure_while_writing_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch):
     import coremltools as ct
 
-    def broken(desc, path):
+    def broken(model, path):
         Path(path).mkdir()  # a partial package...
         (Path(path) / "Manifest.json").write_text("{")
         raise OSError("disk full")  # ...then the write fails
 
-    monkeypatch.setattr(ct.utils, "save_multifunction", broken)
+    monkeypatch.setattr(ct.models.MLModel, "save", broken)
     with pytest.raises(OSError, match="disk full"):
         convert_tiny(tiny_model_dir, tmp_path / "m.mlpackage")
     _nothing_left(tmp_path)
