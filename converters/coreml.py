@@ -6,8 +6,8 @@
 
 The package holds one multifunction model: ``prefill`` (a chunk of ``--prefill-chunk`` tokens at a
 position) and ``decode`` (one token), plus ``prefill_NAME`` / ``decode_NAME`` per adapter, all
-sharing one stateful KV cache of ``--context`` rows and one copy of the base weights (coremltools
-deduplicates identical constants across functions). The MIL program is built directly from the
+sharing one stateful KV cache of ``--context`` rows and one copy of the base weights (constants
+of equal value share one blob, ``_share_weights``). The MIL program is built directly from the
 MLX weights (no PyTorch) by the lowering shared with ``converters.coreai``; palettized layers keep
 their LUTs and indices bit for bit.
 """
