@@ -71,7 +71,7 @@ class AdapterTrainConfig(OptimConfig):
         default=True,
         metadata={
             "help": "on a palettized base, compute gradients one block at a time, each block's "
-            "weights decoded in turn (a fraction of the memory, ~1.2x the time)"
+            "weights decoded in turn (a fraction of the memory, 1.2-1.4x the time)"
         },
     )
     # Adapter training defaults that differ from full training: fewer, smaller steps, and no

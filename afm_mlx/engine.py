@@ -384,7 +384,8 @@ def blockwise_value_and_grad(model: nn.Module, loss_fn: Callable) -> Callable:
     weight when it runs, and one evaluation of a whole training step decodes its
     vocabulary-sized head whole (Qwen3-0.6B's tied 151936 x 1024 table: 0.6 GB in float32)
     with many blocks' weights beside it. Measured on Qwen3-0.6B at 4 bits, one 64-token
-    sequence: 1.75 GB of peak MLX memory for the whole step, 0.62 GB this way, 1.2x the time.
+    sequence: 1.75 GB of peak MLX memory for the whole step, 0.62-0.66 GB this way, 1.2-1.4x
+    the time (the small demo model: 1.2x, 0.40 against 0.59 GB).
 
     1. A forward pass runs and evaluates each block in turn, keeping its input and call
        arguments (block ``i`` draws its random numbers, LoRA dropout, after
