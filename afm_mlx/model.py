@@ -361,15 +361,13 @@ def block_releaser(model: nn.Module, path: Path) -> Callable[[int | None], None]
 
     def release(i: int | None) -> None:
         if i is None:
-            module, names = (
-                model,
-                {
-                    k: k
-                    for k, v in tree_flatten(model.parameters())
-                    if not k.startswith("model.layers.")
-                    and stored.get(k, (None,))[1:] == (tuple(v.shape), v.dtype)
-                },
-            )
+            module = model
+            names = {
+                k: k
+                for k, v in tree_flatten(model.parameters())
+                if not k.startswith("model.layers.")
+                and stored.get(k, (None,))[1:] == (tuple(v.shape), v.dtype)
+            }
         else:
             module = blocks[i]
             names = {f"model.layers.{i}.{k}": k for k, _ in tree_flatten(module.parameters())}
@@ -441,8 +439,7 @@ def head_slices(model: nn.Module, widen: bool = True):
         for start, stop in head.row_slices(HEAD_ROWS):
 
             def decoded(h: mx.array, start: int = start, stop: int = stop) -> mx.array:
-                w = head.dequantize_rows(start, stop)
-                y = (h.astype(w.dtype) @ w.T).astype(h.dtype)
+                y = head.matmul_rows(h, start, stop)
                 if not tied and "bias" in head:
                     y = y + head.bias[start:stop].astype(y.dtype)
                 return cast(y)
@@ -467,9 +464,9 @@ def streamed_logits(
 ) -> mx.array:
     """float32 logits of a half-precision model without a float32 copy of it: each block runs
     widened in turn (and, with ``release``, is read from disk and given back, ``block_releaser``,
-    as are the embedding and head at the end), the head widened a slice at a time. Exact: the values are the widened model's, but for a
-    family that scales its embedding (Gemma), which scales it in the stored precision, as the
-    model itself does."""
+    as are the embedding and head at the end), the head widened a slice at a time. Exact: the
+    values are the widened model's, but for a family that scales its embedding (Gemma), which
+    scales it in the stored precision, as the model itself does."""
     with blocks_streamed(model, release), float32_on_cpu(model.model.norm):
         h = model.model(x).astype(mx.float32)  # the blocks' stack and final norm
         mx.eval(h)

@@ -91,10 +91,8 @@ class _Palettized(nn.Module):
     def row_slices(self, rows: int) -> list[tuple[int, int]]:
         """(start, stop) pairs of about ``rows`` output rows each covering the weight, cut on LUT
         group boundaries (``dequantize_rows``)."""
-        total = self.packed.shape[0]
-        step = max(self.group_size, rows // self.group_size * self.group_size)
-        if self.axis != 0:
-            step = max(1, rows)
+        total, g = self.packed.shape[0], self.group_size
+        step = max(g, rows // g * g) if self.axis == 0 else max(1, rows)
         return [(a, min(a + step, total)) for a in range(0, total, step)]
 
     def dequantize_rows(self, start: int, stop: int, dtype: mx.Dtype | None = None) -> mx.array:
@@ -106,6 +104,12 @@ class _Palettized(nn.Module):
         codes = unpack_indices(self.packed[start:stop], self.bits, self._cols)
         dense = lut_to_dense(lut, codes, self.group_size, self.axis)
         return dense.astype(dtype or self.compute_dtype)
+
+    def matmul_rows(self, x: mx.array, start: int, stop: int) -> mx.array:
+        """``x @ W[start:stop].T`` in ``compute_dtype``, returned in x's dtype, decoding only
+        those rows (``row_slices``)."""
+        w = self.dequantize_rows(start, stop)
+        return (x.astype(w.dtype) @ w.T).astype(x.dtype)
 
     def cache_dense_weight(self, dtype: mx.Dtype | None = None) -> None:
         """Keep the dense weight for fast forward passes (memory of a dense layer; not saved)."""
@@ -140,8 +144,7 @@ class _Palettized(nn.Module):
             # (codes, fp16 values, their float32 copy) beside the output.
             parts = []
             for start, stop in self.row_slices(DECODE_ROWS):
-                w = self.dequantize_rows(start, stop)
-                parts.append((x.astype(w.dtype) @ w.T).astype(x.dtype))
+                parts.append(self.matmul_rows(x, start, stop))
                 _evaluate_now(parts[-1])
             return mx.concatenate(parts, axis=-1)
         w = self._dense_weight()

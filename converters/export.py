@@ -135,13 +135,21 @@ def read_model(cfg: ExportConfig, model_dir: Path, adapters: list[tuple[str, Pat
     """Load the model (fp or palettized) and its adapters into the plan; refuses what cannot be
     converted before reading any weights."""
     from afm_mlx.fileio import read_json
-    from afm_mlx.model import load_model, model_fingerprint
+    from afm_mlx.model import block_releaser, load_model, model_fingerprint
 
     config = read_json(model_dir / "config.json", "model config (config.json)")
     check_convertible(config, str(model_dir / "config.json"))
-    model, config, _ = load_model(model_dir)  # fp or palettized (config.json "palettization")
-    weights = extract_weights(model, config, cfg.context, cfg.head_chunk)
-    fingerprint = model_fingerprint(model) if adapters else ""
+    # fp or palettized (config.json "palettization"), read a block at a time into the plan: each
+    # block is given back to disk once read (the plan holds a palettized model's indices
+    # unpacked, 1 byte per weight, as coremltools takes them: the model beside it doubled that).
+    model, config, path = load_model(model_dir, lazy=True)
+    release = block_releaser(model, path)
+    fingerprint = ""
+    if adapters:
+        fingerprint = model_fingerprint(model)  # reads every weight: give them back
+        for i in range(len(model.model.layers) if release is not None else 0):
+            release(i)
+    weights = extract_weights(model, config, cfg.context, cfg.head_chunk, release)
     loras = [read_lora(name, folder, weights, fingerprint) for name, folder in adapters]
     functions = [Function("decode", 1, None), Function("prefill", cfg.prefill_chunk, None)]
     for lora in loras:

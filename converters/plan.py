@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -372,9 +373,13 @@ def extract_weights(
     config: dict[str, Any],
     max_context: int,
     head_chunk: int = DEFAULT_HEAD_CHUNK,
+    release: Callable[[int], None] | None = None,
 ) -> ModelWeights:
     """Read an mlx-lm model of a family the converters handle into ``ModelWeights`` (RoPE up to
     ``max_context``, the LM head in chunks of at most ``head_chunk`` vocabulary rows).
+    ``release(j)``, when given, is called once block ``model.layers.j`` is read (a lazily loaded
+    model's ``afm_mlx.model.block_releaser``): the model then holds one block's weights beside
+    the plan, not all of them.
 
     A block without key and value projections (afm7's KV-reuse blocks) attends to the cache of
     the last block before it that has them, as mlx-lm's afm7 does."""
@@ -445,6 +450,8 @@ def extract_weights(
                 kv_from=kv_from,
             )
         )
+        if release is not None and prefix == f"model.layers.{i}":
+            release(i)
     # One cos/sin table per distinct rotation (Gemma: its local and its global RoPE).
     tables: list[tuple[np.ndarray, np.ndarray, bool]] = []  # (cos, sin, interleaved)
     for (_, block), layer in zip(blocks, layers):
