@@ -245,11 +245,15 @@ document.getElementById("r").onload = () => {{
         "--disable-gpu",
         "--allow-file-access-from-files",
     ]
+    # Chromium prints nothing when OpenBLAS is preloaded into it (a shell that exported
+    # LD_PRELOAD for MLX's sake): it runs without.
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     dom = subprocess.run(
         [*chrome, "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
         capture_output=True,
         text=True,
         timeout=120,
+        env=env,
     )
     assert "<title>images 4 of 4</title>" in dom.stdout, (dom.stdout[:500], dom.stderr[-1500:])
 
@@ -264,6 +268,7 @@ document.getElementById("r").onload = () => {{
         capture_output=True,
         timeout=120,
         check=True,
+        env=env,
     )
     import matplotlib.image
 
