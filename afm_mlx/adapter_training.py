@@ -199,12 +199,6 @@ def save_adapter_checkpoint(
     )
 
 
-def _decodes_weights(model: nn.Module) -> bool:
-    """Whether the model's palettized layers decode their weights as they compute (a training
-    step of the whole model then holds all of them decoded at once)."""
-    return any(m._dense is None for _, m in palettized_layers(model))
-
-
 def train_adapter(
     cfg: AdapterTrainConfig,
     out: Path,
@@ -248,7 +242,9 @@ def train_adapter(
     mx.eval(model.parameters())
     if cfg.grad_checkpoint:
         use_grad_checkpoint(model)
-    blockwise = cfg.blockwise and _decodes_weights(model)
+    # Palettized layers that decode as they compute: one step of the whole model would hold
+    # them all decoded at once.
+    blockwise = cfg.blockwise and any(m.decodes_on_call for _, m in palettized_layers(model))
     if blockwise and (why := blockwise_unsupported(model)):
         world.say(f"gradients of the whole model at once: {why}")
         blockwise = False

@@ -435,7 +435,7 @@ def head_slices(model: nn.Module, widen: bool = True):
     tied = "lm_head" not in model
     head = model.model.embed_tokens if tied else model.lm_head
     cast = (lambda y: y.astype(mx.float32)) if widen else (lambda y: y)
-    if isinstance(head, _Palettized) and head._dense is None:
+    if isinstance(head, _Palettized) and head.decodes_on_call:
         for start, stop in head.row_slices(HEAD_ROWS):
 
             def decoded(h: mx.array, start: int = start, stop: int = stop) -> mx.array:

@@ -122,6 +122,11 @@ class _Palettized(nn.Module):
         self._set_dense(None)
 
     @property
+    def decodes_on_call(self) -> bool:
+        """Whether each forward pass decodes the weight (no dense cache is kept)."""
+        return self._dense is None
+
+    @property
     def dense_nbytes(self) -> int:
         """Bytes a dense cache of this weight takes in ``compute_dtype``."""
         return self.packed.shape[0] * self._cols * self.compute_dtype.size
@@ -139,7 +144,7 @@ class _Palettized(nn.Module):
             y = kernel_matmul(x, self.packed, self.lut, self.bits, self.group_size, self.axis)
             if y is not None:
                 return y
-        if self._dense is None and self.packed.shape[0] > DECODE_ROWS:
+        if self.decodes_on_call and self.packed.shape[0] > DECODE_ROWS:
             # A vocabulary-sized head: decoding it whole would take 3.5 bytes per weight
             # (codes, fp16 values, their float32 copy) beside the output.
             parts = []
