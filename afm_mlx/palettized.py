@@ -78,6 +78,11 @@ class _Palettized(nn.Module):
         self.packed = pack_indices(indices, self.bits)
         mx.eval(self.lut, self.packed)
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows, cols) of the weight the indices stand for."""
+        return (self.packed.shape[0], self._cols)
+
     def indices(self) -> mx.array:
         """Unpacked uint8 indices, (rows, cols)."""
         return unpack_indices(self.packed, self.bits, self._cols)

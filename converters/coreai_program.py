@@ -18,6 +18,8 @@ imported before the dialect module (the other order is a circular import).
 
 from __future__ import annotations
 
+import hashlib
+import time
 from pathlib import Path
 from typing import Any
 
@@ -71,12 +73,8 @@ class WeightStore:
         the packed bit stream; LUT (groups, 1, 2^bits, 1) or (1, groups, 2^bits, 1), fp16."""
 
         def indices():
-            if m.bits == 8:
-                packed = m.indices
-            else:
-                packed = m.bit_stream()
             return self._resource(
-                packed, ir.IntegerType.get_unsigned(m.bits), m.shape, name + "_indices"
+                m.bit_stream(), ir.IntegerType.get_unsigned(m.bits), m.shape, name + "_indices"
             )
 
         def lut():
@@ -284,8 +282,22 @@ def build_program(
     return AIProgram(module), store
 
 
+def _sha256_file(path: Path, chunk: int = 1 << 20) -> bytes:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.digest()
+
+
 def save_program(program: AIProgram, path: Path, metadata: dict[str, Any]) -> None:
-    """Write the asset (a folder) with our metadata as the asset's custom metadata."""
+    """Write the asset (a folder) with our metadata as the asset's custom metadata.
+
+    These are ``AIProgram.save_asset``'s steps (coreai-core 1.0.0b3, pinned), save that the
+    bytecode's SHA-256 (``main.hash``) is taken in 1 MiB reads: ``save_asset`` reads the whole
+    ``main.mlirb`` back into memory for it, as much again as the weights themselves, and that
+    was the conversion's memory peak."""
+    from coreai.authoring.asset import _COREAI_PRODUCER, OSVersion, _AIModelAsset
     from coreai.runtime import AIModelAssetMetadata
 
     meta = AIModelAssetMetadata()
@@ -294,4 +306,15 @@ def save_program(program: AIProgram, path: Path, metadata: dict[str, Any]) -> No
     )
     for key, value in metadata.items():
         meta.set_custom(key, value)
-    program.save_asset(path, metadata=meta)
+    if path.suffix != ".aimodel" or path.exists():
+        raise ValueError(f"{path}: expected a new NAME.aimodel path")
+    path.mkdir(parents=True)
+    asset = _AIModelAsset._create(path=str(path), metadata=meta)
+    program._save_bytecode(asset._program_bytecode_path, minimum_os=OSVersion.v27)
+
+    def stamp(m: AIModelAssetMetadata) -> None:
+        m.creation_date = time.time()
+        m._producer = _COREAI_PRODUCER
+
+    asset.update_metadata(updates=stamp)
+    asset._program_hash_path.write_bytes(_sha256_file(asset._program_bytecode_path))

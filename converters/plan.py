@@ -25,7 +25,7 @@ from afm_mlx.errors import UserError
 from afm_mlx.families import family_for
 from afm_mlx.lora import DEFAULT_KEYS
 from afm_mlx.model import validate_config
-from afm_mlx.packing import pack_indices
+from afm_mlx.packing import pack_indices, packed_length, unpack_indices
 
 PROJECTIONS = DEFAULT_KEYS  # every attention and FFN projection, as the adapters target
 FP16_MAX = float(np.finfo(np.float16).max)
@@ -35,33 +35,66 @@ DEFAULT_HEAD_CHUNK = 16384
 
 @dataclass
 class LutMatrix:
-    """A palettized (rows, cols) matrix: each group of rows (or columns) shares one LUT."""
+    """A palettized (rows, cols) matrix: each group of rows (or columns) shares one LUT.
 
-    indices: np.ndarray  # (rows, cols) uint8, each < 2**bits
+    The indices come as the model stores them, bit-packed per row (``afm_mlx.packing``: half a
+    byte per weight at 4 bits). ``bit_stream`` is those rows themselves whenever a row fills whole
+    bytes (every real layer), so Core AI never unpacks them; ``indices`` unpacks them for an
+    emitter that takes one byte per weight (coremltools), and the matrix then keeps only that
+    copy, so the plan never holds both."""
+
+    packed: np.ndarray | None  # (rows, packed_length(cols, bits)) uint8; None once unpacked
+    cols: int
     lut: np.ndarray  # (n_groups, 2**bits) float16
     bits: int
     axis: int = 0  # 0: groups of rows (output channels); 1: groups of columns (inputs)
+    _indices: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.indices.shape)  # type: ignore[return-value]
+        rows = self.packed if self.packed is not None else self._indices
+        return (rows.shape[0], self.cols)
 
     @property
     def group_size(self) -> int:
         return self.shape[self.axis] // self.lut.shape[0]
 
+    @property
+    def indices(self) -> np.ndarray:
+        """(rows, cols) uint8, each < 2**bits; from now on the matrix holds these, not ``packed``
+        (8-bit rows are the indices already: the same array)."""
+        if self._indices is None:
+            if self.bits == 8:
+                self._indices = self.packed
+            else:
+                unpacked = unpack_indices(mx.array(self.packed), self.bits, self.cols)
+                self._indices = np.array(unpacked)
+            self.packed = None
+        return self._indices
+
+    def _rows(self, start: int, stop: int) -> dict[str, Any]:
+        if self.packed is not None:
+            return {"packed": self.packed[start:stop]}
+        return {"packed": None, "_indices": self._indices[start:stop]}
+
     def row_slice(self, start: int, stop: int) -> LutMatrix:
         """Rows [start, stop) with their own LUTs (views, no copy); for LM-head chunks."""
         if self.axis == 1:
-            return LutMatrix(self.indices[start:stop], self.lut, self.bits, 1)
+            return LutMatrix(
+                cols=self.cols, lut=self.lut, bits=self.bits, axis=1, **self._rows(start, stop)
+            )
         g = self.group_size
         if start % g or (stop % g and stop != self.shape[0]):
             raise ValueError(f"rows {start}:{stop} split a LUT group of {g} rows")
-        return LutMatrix(self.indices[start:stop], self.lut[start // g : -(-stop // g)], self.bits)
+        lut = self.lut[start // g : -(-stop // g)]
+        return LutMatrix(cols=self.cols, lut=lut, bits=self.bits, **self._rows(start, stop))
 
     def bit_stream(self) -> np.ndarray:
         """The indices as one little-endian bit stream over the flattened tensor (element i is
-        bits [i*bits, (i+1)*bits)): the sub-byte layout of Core ML blobs and Core AI constants."""
+        bits [i*bits, (i+1)*bits)): the sub-byte layout of Core ML blobs and Core AI constants.
+        Packed rows that fill whole bytes are that stream already (a view, no copy)."""
+        if self.packed is not None and self.cols * self.bits % 8 == 0:
+            return self.packed.reshape(-1)
         flat = mx.array(self.indices.reshape(1, -1))
         return np.array(pack_indices(flat, self.bits)).reshape(-1)
 
@@ -224,12 +257,19 @@ def _dense(a: mx.array, what: str) -> np.ndarray:
 
 
 def _palettized_matrix(layer: nn.Module, what: str) -> LutMatrix:
-    """The stored indices and LUTs of an ``afm_mlx.palettized`` layer, unpacked, values untouched."""
-    indices = np.array(layer.indices())
+    """The stored (packed) indices and LUTs of an ``afm_mlx.palettized`` layer, values untouched."""
+    # A view of MLX's buffer, not a copy: once the block is released, the plan holds the only one.
+    packed = np.asarray(layer.packed)
     lut = np.array(layer.lut)
-    if lut.dtype != np.float16 or indices.dtype != np.uint8 or lut.shape[1] != 1 << layer.bits:
+    bits, cols = int(layer.bits), int(layer.shape[1])
+    if (
+        lut.dtype != np.float16
+        or packed.dtype != np.uint8
+        or lut.shape[1] != 1 << bits
+        or packed.shape[1] != packed_length(cols, bits)
+    ):
         raise UserError(f"{what}: unexpected palettized layout {lut.dtype} {lut.shape}")
-    return LutMatrix(indices=indices, lut=lut, bits=int(layer.bits), axis=int(layer.axis))
+    return LutMatrix(packed=packed, cols=cols, lut=lut, bits=bits, axis=int(layer.axis))
 
 
 def _matrix(module: nn.Module, what: str) -> Matrix:

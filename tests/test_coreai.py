@@ -431,6 +431,45 @@ def test_missing_coreai_is_one_line(tiny_model_dir, tmp_path):
     _nothing_left(tmp_path)
 
 
+def test_saved_as_save_asset_saves_it(models, tmp_path):
+    """``save_program`` (``save_asset``'s steps with the bytecode hashed in pieces) writes the
+    files coreai's own ``AIProgram.save_asset`` writes: the same bytecode, its SHA-256 as
+    ``main.hash``, the same metadata but for the creation time."""
+    import hashlib
+    import json
+
+    from coreai.runtime import AIModelAssetMetadata
+
+    from converters.coreai_program import build_program, save_program
+    from converters.export import read_model
+
+    cfg = CoreAIConfig(
+        model=str(models["lut4"]), out="x.aimodel", context=CONTEXT, prefill_chunk=CHUNK
+    )
+    plan = read_model(cfg, models["lut4"], [])
+    program, _ = build_program(plan, CONTEXT, "float32")
+    metadata = {**plan.metadata(cfg), "afm_mlx.compute_dtype": "float32"}
+    ours, theirs = tmp_path / "ours.aimodel", tmp_path / "theirs.aimodel"
+    save_program(program, ours, metadata)
+    meta = AIModelAssetMetadata()
+    meta.model_description = (
+        "afm_mlx language model: prefill/decode functions over a shared KV-cache state"
+    )
+    for key, value in metadata.items():
+        meta.set_custom(key, value)
+    program.save_asset(theirs, metadata=meta)
+    assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in theirs.iterdir())
+    code = (ours / "main.mlirb").read_bytes()
+    assert code == (theirs / "main.mlirb").read_bytes()
+    assert (ours / "main.hash").read_bytes() == hashlib.sha256(code).digest()
+    assert (ours / "main.hash").read_bytes() == (theirs / "main.hash").read_bytes()
+    ours_meta, theirs_meta = (json.loads((p / "metadata.json").read_text()) for p in (ours, theirs))
+    assert ours_meta.pop("creationDate") and theirs_meta.pop("creationDate")
+    assert ours_meta == theirs_meta
+    model, _, _ = load_model(models["lut4"])  # and coreai loads and runs it
+    assert_fp32_close(coreai_logits(ours), mlx_logits(model, PROMPT, DECODE))
+
+
 def test_failure_while_writing_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch):
     import converters.coreai_program as program
 

@@ -150,7 +150,9 @@ def _arrays(obj):
 
 def test_the_converters_read_a_model_a_block_at_a_time(tmp_path, monkeypatch):
     """``read_model`` gives each block back to disk once it is in the plan: the MLX memory of
-    reading six palettized blocks peaks at a fraction of holding them all, for the same plan."""
+    reading six blocks (attention palettized, MLP dense) peaks at a fraction of holding them all,
+    for the same plan. The plan's packed indices are views of MLX's buffers, not copies: they
+    stay after the model is gone, and nothing else does."""
     import mlx.core as mx
 
     from afm_mlx import model as model_module
@@ -160,7 +162,7 @@ def test_the_converters_read_a_model_a_block_at_a_time(tmp_path, monkeypatch):
     config = preset_config("tiny", num_hidden_layers=6, hidden_size=256, intermediate_size=768)
     model = build_model(config)
     init_weights(model, config, seed=3)
-    chosen = palettize_model(model)
+    chosen = palettize_model(model, class_predicate=lambda path, m: "self_attn" in path)
     folder = save_model(tmp_path / "pal", model, {**config, "palettization": {"layers": chosen}})
     del model
     peaks, plans = [], []
@@ -172,7 +174,51 @@ def test_the_converters_read_a_model_a_block_at_a_time(tmp_path, monkeypatch):
         before = mx.get_active_memory()
         plans.append(read_model(ExportConfig(context=64), folder, []).weights)
         peaks.append(mx.get_peak_memory() - before)
+        packed = [p.weight.packed for p in plans[-1].projections().values() if "attn" in p.path]
+        assert len(packed) == 6 * 4 and all(not a.flags.owndata for a in packed)
+        assert mx.get_active_memory() - before == pytest.approx(sum(a.nbytes for a in packed), 0.05)
     got, want = (list(_arrays(plan)) for plan in plans)
     assert len(got) == len(want) > 6 * 7
     assert all(np.array_equal(a, b) for a, b in zip(got, want))
     assert peaks[0] < peaks[1] / 2, peaks
+
+
+@pytest.mark.parametrize("bits,cols", [(4, 32), (3, 16), (3, 5), (2, 7), (8, 6)])
+def test_lut_matrix_bit_stream_and_indices(bits, cols):
+    """The plan's ``LutMatrix`` keeps the model's packed rows: its bit stream (Core AI's layout,
+    one little-endian stream over the flattened tensor) is those rows when they fill whole bytes
+    and a repacking when they do not; ``indices`` unpacks them, after which the matrix holds only
+    the unpacked copy, and row slices taken before or after agree."""
+    import mlx.core as mx
+
+    from afm_mlx.packing import pack_indices
+    from converters.plan import LutMatrix
+
+    rng = np.random.default_rng(bits * 100 + cols)
+    indices = rng.integers(0, 1 << bits, (32, cols), dtype=np.uint8)
+    lut = rng.standard_normal((2, 1 << bits)).astype(np.float16)
+
+    def matrix() -> LutMatrix:
+        packed = np.array(pack_indices(mx.array(indices), bits))
+        return LutMatrix(packed=packed, cols=cols, lut=lut, bits=bits)
+
+    # The reference stream, element by element: bit j of element i is stream bit i * bits + j.
+    flat = indices.reshape(-1).astype(np.int64)
+    bits_of = (flat[:, None] >> np.arange(bits)) & 1
+    stream = np.packbits(bits_of.reshape(-1), bitorder="little")
+    m = matrix()
+    assert m.shape == (32, cols)
+    np.testing.assert_array_equal(m.bit_stream(), stream)
+    aligned = cols * bits % 8 == 0
+    assert np.shares_memory(m.bit_stream(), m.packed) if aligned else m.packed is None
+    before = matrix().row_slice(16, 32)
+    m = matrix()
+    np.testing.assert_array_equal(m.indices, indices)
+    assert m.packed is None and m.shape == (32, cols)
+    np.testing.assert_array_equal(m.bit_stream(), stream)
+    after = m.row_slice(16, 32)
+    for part in (before, after):
+        assert part.shape == (16, cols) and part.lut.shape == (1, 1 << bits)
+        np.testing.assert_array_equal(part.indices, indices[16:])
+    with pytest.raises(ValueError, match="split a LUT group"):
+        m.row_slice(8, 32)
