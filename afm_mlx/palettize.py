@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,20 +146,84 @@ def _swap(model: nn.Module, path: str, module: nn.Module) -> None:
     model.update_modules(tree_unflatten([(path, module)]))
 
 
-def activation_importance(model: nn.Module, paths: list[str], batches) -> dict[str, mx.array]:
-    """Per-weight importance E[x_j^2] of each layer's input channel j (broadcast over rows)."""
+class ColumnImportance(Mapping):
+    """Per-weight importance that is the same down each column (``E[x_j^2]`` of input channel
+    ``j``), kept as one vector per layer: a lookup broadcasts it to the weight's shape afresh,
+    so (rows x cols) float32 arrays never pile up (4 bytes per weight of the whole model)."""
+
+    def __init__(self, columns: dict[str, mx.array], shapes: dict[str, tuple[int, int]]):
+        self.columns, self.shapes = columns, shapes
+
+    def __getitem__(self, path: str) -> mx.array:
+        return mx.broadcast_to(self.columns[path][None, :], self.shapes[path])
+
+    def __iter__(self):
+        return iter(self.columns)
+
+    def __len__(self) -> int:
+        return len(self.columns)
+
+
+class _StatsBlock(StreamedBlock):
+    """A ``StreamedBlock`` that adds up the second moment of its projections' inputs each time
+    it runs (``sums[rel]``: (sum of x_j^2 per input channel, tokens))."""
+
+    def __init__(self, block: nn.Module, release=None, rels: list[str] = ()):
+        super().__init__(block, release)
+        self.rels, self.sums = rels, {}
+
+    def run(self, block: nn.Module, x, *args, **kwargs):
+        leaves = dict(tree_flatten(block.leaf_modules(), is_leaf=nn.Module.is_module))
+        stats = {rel: _InputStats(leaves[rel]) for rel in self.rels}
+        block.update_modules(tree_unflatten(list(stats.items())))
+        try:
+            out = block(x, *args, **kwargs)
+            mx.eval(out, [s.sum_sq for s in stats.values()])
+        finally:
+            block.update_modules(tree_unflatten([(r, s.inner) for r, s in stats.items()]))
+        for rel, s in stats.items():
+            total, count = self.sums.get(rel, (0, 0))
+            self.sums[rel] = (total + s.sum_sq, count + s.count)
+        return out
+
+
+def activation_importance(
+    model: nn.Module, paths: list[str], batches, streamed: bool = False, release=None
+) -> ColumnImportance:
+    """Per-weight importance E[x_j^2] of each layer's input channel j (the same down a column).
+
+    ``streamed``: the blocks run one at a time, each widened to float32 only while it runs and,
+    with ``release`` (``model.block_releaser``), given back to disk afterwards, so the pass
+    holds one block; the logits are never computed. Otherwise the model runs whole (widened by
+    the caller: afm7's blocks read caches that earlier blocks fill)."""
     modules = dict(tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module))
-    stats = {p: _InputStats(modules[p]) for p in paths}
-    for p, s in stats.items():
-        _swap(model, p, s)
-    for b in batches:
-        mx.eval(model(b[:, :-1]), [s.sum_sq for s in stats.values()])
-    for p, s in stats.items():
-        _swap(model, p, s.inner)
-    return {
-        p: mx.broadcast_to((s.sum_sq / s.count)[None, :], s.inner.weight.shape) + 1e-8
-        for p, s in stats.items()
-    }
+    shapes = {p: tuple(modules[p].weight.shape) for p in paths}
+    sums: dict[str, tuple[mx.array, int]] = {}
+    if streamed:
+        prefix = "model.layers."
+        per_block: dict[int, list[str]] = {}
+        for p in paths:
+            i, rel = p.removeprefix(prefix).split(".", 1)
+            per_block.setdefault(int(i), []).append(rel)
+        with blocks_streamed(model, release, wrap=_StatsBlock) as blocks:
+            for i, block in enumerate(blocks):
+                block.rels = per_block.get(i, [])
+            for b in batches:
+                model(b[:, :-1])  # the logits stay an unevaluated graph
+        for i, block in enumerate(blocks):
+            sums.update({f"{prefix}{i}.{rel}": v for rel, v in block.sums.items()})
+    else:
+        stats = {p: _InputStats(modules[p]) for p in paths}
+        for p, s in stats.items():
+            _swap(model, p, s)
+        for b in batches:
+            mx.eval(model(b[:, :-1]), [s.sum_sq for s in stats.values()])
+        for p, s in stats.items():
+            _swap(model, p, s.inner)
+        sums = {p: (s.sum_sq, s.count) for p, s in stats.items()}
+    columns = {p: sums[p][0] / sums[p][1] + 1e-8 for p in paths}
+    mx.eval(columns)
+    return ColumnImportance(columns, shapes)
 
 
 def fisher_importance(model: nn.Module, paths: list[str], batches) -> dict[str, mx.array]:
@@ -469,14 +534,20 @@ def _palettize(cfg: PalettizeConfig, out: Path) -> dict[str, Any]:
             raise UserError(f"{flag} {group}: {p}: {e}") from e
     check_fused_groups(family_for(config, cfg.model).fused(config), paths, cfg.group_size, cfg.axis)
     batches = calibration_batches(cfg, model_dir, config["vocab_size"]) if need_calibration else []
-    # Importance (gradients, input statistics) and whole-pass sensitivity run the whole model at
-    # once: it is widened to float32 on the CPU. Replayed blocks are widened one at a time.
-    whole_passes = cfg.sensitivity != "none" or not family_for(config, cfg.model).replay_blocks
+    # Fisher importance (gradients) and the passes of a family whose blocks cannot run alone
+    # (afm7) take the whole model at once: it is widened to float32 on the CPU. Otherwise each
+    # block is widened while it runs (input statistics, sensitivity replays) and, where the
+    # checkpoint allows, given back to disk afterwards.
+    streams = family_for(config, cfg.model).replay_blocks and all(
+        p.startswith("model.layers.") for p in paths
+    )
+    whole_passes = cfg.sensitivity == "fisher" or not streams
     stored_dtypes = widen_for_cpu(model) if need_calibration and whole_passes else {}
+    release = None if whole_passes else block_releaser(model, model_dir)
 
     importance = None
     if cfg.sensitivity == "activation":
-        importance = activation_importance(model, paths, batches)
+        importance = activation_importance(model, paths, batches, not whole_passes, release)
     elif cfg.sensitivity == "fisher":
         importance = fisher_importance(model, paths, batches)
 
@@ -485,7 +556,6 @@ def _palettize(cfg: PalettizeConfig, out: Path) -> dict[str, Any]:
     else:
         choices = sorted(set(cfg.bit_choices))
         with tqdm(total=len(paths) * len(choices), desc="sensitivity", unit="trial") as bar:
-            release = None if whole_passes else block_releaser(model, model_dir)
             damage = measure_sensitivity(
                 model, paths, choices, cfg, batches, importance, bar, release
             )

@@ -351,6 +351,45 @@ def test_sensitivity_replays_hold_one_block_at_a_time(tiny_tokenizer, tmp_path):
     assert peaks[0] < 0.45 * block_bytes < 0.45 * peaks[1], (peaks, block_bytes)
 
 
+def test_activation_statistics_hold_one_block_at_a_time(tiny_tokenizer, tmp_path):
+    """``--sensitivity activation`` collects each projection's input statistics with the blocks
+    run one at a time and given back to disk (never the model widened whole): the same E[x^2]
+    per input channel as a whole pass of the resident model, at a fraction of its peak; a
+    lookup broadcasts the channel vector down the rows."""
+    from afm_mlx.model import block_releaser, build_model, init_weights, preset_config, save_model
+    from afm_mlx.palettize import activation_importance, linear_paths
+
+    config = preset_config("tiny", hidden_size=256, intermediate_size=1024, num_hidden_layers=6)
+    model = build_model(config)
+    init_weights(model, config, seed=3)
+    folder = save_model(tmp_path / "m", model, config, tiny_tokenizer)
+    block_bytes = sum(v.nbytes for _, v in tree_flatten(model.model.parameters()["layers"]))
+    del model
+    batches = [mx.concatenate([TOKENS, TOKENS[:, :1]], axis=1), TOKENS[:, ::-1]]
+    got, peaks = [], []
+    for streamed in (True, False):
+        model = load_model(folder, lazy=True)[0]
+        release = block_releaser(model, folder) if streamed else None
+        paths = linear_paths(model)
+        mx.reset_peak_memory()
+        imp = activation_importance(model, paths, batches, streamed, release)
+        peaks.append(mx.get_peak_memory())
+        got.append(imp)
+        del model, release
+    ours, whole = got
+    assert sorted(ours) == sorted(whole) == sorted(paths) and len(paths) == 6 * 7
+    for p in paths:
+        np.testing.assert_allclose(ours.columns[p], whole.columns[p], rtol=1e-5)
+        assert ours[p].shape == whole[p].shape == ours.shapes[p]
+        np.testing.assert_array_equal(ours[p], mx.broadcast_to(ours.columns[p], ours.shapes[p]))
+    # The inputs of q/k/v are one normed hidden state: one vector; o_proj's is another.
+    q, k = (ours.columns[f"model.layers.2.self_attn.{n}_proj"] for n in "qk")
+    assert mx.array_equal(q, k) and not mx.array_equal(
+        q, ours.columns["model.layers.2.self_attn.o_proj"]
+    )
+    assert peaks[0] < 0.45 * block_bytes < 0.45 * peaks[1], (peaks, block_bytes)
+
+
 def test_a_palettized_model_streams_block_by_block_as_it_runs_whole(lut4_dir):
     """A palettized teacher (its LUTs are float16: it counts as half precision) streams too:
     its blocks read back from disk, its 8-bit embedding as the head in one piece."""
