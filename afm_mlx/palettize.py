@@ -10,8 +10,12 @@ meet the budget with the least summed damage.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -242,6 +246,103 @@ def fisher_importance(model: nn.Module, paths: list[str], batches) -> dict[str, 
                 acc[name] = acc.get(name, 0) + g.astype(mx.float32) ** 2
         mx.eval(acc)
     return {p: acc[f"{p}.weight"] / len(batches) + 1e-12 for p in paths}
+
+
+class StoredImportance(Mapping):
+    """Per-weight importance kept on disk, one safetensors file per block (``files[path]``): a
+    lookup reads that layer's array afresh (lazily: when the caller evaluates it), so the
+    importance of the whole model (4 bytes per weight) is never in memory at once."""
+
+    def __init__(self, files: dict[str, Path]):
+        self.files = files
+
+    def __getitem__(self, path: str) -> mx.array:
+        return mx.load(str(self.files[path]))[path]
+
+    def __iter__(self):
+        return iter(self.files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+def _head_grad(model: nn.Module, h: mx.array, targets: mx.array) -> mx.array:
+    """d(mean next-token NLL)/d(last block's output ``h``), with the head widened one slice of
+    the vocabulary at a time (``head_slices``): the log-sum-exp first, then per slice the
+    softmax minus the one-hot targets taken back through it, then back through the final norm."""
+    with float32_on_cpu(model.model.norm) as norm:
+
+        def normed_of(x: mx.array) -> mx.array:
+            return norm(x).astype(mx.float32)
+
+        normed = normed_of(h)
+        mx.eval(normed)
+        slices = list(head_slices(model))
+        lse = mx.full(normed.shape[:-1], -mx.inf)
+        for logits in slices:
+            lse = mx.logaddexp(lse, mx.logsumexp(logits(normed), axis=-1))
+            mx.eval(lse)
+        start, grad = 0, mx.zeros_like(normed)
+        for logits in slices:
+            z = logits(normed)
+            ids = mx.arange(start, start + z.shape[-1])
+            cot = (mx.exp(z - lse[..., None]) - (targets[..., None] == ids)) / targets.size
+            grad = grad + mx.vjp(logits, [normed], [cot])[1][0]
+            mx.eval(grad)
+            start += z.shape[-1]
+        back = mx.vjp(normed_of, [h], [grad])[1][0]
+        mx.eval(back)
+    return back
+
+
+def fisher_importance_streamed(
+    model: nn.Module, paths: list[str], batches, release, folder: Path
+) -> StoredImportance:
+    """``fisher_importance`` a block at a time: a forward pass records each block's inputs
+    (``_block_inputs``: each block widened while it runs, then given back to disk with
+    ``release``); the loss gradient comes back through the head a slice at a time
+    (``_head_grad``); then from the last block down each block is widened, differentiated
+    alone on every batch (its weights' squared gradients summed, its input gradient passed
+    down) and given back, and its importance saved to ``folder`` (``StoredImportance``).
+    Holds one block, its gradients and the calibration activations, not the model."""
+    prefix = "model.layers."
+    per_block: dict[int, list[str]] = {}
+    for p in paths:
+        i, rel = p.removeprefix(prefix).split(".", 1)
+        per_block.setdefault(int(i), []).append(rel)
+    calls, last = _block_inputs(model, [b[:, :-1] for b in batches], release)
+    cots = [_head_grad(model, h, b[:, 1:]) for h, b in zip(last, batches)]
+    del last
+    blocks = model.model.layers
+    files: dict[str, Path] = {}
+    for i in reversed(range(len(blocks))):
+        rels = per_block.get(i, [])
+        names = [f"{rel}.weight" for rel in rels]
+        acc = [0.0] * len(names)
+        with float32_on_cpu(blocks[i]) as block:
+            params = dict(tree_flatten(block.parameters()))
+            weights = [params[n] for n in names]
+            for j, (x, args, kwargs) in enumerate(calls[i]):
+
+                def run(x, *ws, names=names, args=args, kwargs=kwargs):
+                    block.update(tree_unflatten(list(zip(names, ws))))
+                    return block(x, *args, **kwargs)
+
+                _, grads = mx.vjp(run, [x, *weights], [cots[j]])
+                cots[j] = grads[0]
+                acc = [a + g.astype(mx.float32) ** 2 for a, g in zip(acc, grads[1:])]
+                mx.eval(cots[j], acc)
+            block.update(tree_unflatten(list(zip(names, weights))))
+        calls[i] = None  # this block's inputs are no longer needed
+        if release is not None:
+            release(i)
+        if rels:
+            arrays = {f"{prefix}{i}.{rel}": a / len(batches) + 1e-12 for rel, a in zip(rels, acc)}
+            file = folder / f"block{i}.safetensors"
+            mx.save_safetensors(str(file), arrays)
+            files.update({p: file for p in arrays})
+            del arrays, acc
+    return StoredImportance({p: files[p] for p in paths})
 
 
 # --- mixed-bit allocation ----------------------------------------------------------------------
@@ -485,7 +586,8 @@ def palettize(cfg: PalettizeConfig) -> dict[str, Any]:
     check_new_output(out)
     with output_lock(out):
         check_new_output(out)  # again: another process may have finished it meanwhile
-        return _palettize(cfg, out)
+        with contextlib.ExitStack() as cleanup:  # scratch files, removed however it ends
+            return _palettize(cfg, out, cleanup)
 
 
 def check_fused_groups(
@@ -505,7 +607,7 @@ def check_fused_groups(
                 )
 
 
-def _palettize(cfg: PalettizeConfig, out: Path) -> dict[str, Any]:
+def _palettize(cfg: PalettizeConfig, out: Path, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     from tqdm import tqdm
 
     start = time.perf_counter()
@@ -534,20 +636,26 @@ def _palettize(cfg: PalettizeConfig, out: Path) -> dict[str, Any]:
             raise UserError(f"{flag} {group}: {p}: {e}") from e
     check_fused_groups(family_for(config, cfg.model).fused(config), paths, cfg.group_size, cfg.axis)
     batches = calibration_batches(cfg, model_dir, config["vocab_size"]) if need_calibration else []
-    # Fisher importance (gradients) and the passes of a family whose blocks cannot run alone
-    # (afm7) take the whole model at once: it is widened to float32 on the CPU. Otherwise each
-    # block is widened while it runs (input statistics, sensitivity replays) and, where the
-    # checkpoint allows, given back to disk afterwards.
+    # The passes of a family whose blocks cannot run alone (afm7: later blocks read caches that
+    # earlier ones fill) take the whole model at once: it is widened to float32 on the CPU.
+    # Otherwise each block is widened while it runs (input statistics, gradients, sensitivity
+    # replays) and, where the checkpoint allows, given back to disk afterwards.
     streams = family_for(config, cfg.model).replay_blocks and all(
         p.startswith("model.layers.") for p in paths
     )
-    whole_passes = cfg.sensitivity == "fisher" or not streams
-    stored_dtypes = widen_for_cpu(model) if need_calibration and whole_passes else {}
-    release = None if whole_passes else block_releaser(model, model_dir)
+    stored_dtypes = widen_for_cpu(model) if need_calibration and not streams else {}
+    release = block_releaser(model, model_dir) if streams else None
 
     importance = None
     if cfg.sensitivity == "activation":
-        importance = activation_importance(model, paths, batches, not whole_passes, release)
+        importance = activation_importance(model, paths, batches, streams, release)
+    elif cfg.sensitivity == "fisher" and streams:
+        # Per-weight importance of every layer (4 bytes per weight) waits on disk, beside the
+        # output, until its layer is palettized.
+        out.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-{out.name}-", dir=out.parent))
+        cleanup.callback(shutil.rmtree, scratch, ignore_errors=True)
+        importance = fisher_importance_streamed(model, paths, batches, release, scratch)
     elif cfg.sensitivity == "fisher":
         importance = fisher_importance(model, paths, batches)
 

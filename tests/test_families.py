@@ -219,6 +219,34 @@ def test_sensitivity_replays_the_familys_masks(family_dir):
         assert want > 0 and got[path][2] == pytest.approx(want, rel=1e-4)
 
 
+def test_importance_a_block_at_a_time_equals_the_whole_model(family_dir, tmp_path):
+    """``--sensitivity activation|fisher`` run the family's blocks one at a time (its masks and
+    embedding scale come from the model's own pass): the same input statistics and mean squared
+    gradients as a whole pass of the resident model."""
+    from afm_mlx.model import block_releaser
+    from afm_mlx.palettize import (
+        activation_importance,
+        fisher_importance,
+        fisher_importance_streamed,
+    )
+
+    model, config, _ = load_model(family_dir)
+    if not family_for(config, "t").replay_blocks:
+        pytest.skip("afm7's blocks read caches that earlier blocks fill: whole passes only")
+    paths = linear_paths(model)
+    batches = [mx.concatenate([TOKENS, TOKENS[:, :1]], axis=1), TOKENS[:, ::-1]]
+    act_whole = activation_importance(model, paths, batches)
+    fisher_whole = fisher_importance(model, paths, batches)
+    lazy = load_model(family_dir, lazy=True)[0]
+    release = block_releaser(lazy, family_dir)
+    act = activation_importance(lazy, paths, batches, True, release)
+    fisher = fisher_importance_streamed(lazy, paths, batches, release, tmp_path)
+    for p in paths:
+        np.testing.assert_allclose(act.columns[p], act_whole.columns[p], rtol=1e-5)
+        top = fisher_whole[p].max().item()
+        np.testing.assert_allclose(fisher[p], fisher_whole[p], rtol=1e-4, atol=1e-5 * top)
+
+
 def test_a_half_precision_model_streamed_block_by_block_gives_its_widened_logits(
     family_dir, tmp_path
 ):

@@ -220,6 +220,7 @@ def test_sensitivity_weighting_runs_and_is_recorded(tiny_model_dir, tmp_path, se
     palettize(cfg)
     config = json.loads((tmp_path / sensitivity / "config.json").read_text())
     assert config["palettization"]["sensitivity"] == sensitivity
+    assert [p.name for p in tmp_path.iterdir()] == [sensitivity]  # no scratch files left
 
 
 def test_budget_below_two_bits_and_below_reach(tiny_model_dir, tmp_path):
@@ -388,6 +389,58 @@ def test_activation_statistics_hold_one_block_at_a_time(tiny_tokenizer, tmp_path
         q, ours.columns["model.layers.2.self_attn.o_proj"]
     )
     assert peaks[0] < 0.45 * block_bytes < 0.45 * peaks[1], (peaks, block_bytes)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fisher_a_block_at_a_time_equals_the_whole_gradient(tiny_tokenizer, tmp_path, dtype):
+    """``--sensitivity fisher`` differentiates one block at a time (widened, then given back to
+    disk) and keeps the importance on disk: the same mean squared gradients as
+    ``nn.value_and_grad`` over the whole float32 model, at a fraction of its peak memory, and
+    a lookup reads one layer's array from disk."""
+    from afm_mlx.model import (
+        block_releaser,
+        build_model,
+        init_weights,
+        preset_config,
+        save_model,
+        widen_for_cpu,
+    )
+    from afm_mlx.palettize import fisher_importance, fisher_importance_streamed, linear_paths
+
+    config = preset_config("tiny", hidden_size=256, intermediate_size=1024, num_hidden_layers=6)
+    model = build_model(config)
+    init_weights(model, config, seed=3)
+    if dtype == "bfloat16":
+        model.set_dtype(mx.bfloat16)
+    folder = save_model(tmp_path / "m", model, config, tiny_tokenizer)
+    block_bytes = sum(v.nbytes for _, v in tree_flatten(model.model.parameters()["layers"]))
+    del model
+    batches = [mx.concatenate([TOKENS, TOKENS[:, :1]], axis=1), TOKENS[:, ::-1]]
+    peaks = []
+    model = load_model(folder, lazy=True)[0]
+    paths = linear_paths(model)
+    (tmp_path / "scratch").mkdir()
+    mx.reset_peak_memory()
+    ours = fisher_importance_streamed(
+        model, paths, batches, block_releaser(model, folder), tmp_path / "scratch"
+    )
+    peaks.append(mx.get_peak_memory())
+    del model
+    model = load_model(folder)[0]
+    widen_for_cpu(model)
+    mx.reset_peak_memory()
+    whole = fisher_importance(model, paths, batches)
+    peaks.append(mx.get_peak_memory())
+    assert sorted(ours) == sorted(whole) == sorted(paths) and len(paths) == 6 * 7
+    before = mx.get_active_memory()
+    for p in paths:
+        got = ours[p]
+        np.testing.assert_allclose(got, whole[p], rtol=1e-4, atol=1e-5 * whole[p].max().item())
+        assert got.dtype == mx.float32 and got.shape == whole[p].shape
+    del got
+    assert mx.get_active_memory() - before < 1024  # nothing kept from the lookups
+    assert len(list((tmp_path / "scratch").iterdir())) == 6  # one file per block
+    assert peaks[0] < 0.5 * peaks[1], (peaks, block_bytes)
 
 
 def test_a_palettized_model_streams_block_by_block_as_it_runs_whole(lut4_dir):
