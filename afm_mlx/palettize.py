@@ -83,7 +83,8 @@ class PalettizeConfig:
     sensitivity: str = field(
         default="none",
         metadata={
-            "help": "per-weight importance for k-means",
+            "help": "per-weight importance for k-means (fisher keeps it on disk beside --out "
+            "meanwhile: 4 bytes per weight)",
             "choices": ["none", "activation", "fisher"],
         },
     )

@@ -81,7 +81,8 @@ def _load_teacher(path_or_repo: str):
     if path is not None and needs_widening(teacher) and model_family(teacher).replay_blocks:
         release = block_releaser(teacher, path)
         if release is not None:
-            return teacher, config, functools.partial(streamed_logits, teacher, release)
+            streamed = functools.partial(streamed_logits, teacher, release, path=path)
+            return teacher, config, streamed
     widen_for_cpu(teacher)  # a bfloat16 teacher's passes are 15-25x slower on the CPU
     mx.eval(teacher.parameters())
     return teacher, config, None

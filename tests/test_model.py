@@ -153,3 +153,74 @@ def test_inconsistent_configs_are_refused(change, match):
 def test_unknown_preset():
     with pytest.raises(UserError, match="unknown preset 'huge'"):
         preset_config("huge")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_stored_table_reads_rows_as_stored(tmp_path, dtype):
+    """``StoredTable`` reads rows of a safetensors tensor straight from the file: the rows
+    ``mx.load`` gives, in the stored dtype, for slices and for lookups of any shape (repeated
+    ids included); names stored otherwise are not offered; a truncated file is a clear error."""
+    from afm_mlx.model import StoredTable
+
+    rng = np.random.default_rng(0)
+    table = mx.array(rng.standard_normal((300, 24)).astype(np.float32)).astype(getattr(mx, dtype))
+    other = mx.arange(10)
+    file = tmp_path / "model.safetensors"
+    mx.save_safetensors(str(file), {"a.weight": other, "model.embed_tokens.weight": table})
+    stored = StoredTable.find(tmp_path, "model.embed_tokens.weight")
+    assert stored.shape == (300, 24) and stored.dtype == table.dtype
+    assert StoredTable.find(tmp_path, "a.weight") is None  # 1-D int: not a table
+    assert StoredTable.find(tmp_path, "missing") is None
+    got = stored.rows(100, 164)
+    assert got.dtype == table.dtype and mx.array_equal(got, table[100:164])
+    assert mx.array_equal(stored.rows(290, 400), table[290:])  # clipped to the table
+    ids = mx.array([[5, 299, 5, 0], [7, 7, 1, 2]])
+    assert mx.array_equal(stored.take(ids), table[ids])
+    with pytest.raises(UserError, match="outside the 300-row"):
+        stored.take(mx.array([300]))
+    file.write_bytes(file.read_bytes()[:-500])
+    with pytest.raises(UserError, match="truncated"):
+        stored.rows(280, 300)
+
+
+def test_streamed_teacher_reads_its_table_a_slice_at_a_time(tmp_path, tiny_tokenizer):
+    """A recovery teacher's pass (``streamed_logits`` with the model's folder) takes its
+    embedding rows and each head slice from the file: the same logits as the float32 copy, for
+    tied and untied heads, at a peak well under the whole bfloat16 table it read before."""
+    from afm_mlx import model as model_module
+    from afm_mlx.model import (
+        block_releaser,
+        build_model,
+        init_weights,
+        preset_config,
+        save_model,
+        streamed_logits,
+    )
+
+    tokens = mx.array([[5, 17, 300, 42, 9, 77, 123, 4, 250, 8]])
+    for tied in (True, False):
+        config = preset_config(
+            "tiny", vocab_size=131072, hidden_size=128, num_hidden_layers=2,
+            tie_word_embeddings=tied,
+        )  # fmt: skip
+        model = build_model(config)
+        init_weights(model, config, seed=1)
+        model.set_dtype(mx.bfloat16)
+        folder = save_model(tmp_path / f"tied{tied}", model, config, tiny_tokenizer)
+        model.set_dtype(mx.float32)
+        want = np.array(model(tokens))
+        table_bytes = 131072 * 128 * 2  # 8 head slices
+        del model
+        peaks = []
+        for path in (folder, None):
+            lazy = load_model(folder, lazy=True)[0]
+            release = block_releaser(lazy, folder)
+            mx.eval(tokens)
+            mx.reset_peak_memory()
+            before = mx.get_active_memory()
+            got = np.array(streamed_logits(lazy, release, tokens, path=path))
+            peaks.append(mx.get_peak_memory() - before)
+            np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(want).max())
+            del lazy, release
+        assert peaks[0] < 0.6 * table_bytes < table_bytes < peaks[1], (tied, peaks, table_bytes)
+    assert model_module.HEAD_ROWS == 16384  # the slices the peak above counts on
