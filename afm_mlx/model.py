@@ -492,13 +492,13 @@ class StoredTable:
         if flat.size and (flat.min() < 0 or flat.max() >= self.shape[0]):
             raise UserError(f"token ids outside the {self.shape[0]}-row {self.name}")
         unique, where = np.unique(flat, return_inverse=True)
+        got = np.zeros((len(unique), self.shape[1]), self._np)
         fd = os.open(self.file, os.O_RDONLY)
         try:
-            got = np.concatenate([self._read(fd, int(r), 1) for r in unique]) if flat.size else None
+            for j, row in enumerate(unique):
+                got[j] = self._read(fd, int(row), 1)[0]
         finally:
             os.close(fd)
-        if got is None:
-            got = np.zeros((0, self.shape[1]), self._np)
         return self._array(got[where]).reshape(*ids.shape, self.shape[1])
 
 

@@ -169,6 +169,18 @@ class ColumnImportance(Mapping):
         return len(self.columns)
 
 
+_BLOCKS = "model.layers."  # where the blocks a pass streams sit (``blocks_streamed``)
+
+
+def _per_block(paths: list[str]) -> dict[int, list[str]]:
+    """Block index -> the paths of its projections relative to the block (``self_attn.q_proj``)."""
+    out: dict[int, list[str]] = {}
+    for p in paths:
+        i, rel = p.removeprefix(_BLOCKS).split(".", 1)
+        out.setdefault(int(i), []).append(rel)
+    return out
+
+
 class _StatsBlock(StreamedBlock):
     """A ``StreamedBlock`` that adds up the second moment of its projections' inputs each time
     it runs (``sums[rel]``: (sum of x_j^2 per input channel, tokens))."""
@@ -205,11 +217,7 @@ def activation_importance(
     shapes = {p: tuple(modules[p].weight.shape) for p in paths}
     sums: dict[str, tuple[mx.array, int]] = {}
     if streamed:
-        prefix = "model.layers."
-        per_block: dict[int, list[str]] = {}
-        for p in paths:
-            i, rel = p.removeprefix(prefix).split(".", 1)
-            per_block.setdefault(int(i), []).append(rel)
+        prefix, per_block = _BLOCKS, _per_block(paths)
         with blocks_streamed(model, release, wrap=_StatsBlock) as blocks:
             for i, block in enumerate(blocks):
                 block.rels = per_block.get(i, [])
@@ -306,11 +314,7 @@ def fisher_importance_streamed(
     alone on every batch (its weights' squared gradients summed, its input gradient passed
     down) and given back, and its importance saved to ``folder`` (``StoredImportance``).
     Holds one block, its gradients and the calibration activations, not the model."""
-    prefix = "model.layers."
-    per_block: dict[int, list[str]] = {}
-    for p in paths:
-        i, rel = p.removeprefix(prefix).split(".", 1)
-        per_block.setdefault(int(i), []).append(rel)
+    prefix, per_block = _BLOCKS, _per_block(paths)
     calls, last = _block_inputs(model, [b[:, :-1] for b in batches], release)
     cots = [_head_grad(model, h, b[:, 1:]) for h, b in zip(last, batches)]
     del last
@@ -642,10 +646,10 @@ def _palettize(cfg: PalettizeConfig, out: Path, cleanup: contextlib.ExitStack) -
     # Otherwise each block is widened while it runs (input statistics, gradients, sensitivity
     # replays) and, where the checkpoint allows, given back to disk afterwards.
     streams = family_for(config, cfg.model).replay_blocks and all(
-        p.startswith("model.layers.") for p in paths
+        p.startswith(_BLOCKS) for p in paths
     )
     stored_dtypes = widen_for_cpu(model) if need_calibration and not streams else {}
-    release = block_releaser(model, model_dir) if streams else None
+    release = block_releaser(model, model_dir) if need_calibration and streams else None
 
     importance = None
     if cfg.sensitivity == "activation":

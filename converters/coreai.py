@@ -59,7 +59,7 @@ def _write_asset(
     build = time.perf_counter() - start
     say(f"built {len(plan.functions)} functions ({cfg.compute_dtype} compute) in {build:.1f} s")
     metadata = {**plan.metadata(cfg), "afm_mlx.compute_dtype": cfg.compute_dtype}
-    plan.release()  # the blobs hold packed copies: the unpacked indices can go before saving
+    plan.release()  # the blobs point at the packed rows themselves; the rest of the plan can go
     save_program(program, staged, metadata)
     del program, weights
     return {"build": build, "save": time.perf_counter() - start - build}

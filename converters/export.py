@@ -77,8 +77,8 @@ class ModelPlan:
     functions: list[Function]
 
     def release(self) -> None:
-        """Drop the weights once every function is built (a writer that saves afterwards frees a
-        3B model's unpacked indices before its own memory peak)."""
+        """Drop the weights once every function is built (a writer that saves afterwards frees
+        what its program does not hold before its own memory peak)."""
         self.weights = None  # type: ignore[assignment]
         self.loras = []
         for f in self.functions:
@@ -140,8 +140,8 @@ def read_model(cfg: ExportConfig, model_dir: Path, adapters: list[tuple[str, Pat
     config = read_json(model_dir / "config.json", "model config (config.json)")
     check_convertible(config, str(model_dir / "config.json"))
     # fp or palettized (config.json "palettization"), read a block at a time into the plan: each
-    # block is given back to disk once read (the plan holds a palettized model's indices
-    # unpacked, 1 byte per weight, as coremltools takes them: the model beside it doubled that).
+    # block is given back to disk once read (the plan holds a palettized model's packed indices,
+    # views of the arrays read, and copies of everything else: the model beside it doubled that).
     model, config, path = load_model(model_dir, lazy=True)
     release = block_releaser(model, path)
     fingerprint = ""

@@ -1,7 +1,7 @@
 """MLX model -> the lowering plan shared by both Apple emitters (Core ML and Core AI).
 
 The plan is plain NumPy: every weight exactly as the model stores it (float arrays in the model's
-precision, or for palettized layers the uint8 indices and fp16 LUTs, untouched), RoPE tables read
+precision, or for palettized layers the packed indices and fp16 LUTs, untouched), RoPE tables read
 off the model's own RoPE module, the layer list, the LM head split into vocabulary chunks, adapter
 pairs, and the checks of what is convertible. It keeps the emitters free of MLX and makes the
 bit-exactness claim easy to state: whatever is in a ``LutMatrix`` is what lands in the package or
