@@ -477,6 +477,14 @@ class StoredTable:
         out = mx.array(a)
         return out.view(self.dtype) if self.dtype == mx.bfloat16 else out
 
+    def __getitem__(self, rows: slice) -> mx.array:
+        """Rows of a slice, as ``weight[a:b]`` gives them (what k-means takes of a weight whose
+        LUTs group rows)."""
+        start, stop, step = rows.indices(self.shape[0])
+        if step != 1:
+            raise ValueError(f"{self.name}: rows are read in contiguous slices")
+        return self.rows(start, stop)
+
     def rows(self, start: int, stop: int) -> mx.array:
         """Rows ``start:stop``."""
         stop = min(stop, self.shape[0])

@@ -43,6 +43,7 @@ from afm_mlx.model import (
     load_model,
     restore_dtypes,
     save_model,
+    stored_tables,
     widen_for_cpu,
 )
 from afm_mlx.packing import packed_length
@@ -688,10 +689,18 @@ def _palettize(cfg: PalettizeConfig, out: Path, cleanup: contextlib.ExitStack) -
             bar.set_postfix_str(path.removeprefix("model."), refresh=False)
             bar.update(1)
 
+        # The embedding's rows come from the file a slice at a time, not the table whole.
+        table = stored_tables(model, model_dir)[0]
+        sources = {p: table for p in embeddings if p == "model.embed_tokens" and table is not None}
         errors: dict[str, float] = {}
         try:
             chosen = palettize_model(
-                model, predicate, importance=importance, on_layer=advance, errors=errors
+                model,
+                predicate,
+                importance=importance,
+                on_layer=advance,
+                errors=errors,
+                sources=sources,
             )
         except ValueError as e:
             raise UserError(f"--group-size/--bits: {e}") from e

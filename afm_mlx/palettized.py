@@ -269,11 +269,20 @@ class PalettizedEmbedding(_Palettized):
         group_size: int = 1,
         axis: int = 0,
         importance: mx.array | None = None,
+        source=None,
     ) -> PalettizedEmbedding:
-        """Palettize ``embedding`` (default: AFM's 8-bit per-channel LUTs)."""
+        """Palettize ``embedding`` (default: AFM's 8-bit per-channel LUTs). ``source``, when
+        given, is the table as stored (``model.StoredTable``): k-means, whose groups of rows it
+        takes a slice at a time, reads those rows from the file instead of the whole weight."""
         num_embeddings, dims = embedding.weight.shape
         layer = cls(num_embeddings, dims, bits, group_size, axis)
-        layer._fill(embedding.weight, importance)
+        if source is not None and (
+            axis != 0
+            or (tuple(source.shape), source.dtype)
+            != (tuple(embedding.weight.shape), embedding.weight.dtype)
+        ):
+            raise ValueError(f"{source.name}: not this embedding's table, or groups of columns")
+        layer._fill(embedding.weight if source is None else source, importance)
         return layer
 
     def __call__(self, ids: mx.array) -> mx.array:
@@ -319,6 +328,7 @@ def palettize_model(
     importance: Mapping[str, mx.array] | Callable[[str, nn.Module], mx.array | None] | None = None,
     on_layer: Callable[[str, int, int], None] | None = None,
     errors: dict[str, float] | None = None,
+    sources: Mapping[str, Any] | None = None,
 ) -> dict[str, dict[str, int]]:
     """Replace ``nn.Linear`` (and, if the predicate accepts them, ``nn.Embedding``) layers in place.
 
@@ -330,6 +340,8 @@ def palettize_model(
     only when its turn comes: the peak is the palettized model plus one dense layer);
     ``on_layer(path, done, total)`` is called after each (a progress bar). ``errors``, if given,
     receives each linear layer's relative reconstruction error ``|W - W_q|^2 / |W|^2``.
+    ``sources`` maps an embedding's path to its table as stored (``model.StoredTable``), read a
+    slice of rows at a time (``PalettizedEmbedding.from_embedding``).
 
     Returns ``{path: {"bits", "group_size", "axis"}}`` for every palettized layer, the record that
     ``apply_palettization_config`` rebuilds the layers from.
@@ -343,7 +355,10 @@ def palettize_model(
         else:
             imp = None if importance is None else importance.get(path)
         if isinstance(module, nn.Embedding):
-            new = PalettizedEmbedding.from_embedding(module, importance=imp, **settings)
+            source = None if sources is None else sources.get(path)
+            new = PalettizedEmbedding.from_embedding(
+                module, importance=imp, source=source, **settings
+            )
         else:
             new = PalettizedLinear.from_linear(module, importance=imp, **settings)
             if errors is not None:

@@ -323,6 +323,40 @@ def test_fixed_bits_read_and_free_one_layer_at_a_time(tiny_tokenizer, tmp_path, 
         assert row["rel_mse"] == pytest.approx(want, rel=1e-5)
 
 
+def test_the_embedding_is_read_a_slice_of_rows_at_a_time(tiny_tokenizer, tmp_path, monkeypatch):
+    """k-means reads the embedding's rows from the checkpoint a slice at a time
+    (``model.StoredTable``) instead of the whole bfloat16 table: the same checkpoint, byte for
+    byte, for most of the table's size less MLX memory."""
+    import afm_mlx.palettize as stage
+    from afm_mlx.model import build_model, init_weights, preset_config, save_model
+
+    vocab, hidden = 32768, 64
+    config = preset_config(
+        "tiny", vocab_size=vocab, hidden_size=hidden, num_hidden_layers=2, intermediate_size=256
+    )
+    model = build_model(config)
+    init_weights(model, config, seed=2)
+    model.set_dtype(mx.bfloat16)
+    folder = save_model(tmp_path / "bf16", model, config, tiny_tokenizer)
+    del model
+    table_bytes = vocab * hidden * 2
+
+    def peak_of(out: str) -> int:
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        palettize(PalettizeConfig(model=str(folder), out=str(tmp_path / out), bits=4))
+        return mx.get_peak_memory() - base
+
+    sliced = peak_of("sliced")
+    monkeypatch.setattr(stage, "stored_tables", lambda model, path: (None, None))
+    whole = peak_of("whole")
+    assert whole - sliced > 0.6 * table_bytes, (sliced, whole, table_bytes)
+    assert (tmp_path / "sliced/model.safetensors").read_bytes() == (
+        tmp_path / "whole/model.safetensors"
+    ).read_bytes()
+
+
 def test_sensitivity_replays_hold_one_block_at_a_time(tiny_tokenizer, tmp_path):
     """With ``block_releaser`` the replays give each block back to disk after its turn: the
     peak holds a couple of blocks, not the model; and the blocks read back are the model's own
