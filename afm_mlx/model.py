@@ -594,7 +594,8 @@ def stored_tables(model: nn.Module, path: Path) -> tuple[StoredTable | None, Sto
         held = (tuple(layer.weight.shape), layer.weight.dtype)
         return t if t is not None and (t.shape, t.dtype) == held else None
 
-    table = stored("model.embed_tokens.weight", model.model.embed_tokens, nn.Embedding)
+    embed = getattr(model.model, "embed_tokens", None)  # afm7 names its own otherwise
+    table = None if embed is None else stored("model.embed_tokens.weight", embed, nn.Embedding)
     if "lm_head" not in model:
         return table, table
     return table, stored("lm_head.weight", model.lm_head, nn.Linear)
