@@ -213,7 +213,8 @@ def test_distillation_training_reduces_the_loss(
 
 
 def test_default_cli_run_learns_and_writes_a_model_that_generates(tmp_path):
-    """`python -m afm_mlx.train` with its defaults (small preset, Shakespeare), fewer steps."""
+    """`python -m afm_mlx.train` with its defaults (small preset, Shakespeare), fewer steps and
+    validation batches (each default evaluation, 20 batches, takes ~20 s here)."""
     out = tmp_path / "run"
     proc = run_cli(
         "afm_mlx.train",
@@ -223,6 +224,8 @@ def test_default_cli_run_learns_and_writes_a_model_that_generates(tmp_path):
         "12",
         "--eval-every",
         "6",
+        "--eval-batches",
+        "4",
         "--sample-tokens",
         "12",
         "--no-progress",
