@@ -362,19 +362,27 @@ def test_the_embedding_is_read_a_slice_of_rows_at_a_time(tiny_tokenizer, tmp_pat
     ).read_bytes()
 
 
-def test_sensitivity_replays_hold_one_block_at_a_time(tiny_tokenizer, tmp_path):
-    """With ``block_releaser`` the replays give each block back to disk after its turn: the
-    peak holds a couple of blocks, not the model; and the blocks read back are the model's own
-    (the damage is the same as with the model resident)."""
-    from afm_mlx.model import block_releaser, build_model, init_weights, preset_config, save_model
-    from afm_mlx.palettize import linear_paths, measure_sensitivity
+def _six_blocks(tokenizer, tmp_path, dtype=None):
+    """(folder, bytes of its blocks) of a saved 6-block random model, in ``dtype`` if given."""
+    from afm_mlx.model import build_model, init_weights, preset_config, save_model
 
     config = preset_config("tiny", hidden_size=256, intermediate_size=1024, num_hidden_layers=6)
     model = build_model(config)
     init_weights(model, config, seed=3)
-    folder = save_model(tmp_path / "m", model, config, tiny_tokenizer)
-    block_bytes = sum(v.nbytes for _, v in tree_flatten(model.model.parameters()["layers"]))
-    del model
+    if dtype is not None:
+        model.set_dtype(dtype)
+    folder = save_model(tmp_path / "m", model, config, tokenizer)
+    return folder, sum(v.nbytes for _, v in tree_flatten(model.model.parameters()["layers"]))
+
+
+def test_sensitivity_replays_hold_one_block_at_a_time(tiny_tokenizer, tmp_path):
+    """With ``block_releaser`` the replays give each block back to disk after its turn: the
+    peak holds a couple of blocks, not the model; and the blocks read back are the model's own
+    (the damage is the same as with the model resident)."""
+    from afm_mlx.model import block_releaser
+    from afm_mlx.palettize import linear_paths, measure_sensitivity
+
+    folder, block_bytes = _six_blocks(tiny_tokenizer, tmp_path)
     cfg = PalettizeConfig(model=str(folder), out="unused", group_size=16)
     batches = [mx.concatenate([TOKENS, TOKENS[:, :1]], axis=1)]
     damage, peaks = [], []
@@ -396,15 +404,10 @@ def test_activation_statistics_hold_one_block_at_a_time(tiny_tokenizer, tmp_path
     run one at a time and given back to disk (never the model widened whole): the same E[x^2]
     per input channel as a whole pass of the resident model, at a fraction of its peak; a
     lookup broadcasts the channel vector down the rows."""
-    from afm_mlx.model import block_releaser, build_model, init_weights, preset_config, save_model
+    from afm_mlx.model import block_releaser
     from afm_mlx.palettize import activation_importance, linear_paths
 
-    config = preset_config("tiny", hidden_size=256, intermediate_size=1024, num_hidden_layers=6)
-    model = build_model(config)
-    init_weights(model, config, seed=3)
-    folder = save_model(tmp_path / "m", model, config, tiny_tokenizer)
-    block_bytes = sum(v.nbytes for _, v in tree_flatten(model.model.parameters()["layers"]))
-    del model
+    folder, block_bytes = _six_blocks(tiny_tokenizer, tmp_path)
     batches = [mx.concatenate([TOKENS, TOKENS[:, :1]], axis=1), TOKENS[:, ::-1]]
     got, peaks = [], []
     for streamed in (True, False):
@@ -436,24 +439,10 @@ def test_fisher_a_block_at_a_time_equals_the_whole_gradient(tiny_tokenizer, tmp_
     disk) and keeps the importance on disk: the same mean squared gradients as
     ``nn.value_and_grad`` over the whole float32 model, at a fraction of its peak memory, and
     a lookup reads one layer's array from disk."""
-    from afm_mlx.model import (
-        block_releaser,
-        build_model,
-        init_weights,
-        preset_config,
-        save_model,
-        widen_for_cpu,
-    )
+    from afm_mlx.model import block_releaser, widen_for_cpu
     from afm_mlx.palettize import fisher_importance, fisher_importance_streamed, linear_paths
 
-    config = preset_config("tiny", hidden_size=256, intermediate_size=1024, num_hidden_layers=6)
-    model = build_model(config)
-    init_weights(model, config, seed=3)
-    if dtype == "bfloat16":
-        model.set_dtype(mx.bfloat16)
-    folder = save_model(tmp_path / "m", model, config, tiny_tokenizer)
-    block_bytes = sum(v.nbytes for _, v in tree_flatten(model.model.parameters()["layers"]))
-    del model
+    folder, block_bytes = _six_blocks(tiny_tokenizer, tmp_path, getattr(mx, dtype))
     batches = [mx.concatenate([TOKENS, TOKENS[:, :1]], axis=1), TOKENS[:, ::-1]]
     peaks = []
     model = load_model(folder, lazy=True)[0]
