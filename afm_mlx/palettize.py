@@ -278,29 +278,20 @@ class StoredImportance(Mapping):
 
 def _head_grad(model: nn.Module, h: mx.array, targets: mx.array) -> mx.array:
     """d(mean next-token NLL)/d(last block's output ``h``), with the head widened one slice of
-    the vocabulary at a time (``head_slices``): the log-sum-exp first, then per slice the
-    softmax minus the one-hot targets taken back through it, then back through the final norm."""
+    the vocabulary at a time: the normed states and log-sum-exp (``_reference``), then per
+    slice the softmax minus the one-hot targets taken back through it, then back through the
+    final norm."""
+    normed, lse = _reference(model, h)
+    start, grad = 0, mx.zeros_like(normed)
+    for logits in head_slices(model):
+        z = logits(normed)
+        ids = mx.arange(start, start + z.shape[-1])
+        cot = (mx.exp(z - lse[..., None]) - (targets[..., None] == ids)) / targets.size
+        grad = grad + mx.vjp(logits, [normed], [cot])[1][0]
+        mx.eval(grad)
+        start += z.shape[-1]
     with float32_on_cpu(model.model.norm) as norm:
-
-        def normed_of(x: mx.array) -> mx.array:
-            return norm(x).astype(mx.float32)
-
-        normed = normed_of(h)
-        mx.eval(normed)
-        slices = list(head_slices(model))
-        lse = mx.full(normed.shape[:-1], -mx.inf)
-        for logits in slices:
-            lse = mx.logaddexp(lse, mx.logsumexp(logits(normed), axis=-1))
-            mx.eval(lse)
-        start, grad = 0, mx.zeros_like(normed)
-        for logits in slices:
-            z = logits(normed)
-            ids = mx.arange(start, start + z.shape[-1])
-            cot = (mx.exp(z - lse[..., None]) - (targets[..., None] == ids)) / targets.size
-            grad = grad + mx.vjp(logits, [normed], [cot])[1][0]
-            mx.eval(grad)
-            start += z.shape[-1]
-        back = mx.vjp(normed_of, [h], [grad])[1][0]
+        back = mx.vjp(lambda x: norm(x).astype(mx.float32), [h], [grad])[1][0]
         mx.eval(back)
     return back
 
