@@ -605,16 +605,17 @@ def streamed_logits(
     model: nn.Module,
     release: Callable[[int | None], None] | None,
     x: mx.array,
-    path: Path | None = None,
+    tables: tuple[StoredTable | None, StoredTable | None] = (None, None),
 ) -> mx.array:
     """float32 logits of a half-precision model without a float32 copy of it: each block runs
     widened in turn (and, with ``release``, is read from disk and given back, ``block_releaser``,
     as are the embedding and head at the end), the head widened a slice at a time. With
-    ``path`` (the model's folder), the embedding's rows and each slice of the head are read
-    from the file as they are needed (``stored_tables``), never the whole table. Exact: the
+    ``tables`` (``stored_tables`` of the model's folder, found once for all passes), the
+    embedding's rows and each slice of the head are read from the file as they are needed,
+    never the whole table. Exact: the
     values are the widened model's, but for a family that scales its embedding (Gemma), which
     scales it in the stored precision, as the model itself does."""
-    embedding, head = stored_tables(model, path) if path is not None else (None, None)
+    embedding, head = tables
     with (
         blocks_streamed(model, release),
         float32_on_cpu(model.model.norm),

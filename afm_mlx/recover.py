@@ -35,6 +35,7 @@ from afm_mlx.model import (
     model_fingerprint,
     needs_widening,
     resolve_model_path,
+    stored_tables,
     streamed_logits,
     widen_for_cpu,
 )
@@ -81,7 +82,8 @@ def _load_teacher(path_or_repo: str):
     if path is not None and needs_widening(teacher) and model_family(teacher).replay_blocks:
         release = block_releaser(teacher, path)
         if release is not None:
-            streamed = functools.partial(streamed_logits, teacher, release, path=path)
+            tables = stored_tables(teacher, path)  # the headers are read once, not per pass
+            streamed = functools.partial(streamed_logits, teacher, release, tables=tables)
             return teacher, config, streamed
     widen_for_cpu(teacher)  # a bfloat16 teacher's passes are 15-25x slower on the CPU
     mx.eval(teacher.parameters())

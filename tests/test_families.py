@@ -269,9 +269,9 @@ def test_a_half_precision_model_streamed_block_by_block_gives_its_widened_logits
     mx.eval(TOKENS)
     # The embedding and head read whole, or their rows read from the file as needed.
     assert all(t is not None for t in stored_tables(lazy, bf16))
-    for path in (None, bf16):
+    for tables in ((None, None), stored_tables(lazy, bf16)):
         before = mx.get_active_memory()
-        got = np.array(streamed_logits(lazy, release, TOKENS, path=path))
+        got = np.array(streamed_logits(lazy, release, TOKENS, tables=tables))
         np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(want).max())
         # Blocks, embedding and head all went back to disk: the pass left nothing in memory.
         assert mx.get_active_memory() - before < 1024, mx.get_active_memory() - before

@@ -127,10 +127,10 @@ def test_a_half_precision_teacher_runs_block_by_block_as_its_float32_copy(
     full = save_model(tmp_path / "f32", teacher, config, teacher_dir)
     streamed, real = [], stage.streamed_logits
 
-    def counting(*args, path=None):
-        assert path is not None  # the teacher's tables are read from its folder
+    def counting(*args, tables=(None, None)):
+        assert all(t is not None for t in tables)  # the teacher's tables are read from its folder
         streamed.append(args[-1].shape)
-        return real(*args, path=path)
+        return real(*args, tables=tables)
 
     monkeypatch.setattr(stage, "streamed_logits", counting)
     runs = []
