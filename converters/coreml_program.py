@@ -64,7 +64,7 @@ class MILEmitter(Emitter):
             # (1, groups, ...) for groups of columns; the LUT values are the MLX ones, unchanged.
             blocks = (groups, 1) if m.axis == 0 else (1, groups)
             var = mb.constexpr_lut_to_dense(
-                indices=m.indices.reshape((rows, cols, 1, 1)).view(_sub_byte_dtype(m.bits)),
+                indices=m.unpack().reshape((rows, cols, 1, 1)).view(_sub_byte_dtype(m.bits)),
                 lut=m.lut.reshape((*blocks, 1, 1, entries, 1)),
                 name=name,
             )

@@ -39,7 +39,7 @@ class LutMatrix:
 
     The indices come as the model stores them, bit-packed per row (``afm_mlx.packing``: half a
     byte per weight at 4 bits). ``bit_stream`` is those rows themselves whenever a row fills whole
-    bytes (every real layer), so Core AI never unpacks them; ``indices`` unpacks them for an
+    bytes (every real layer), so Core AI never unpacks them; ``unpack`` unpacks them for an
     emitter that takes one byte per weight (coremltools), and the matrix then keeps only that
     copy, so the plan never holds both."""
 
@@ -59,10 +59,9 @@ class LutMatrix:
     def group_size(self) -> int:
         return self.shape[self.axis] // self.lut.shape[0]
 
-    @property
-    def indices(self) -> np.ndarray:
-        """(rows, cols) uint8, each < 2**bits; from now on the matrix holds these, not ``packed``
-        (8-bit rows are the indices already: the same array)."""
+    def unpack(self) -> np.ndarray:
+        """The indices, (rows, cols) uint8, each < 2**bits; from now on the matrix holds these,
+        not ``packed`` (8-bit rows are the indices already: the same array)."""
         if self._indices is None:
             if self.bits == 8:
                 self._indices = self.packed
@@ -95,7 +94,7 @@ class LutMatrix:
         Packed rows that fill whole bytes are that stream already (a view, no copy)."""
         if self.packed is not None and self.cols * self.bits % 8 == 0:
             return self.packed.reshape(-1)
-        flat = mx.array(self.indices.reshape(1, -1))
+        flat = mx.array(self.unpack().reshape(1, -1))
         return np.array(pack_indices(flat, self.bits)).reshape(-1)
 
 

@@ -187,7 +187,7 @@ def test_the_converters_read_a_model_a_block_at_a_time(tmp_path, monkeypatch):
 def test_lut_matrix_bit_stream_and_indices(bits, cols):
     """The plan's ``LutMatrix`` keeps the model's packed rows: its bit stream (Core AI's layout,
     one little-endian stream over the flattened tensor) is those rows when they fill whole bytes
-    and a repacking when they do not; ``indices`` unpacks them, after which the matrix holds only
+    and a repacking when they do not; ``unpack`` unpacks them, after which the matrix holds only
     the unpacked copy, and row slices taken before or after agree."""
     import mlx.core as mx
 
@@ -213,12 +213,12 @@ def test_lut_matrix_bit_stream_and_indices(bits, cols):
     assert np.shares_memory(m.bit_stream(), m.packed) if aligned else m.packed is None
     before = matrix().row_slice(16, 32)
     m = matrix()
-    np.testing.assert_array_equal(m.indices, indices)
+    np.testing.assert_array_equal(m.unpack(), indices)
     assert m.packed is None and m.shape == (32, cols)
     np.testing.assert_array_equal(m.bit_stream(), stream)
     after = m.row_slice(16, 32)
     for part in (before, after):
         assert part.shape == (16, cols) and part.lut.shape == (1, 1 << bits)
-        np.testing.assert_array_equal(part.indices, indices[16:])
+        np.testing.assert_array_equal(part.unpack(), indices[16:])
     with pytest.raises(ValueError, match="split a LUT group"):
         m.row_slice(8, 32)
