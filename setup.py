@@ -1,4 +1,4 @@
-"""Builds afm_mlx's optional CPU LUT kernel (an MLX C++ extension, afm_mlx/csrc); everything else
+"""Builds afm_mlx's optional CPU LUT kernel (an MLX C++ extension, afm_mlx/palettization/csrc); everything else
 is declared in pyproject.toml.
 
 The kernel is built with CMake against the mlx found at build time. A failed build (no C++
@@ -13,7 +13,7 @@ from pathlib import Path
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-KERNEL = "afm_mlx._lut_cpu"
+KERNEL = "afm_mlx.palettization._lut_cpu"
 
 
 class OptionalKernelBuild(build_ext):
@@ -54,6 +54,6 @@ class CMakeKernel(Extension):
 
 
 setup(
-    ext_modules=[CMakeKernel(KERNEL, "afm_mlx/csrc")],
+    ext_modules=[CMakeKernel(KERNEL, "afm_mlx/palettization/csrc")],
     cmdclass={"build_ext": OptionalKernelBuild},
 )

@@ -7,6 +7,6 @@ __all__ = ["load", "__version__"]
 
 def load(path_or_repo, lazy: bool = False):
     """Open an afm_mlx checkpoint (folder or HF repo id): returns (model, tokenizer)."""
-    from afm_mlx.model import load as _load
+    from afm_mlx.models.io import load as _load
 
     return _load(path_or_repo, lazy=lazy)

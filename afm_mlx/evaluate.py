@@ -3,7 +3,7 @@
 ``--data`` is a corpus (``shakespeare``, a text file or folder: its held-out documents, split as
 training splits them) or a task ``.jsonl`` (every record; loss on answer tokens only, as
 ``afm_mlx.finetune`` trains). Every ``--adapter`` is evaluated on the one loaded base. When every
-record of a task file carries ``"choices"`` (a multiple-choice task, e.g. ``afm_mlx.speakers``),
+record of a task file carries ``"choices"`` (a multiple-choice task, e.g. ``afm_mlx.data.speakers``),
 each row also reports ``accuracy`` (the choice the model finds most likely, against the answer)
 and ``balanced_accuracy`` (its mean over answers: chance for a model that always says the same).
 """
@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 import mlx.nn as nn
 import numpy as np
 
-from afm_mlx import lut_kernels
-from afm_mlx.cli import stage_main
-from afm_mlx.data import corpus_splits, eval_batches
-from afm_mlx.errors import UserError
-from afm_mlx.losses import choice_accuracy, nll_sum
-from afm_mlx.model import load_base, resolve_model_path
-from afm_mlx.task_data import read_task_records, task_datasets
+from afm_mlx.core.config import stage_main
+from afm_mlx.core.errors import UserError
+from afm_mlx.data.batches import corpus_splits, eval_batches
+from afm_mlx.data.tasks import read_task_records, task_datasets
+from afm_mlx.models.io import load_base, resolve_model_path
+from afm_mlx.palettization import kernels
+from afm_mlx.training.losses import choice_accuracy, nll_sum
 
 
 def perplexity(model: nn.Module, batches: Iterable[np.ndarray]) -> float:
@@ -74,10 +74,10 @@ class EvaluateConfig:
 
 def evaluate(cfg: EvaluateConfig) -> list[dict]:
     """Perplexity rows: the base (unless skipped) and each adapter."""
-    from afm_mlx.lora import AdapterCache, read_adapter
+    from afm_mlx.adapters.lora import AdapterCache, read_adapter
 
     cfg.validate()
-    lut_kernels.apply_flag(cfg.lut_kernel)
+    kernels.apply_flag(cfg.lut_kernel)
     adapters = [read_adapter(p) for p in cfg.adapter]  # validate every input first
     model, tokenizer, _ = load_base(cfg.model)
     choices = None

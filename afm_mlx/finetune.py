@@ -4,7 +4,7 @@ Apple's step 4: a task adapter starts from the accuracy-recovery adapter's weigh
 scale and target layers too) and is fine-tuned on task data with the compressed base frozen and
 shared. ``--init-adapter none`` starts from mlx-lm's zero-output init instead (the baseline).
 ``--data`` is a ``.jsonl`` of ``{"text"}``, ``{"prompt","completion"}`` or chat ``{"messages"}``
-records (loss on answer tokens only; see ``afm_mlx.task_data``), an mlx-lm data folder
+records (loss on answer tokens only; see ``afm_mlx.data.tasks``), an mlx-lm data folder
 (``train.jsonl`` + ``valid.jsonl``), or a plain text corpus. ``--config`` takes mlx-lm's LoRA YAML
 too (``iters``, ``adapter_path``, ``lora_parameters``, ...).
 """
@@ -15,22 +15,24 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
-from afm_mlx import runtime
-from afm_mlx.adapter_training import AdapterTrainConfig, prepare_run, train_adapter
-from afm_mlx.cli import stage_main
-from afm_mlx.data import corpus_digest, corpus_splits
-from afm_mlx.engine import World, init_world, locked_run
-from afm_mlx.errors import UserError
-from afm_mlx.lora import (
+from afm_mlx.adapters.lora import (
     DEFAULT_KEYS,
     Adapter,
     LoRASettings,
     check_base_fingerprint,
     read_adapter,
 )
-from afm_mlx.losses import masked_nll
-from afm_mlx.model import checkpoint_digest, load_base, model_fingerprint, resolve_model_path
-from afm_mlx.task_data import is_task_folder, task_datasets
+from afm_mlx.core import blas
+from afm_mlx.core.config import stage_main
+from afm_mlx.core.errors import UserError
+from afm_mlx.data.batches import corpus_splits
+from afm_mlx.data.corpus import corpus_digest
+from afm_mlx.data.tasks import is_task_folder, task_datasets
+from afm_mlx.models.io import checkpoint_digest, load_base, model_fingerprint, resolve_model_path
+from afm_mlx.training.adapters import AdapterTrainConfig, prepare_run, train_adapter
+from afm_mlx.training.losses import masked_nll
+from afm_mlx.training.run_dir import locked_run
+from afm_mlx.training.world import World, init_world
 
 
 @dataclass
@@ -121,7 +123,7 @@ def _finetune(cfg: FinetuneConfig, world: World, on_step=None) -> dict:
         train_data, valid_data = corpus_splits(
             cfg.data, resolve_model_path(cfg.model), cfg.seq_len, cfg.valid_fraction, cfg.seed
         )
-    world.say(runtime.backend_report())
+    world.say(blas.backend_report())
     summary = train_adapter(
         cfg,
         out,

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from afm_mlx.cli import stage_main
-from afm_mlx.data import corpus_splits, eval_batches
-from afm_mlx.errors import UserError
-from afm_mlx.fileio import check_new_output, output_lock, staged_dir
-from afm_mlx.lora import fuse_lora, is_lossless_base, load_adapter, lora_layers
-from afm_mlx.losses import nll_sum
-from afm_mlx.model import load_base, resolve_model_path, save_model
-from afm_mlx.palettized import recorded_palettization
+from afm_mlx.adapters.lora import fuse_lora, is_lossless_base, load_adapter, lora_layers
+from afm_mlx.core.config import stage_main
+from afm_mlx.core.errors import UserError
+from afm_mlx.core.fileio import check_new_output, output_lock, staged_dir
+from afm_mlx.data.batches import corpus_splits, eval_batches
+from afm_mlx.models.io import load_base, resolve_model_path, save_model
+from afm_mlx.palettization.layers import recorded_palettization
+from afm_mlx.training.losses import nll_sum
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Generate text, with or without adapters: ``python -m afm_mlx.generate --model DIR --prompt ...``.
 
 Built on mlx-lm's ``stream_generate``, ``make_sampler`` and KV-cache quantization
-(``afm_mlx.generation.Generator``). The base loads once; adapters are read once, stay cached and
+(``afm_mlx.inference.generator.Generator``). The base loads once; adapters are read once, stay cached and
 swap without reloading it.
 Several ``--adapter`` flags answer the same prompt with each in turn (``--adapter none``: the
 bare base).
@@ -12,12 +12,12 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from afm_mlx import lut_kernels
-from afm_mlx.cli import stage_main
-from afm_mlx.errors import UserError
-from afm_mlx.generation import Generator
-from afm_mlx.lora import read_adapter
-from afm_mlx.palettized import DENSE_CACHE
+from afm_mlx.adapters.lora import read_adapter
+from afm_mlx.core.config import stage_main
+from afm_mlx.core.errors import UserError
+from afm_mlx.inference.generator import Generator
+from afm_mlx.palettization import kernels
+from afm_mlx.palettization.layers import DENSE_CACHE
 
 
 @dataclass
@@ -88,7 +88,7 @@ def _generate(cfg: GenerateConfig) -> None:
         cfg.prompt = sys.stdin.read()
         if not cfg.prompt.strip():
             raise UserError("--prompt -: nothing was read from stdin")
-    lut_kernels.apply_flag(cfg.lut_kernel)
+    kernels.apply_flag(cfg.lut_kernel)
     names = cfg.adapter or [None]
     for name in names:  # validate every adapter folder before generating anything
         if name is not None and name.lower() != "none":

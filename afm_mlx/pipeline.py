@@ -5,7 +5,7 @@ from the full-precision model) -> a task adapter started from the recovery adapt
 zero for comparison -> evaluate (held-out perplexity at every stage; task accuracy) -> sample
 generations -> Core ML ``.mlpackage`` and Core AI ``.aimodel`` -> ``report.html``.
 
-The task is the demo of ``afm_mlx.speakers``: name the speaker of a speech from the bundled plays,
+The task is the demo of ``afm_mlx.data.speakers``: name the speaker of a speech from the bundled plays,
 tested on scenes that neither the task adapters nor the language model saw. Every stage runs as
 its own ``python -m`` process, exactly as a user would run it, into its own folder under
 ``--out``; ``pipeline.json`` records the finished ones. Re-running the same command resumes:
@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from afm_mlx.cli import stage_main
-from afm_mlx.errors import UserError
-from afm_mlx.fileio import atomic_write_json, output_lock, read_json
+from afm_mlx.core.config import stage_main
+from afm_mlx.core.errors import UserError
+from afm_mlx.core.fileio import atomic_write_json, output_lock, read_json
 
 STATE_FILE = "pipeline.json"
 # What each preset runs. ``train_steps`` etc. may be overridden by flags of the same name.
@@ -207,7 +207,7 @@ def _stages(run: Run) -> list[tuple[str, Any]]:
     seed = ["--seed", p["seed"]]
 
     def task() -> dict:
-        from afm_mlx.speakers import write_task
+        from afm_mlx.data.speakers import write_task
 
         _clear(r.data)
         return {"task": write_task(r.data, seed=p["seed"], **p["task_caps"])}
@@ -368,7 +368,7 @@ def pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     plan = cfg.resolved()
     _check_coreai(plan)
     if plan["model"]:
-        from afm_mlx.model import resolve_model_path
+        from afm_mlx.models.io import resolve_model_path
 
         plan["model"] = str(resolve_model_path(plan["model"]))
     out = Path(cfg.out or f"runs/pipeline-{cfg.preset}")
@@ -388,7 +388,7 @@ def pipeline(cfg: PipelineConfig) -> dict[str, Any]:
             start = time.perf_counter()
             info = action()
             run.finish(name, time.perf_counter() - start, **info)
-        from afm_mlx.report import write_pipeline_report
+        from afm_mlx.training.report import write_pipeline_report
 
         summary = write_pipeline_report(run)
     print(_summary_table(summary))
@@ -397,7 +397,7 @@ def pipeline(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def _summary_table(summary: dict[str, Any]) -> str:
-    from afm_mlx.report import TABLE_HEADER
+    from afm_mlx.training.report import TABLE_HEADER
 
     rows = [tuple(TABLE_HEADER)]
     for row in summary["table"]:

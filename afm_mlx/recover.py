@@ -17,28 +17,27 @@ from typing import Any
 
 import mlx.core as mx
 
-from afm_mlx import runtime
-from afm_mlx.adapter_training import AdapterTrainConfig, prepare_run, train_adapter
-from afm_mlx.cli import stage_main
-from afm_mlx.data import corpus_digest, corpus_splits, eval_batches
-from afm_mlx.engine import World, init_world, locked_run
-from afm_mlx.errors import UserError
-from afm_mlx.families import model_family
-from afm_mlx.fileio import atomic_write_json
-from afm_mlx.lora import adapters_disabled
-from afm_mlx.losses import distillation_loss, make_loss, nll_sum
-from afm_mlx.model import (
-    block_releaser,
+from afm_mlx.adapters.lora import adapters_disabled
+from afm_mlx.core import blas
+from afm_mlx.core.config import stage_main
+from afm_mlx.core.errors import UserError
+from afm_mlx.core.families import model_family
+from afm_mlx.core.fileio import atomic_write_json
+from afm_mlx.data.batches import corpus_splits, eval_batches
+from afm_mlx.data.corpus import corpus_digest
+from afm_mlx.models.io import (
     checkpoint_digest,
     load_base,
     load_model,
     model_fingerprint,
-    needs_widening,
     resolve_model_path,
-    stored_tables,
-    streamed_logits,
-    widen_for_cpu,
 )
+from afm_mlx.models.precision import needs_widening, widen_for_cpu
+from afm_mlx.models.streaming import block_releaser, stored_tables, streamed_logits
+from afm_mlx.training.adapters import AdapterTrainConfig, prepare_run, train_adapter
+from afm_mlx.training.losses import distillation_loss, make_loss, nll_sum
+from afm_mlx.training.run_dir import locked_run
+from afm_mlx.training.world import World, init_world
 
 
 @dataclass
@@ -127,7 +126,7 @@ def _recover(cfg: RecoverConfig, world: World, on_step=None) -> dict[str, Any]:
     else:
         loss_fn, extra_state = distillation_loss("kl", cfg.kd_weight, cfg.temperature), None
     fingerprint = model_fingerprint(model)
-    world.say(runtime.backend_report())
+    world.say(blas.backend_report())
     summary = train_adapter(
         cfg,
         out,

@@ -18,46 +18,28 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from afm_mlx import runtime
-from afm_mlx.checkpoint import load_checkpoint, save_checkpoint
-from afm_mlx.cli import stage_main
-from afm_mlx.data import (
-    PackedDataset,
-    build_token_cache,
-    check_corpus,
-    corpus_digest,
-    iter_corpus,
-    split_train_valid,
-)
-from afm_mlx.engine import (
+from afm_mlx.core import blas
+from afm_mlx.core.config import stage_main
+from afm_mlx.core.errors import UserError
+from afm_mlx.core.families import standard_config
+from afm_mlx.core.fileio import atomic_write_json, staged_dir
+from afm_mlx.data.batches import PackedDataset
+from afm_mlx.data.corpus import check_corpus, corpus_digest, iter_corpus
+from afm_mlx.data.token_cache import build_token_cache, split_train_valid
+from afm_mlx.models.io import checkpoint_digest, load_model, save_model
+from afm_mlx.models.presets import PRESETS, build_model, init_weights, preset_config
+from afm_mlx.training.checkpoint import load_checkpoint, save_checkpoint
+from afm_mlx.training.loop import OptimConfig, Trainer, build_optimizer, run_loop
+from afm_mlx.training.losses import make_loss
+from afm_mlx.training.memory import (
     ALLOCATOR_MARGIN,
-    RUN_FILE,
-    OptimConfig,
-    Trainer,
-    World,
-    build_optimizer,
-    check_run_dir,
     device_memory,
-    init_world,
-    locked_run,
     plan_memory,
-    run_loop,
     use_grad_checkpoint,
 )
-from afm_mlx.errors import UserError
-from afm_mlx.families import standard_config
-from afm_mlx.fileio import atomic_write_json, staged_dir
-from afm_mlx.losses import make_loss
-from afm_mlx.model import (
-    PRESETS,
-    build_model,
-    checkpoint_digest,
-    init_weights,
-    load_model,
-    preset_config,
-    save_model,
-)
-from afm_mlx.report import sample_text
+from afm_mlx.training.report import sample_text
+from afm_mlx.training.run_dir import RUN_FILE, check_run_dir, locked_run
+from afm_mlx.training.world import World, init_world
 
 __all__ = ["TrainConfig", "OptimConfig", "Trainer", "build_optimizer", "train", "main"]
 
@@ -122,7 +104,7 @@ def _param_dtype(name: str) -> mx.Dtype:
 
 def prepare_tokenizer(cfg: TrainConfig, out: Path, world: World) -> Path:
     """The tokenizer folder: --tokenizer, the --init checkpoint's, or one trained on --data."""
-    from afm_mlx.tokenizer import save_tokenizer, train_sentencepiece
+    from afm_mlx.data.tokenizer import save_tokenizer, train_sentencepiece
 
     if cfg.tokenizer:
         path = Path(cfg.tokenizer)
@@ -130,7 +112,7 @@ def prepare_tokenizer(cfg: TrainConfig, out: Path, world: World) -> Path:
             raise UserError(f"--tokenizer {path}: no tokenizer.json in that folder")
         return path
     if cfg.init:
-        from afm_mlx.model import resolve_model_path
+        from afm_mlx.models.io import resolve_model_path
 
         return resolve_model_path(cfg.init)
     tok_dir = out / "tokenizer"
@@ -155,7 +137,7 @@ def flops_per_token(model: nn.Module, seq_len: int, config: dict[str, Any]) -> f
 
 def _new_model(cfg: TrainConfig, tok_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
     """A freshly initialized preset model sized to the tokenizer's vocabulary."""
-    from afm_mlx.tokenizer import TextTokenizer
+    from afm_mlx.data.tokenizer import TextTokenizer
 
     vocab = TextTokenizer(tok_dir).vocab_size
     config = preset_config(cfg.preset, vocab_size=max(vocab, PRESETS[cfg.preset]["vocab_size"]))
@@ -178,8 +160,9 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Pat
 def print_memory_plan(cfg: TrainConfig, world: World) -> dict[str, float]:
     """``--dry-run``: parameters and the estimated memory per rank; nothing is allocated."""
     if cfg.init:
-        from afm_mlx.fileio import read_json
-        from afm_mlx.model import resolve_model_path, validate_config
+        from afm_mlx.core.fileio import read_json
+        from afm_mlx.models.io import resolve_model_path
+        from afm_mlx.models.presets import validate_config
 
         path = resolve_model_path(cfg.init) / "config.json"
         config = read_json(path, "model config (config.json)")
@@ -231,8 +214,8 @@ def _train(cfg: TrainConfig, world: World, on_step: Callable[[int], None] | None
         run = {"afm_mlx_run": 1, "config": dataclasses.asdict(cfg), "world_size": world.size}
         atomic_write_json(out / RUN_FILE, run)
     mx.random.seed(cfg.seed)
-    peak_gflops = runtime.matmul_gflops(n=1024)
-    world.say(runtime.backend_report(peak_gflops))
+    peak_gflops = blas.matmul_gflops(n=1024)
+    world.say(blas.backend_report(peak_gflops))
     if world.size > 1:
         world.say(
             f"data parallel over {world.size} ranks, {cfg.batch_size // world.size} sequences "

@@ -23,15 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from afm_mlx.errors import UserError
+from afm_mlx.core.errors import UserError
 from converters.coreai_run import require_coreai
-from converters.export import (
-    ConvertResult,
-    ExportConfig,
-    ModelPlan,
-    cli_main,
-    convert_with,
-)
+from converters.export import ConvertResult, ExportConfig, ModelPlan, cli_main, convert_with
 
 PROG = "python -m converters.coreai"
 COMPUTE_DTYPE_CHOICES = ("float16", "float32")

@@ -33,7 +33,7 @@ from coreai._compiler.dialects import coreai as ops
 
 from converters.export import ModelPlan
 from converters.lowering import Emitter, lower, state_names
-from converters.plan import LutMatrix, Matrix, as_fp16
+from converters.weights import LutMatrix, Matrix, as_fp16
 
 COMPUTE_DTYPES = {"float16": np.float16, "float32": np.float32}
 _LUT_AXIS = np.array(0, np.int16)  # lut_to_dense's vector axis (scalar LUT entries: unused)

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from afm_mlx.errors import UserError
+from afm_mlx.core.errors import UserError
 
 COREAI_VERSION = "1.0.0b3"  # pinned in pyproject.toml: the authoring API is a beta ("in flux")
 

@@ -14,7 +14,7 @@ from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import Function, Program, Var, types
 
 from converters.lowering import Emitter, lower, state_names
-from converters.plan import LoraWeights, LutMatrix, Matrix, ModelWeights, as_fp16
+from converters.weights import LoraWeights, LutMatrix, Matrix, ModelWeights, as_fp16
 
 
 def _opset():

@@ -12,18 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from afm_mlx.cli import parse_config, run_main
-from afm_mlx.errors import UserError
-from afm_mlx.fileio import output_lock, staged_dir
-from converters.plan import (
-    DEFAULT_HEAD_CHUNK,
-    LoraWeights,
-    ModelWeights,
-    check_convertible,
-    extract_weights,
-    parse_adapter_spec,
-    read_lora,
-)
+from afm_mlx.core.config import parse_config, run_main
+from afm_mlx.core.errors import UserError
+from afm_mlx.core.fileio import output_lock, staged_dir
+from converters.extract import extract_weights, parse_adapter_spec, read_lora
+from converters.weights import DEFAULT_HEAD_CHUNK, LoraWeights, ModelWeights, check_convertible
 
 
 @dataclass
@@ -134,8 +127,9 @@ def validate(cfg: ExportConfig, suffix: str) -> tuple[Path, Path, list[tuple[str
 def read_model(cfg: ExportConfig, model_dir: Path, adapters: list[tuple[str, Path]]) -> ModelPlan:
     """Load the model (fp or palettized) and its adapters into the plan; refuses what cannot be
     converted before reading any weights."""
-    from afm_mlx.fileio import read_json
-    from afm_mlx.model import block_releaser, load_model, model_fingerprint
+    from afm_mlx.core.fileio import read_json
+    from afm_mlx.models.io import load_model, model_fingerprint
+    from afm_mlx.models.streaming import block_releaser
 
     config = read_json(model_dir / "config.json", "model config (config.json)")
     check_convertible(config, str(model_dir / "config.json"))

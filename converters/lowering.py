@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from converters.plan import Layer, LoraWeights, Matrix, ModelWeights, Projection
+from converters.weights import Layer, LoraWeights, Matrix, ModelWeights, Projection
 
 # Attention scores of future (masked) positions: finite so that softmax stays finite in fp16, and
 # large enough that exp() underflows to 0.

@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TQDM_DISABLE", "1")  # read by tqdm at import: no per-pass progress bars
 
-from afm_mlx.runtime import preload_openblas  # noqa: E402
+from afm_mlx.core.blas import preload_openblas
 
 preload_openblas()
 
@@ -42,8 +42,9 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
-from afm_mlx.model import build_model, init_weights, load_model, preset_config, save_model  # noqa: E402
-from afm_mlx.palettized import (  # noqa: E402
+from afm_mlx.models.io import load_model, save_model  # noqa: E402
+from afm_mlx.models.presets import build_model, init_weights, preset_config  # noqa: E402
+from afm_mlx.palettization.layers import (  # noqa: E402
     AFM_EMBEDDING_SETTINGS,
     PalettizedLinear,
     apply_palettization_config,
@@ -110,8 +111,8 @@ def random_palettized_afm(out: Path, down_2bit_layers: range) -> Path:
 
 
 def make_adapter(base_dir: Path, out: Path, rank: int = 16) -> Path:
-    from afm_mlx.lora import LoRASettings, attach_lora, lora_layers, save_adapter
-    from afm_mlx.model import model_fingerprint
+    from afm_mlx.adapters.lora import LoRASettings, attach_lora, lora_layers, save_adapter
+    from afm_mlx.models.io import model_fingerprint
 
     model, _, _ = load_model(base_dir)
     fingerprint = model_fingerprint(model)
@@ -282,7 +283,7 @@ def peer_palettize(model_dir: Path, work: Path, context: int) -> None:
         print("peer: ct palettize_weights skipped (needs scikit-learn, not installed)")
         return
     from converters.coreml_program import build_function
-    from converters.plan import extract_weights
+    from converters.extract import extract_weights
 
     model, config, _ = load_model(model_dir)
     prog = build_function(extract_weights(model, config, context), 1, context)

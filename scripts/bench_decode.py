@@ -35,16 +35,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from afm_mlx.runtime import preload_openblas
+from afm_mlx.core.blas import preload_openblas
 
 preload_openblas()
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from afm_mlx import lut_kernels
-from afm_mlx.model import build_model, init_weights, load_model, preset_config, save_model
-from afm_mlx.palettized import (
+from afm_mlx.core.blas import backend_report
+from afm_mlx.models.io import load_model, save_model
+from afm_mlx.models.presets import build_model, init_weights, preset_config
+from afm_mlx.palettization import kernels
+from afm_mlx.palettization.layers import (
     AFM_EMBEDDING_SETTINGS,
     PalettizedLinear,
     bits_per_weight,
@@ -52,7 +54,6 @@ from afm_mlx.palettized import (
     palettize_model,
     palettized_layers,
 )
-from afm_mlx.runtime import backend_report
 
 PROMPT = list(range(3, 35))  # 32 prompt tokens: the decode speed is what is measured
 
@@ -88,7 +89,7 @@ def _load(spec: dict, dirs: dict):
     if spec["load"] == "q4":
         model, proj, whole = affine_quantized(Path(dirs["fp"]), 4)
         return model, proj, whole
-    lut_kernels.set_mode(spec.get("kernel", "auto"))
+    kernels.set_mode(spec.get("kernel", "auto"))
     model, _, _ = load_model(dirs[spec["model"]])
     if spec["model"] == "fp":
         return model, 32.0, 32.0
@@ -177,7 +178,7 @@ def kernel_table() -> None:
         stored = lut.packed.nbytes + lut.lut.nbytes
         for m in (1, 4):
             x = mx.random.normal((m, k))
-            with lut_kernels.using("on"):
+            with kernels.using("on"):
                 ours = _timed(lambda: lut(x))  # noqa: B023
             q4 = _timed(lambda: mx.quantized_matmul(x, w, scales, biases, True, 64, 4))  # noqa: B023
             fp = _timed(lambda: x @ dense.T)  # noqa: B023
@@ -232,7 +233,7 @@ def main() -> None:
         return
 
     print(backend_report())
-    print(lut_kernels.describe())
+    print(kernels.describe())
     names = args.only or list(VARIANTS)
     results: dict[str, list[dict]] = {n: [] for n in names}
     with tempfile.TemporaryDirectory(prefix="bench_decode_") as tmp:

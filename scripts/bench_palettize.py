@@ -23,7 +23,7 @@ import argparse
 import resource
 import time
 
-from afm_mlx.runtime import preload_openblas
+from afm_mlx.core.blas import preload_openblas
 
 preload_openblas()
 
@@ -31,9 +31,10 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
 
-from afm_mlx.kmeans import kmeans_lut, lut_to_dense  # noqa: E402
-from afm_mlx.palettized import PalettizedEmbedding, PalettizedLinear  # noqa: E402
-from afm_mlx.runtime import backend_report  # noqa: E402
+from afm_mlx.core.blas import backend_report  # noqa: E402
+from afm_mlx.palettization.kmeans import kmeans_lut  # noqa: E402
+from afm_mlx.palettization.layers import PalettizedEmbedding, PalettizedLinear  # noqa: E402
+from afm_mlx.palettization.lut import lut_to_dense  # noqa: E402
 
 AFM_LAYER = (  # (name, out, in) of one qwen3 block at AFM-on-device size
     ("q_proj", 24 * 128, 3072),

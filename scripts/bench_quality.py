@@ -21,18 +21,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from afm_mlx.runtime import preload_openblas
+from afm_mlx.core.blas import preload_openblas
 
 preload_openblas()
 
 from mlx_lm.utils import dequantize_model
 from peers import affine_quantized, is_projection
 
-from afm_mlx.data import corpus_splits, eval_batches
+from afm_mlx.core.blas import backend_report
+from afm_mlx.data.batches import corpus_splits, eval_batches
 from afm_mlx.evaluate import perplexity
-from afm_mlx.model import load_model
+from afm_mlx.models.io import load_model
 from afm_mlx.palettize import PalettizeConfig, palettize
-from afm_mlx.runtime import backend_report
 
 
 def main() -> None:

@@ -35,14 +35,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from afm_mlx.runtime import preload_openblas  # noqa: E402
+from afm_mlx.core.blas import preload_openblas  # noqa: E402
 
 preload_openblas()
 
 import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten, tree_map  # noqa: E402
 
-from afm_mlx.model import build_model, save_model  # noqa: E402
+from afm_mlx.models.io import save_model  # noqa: E402
+from afm_mlx.models.presets import build_model  # noqa: E402
 
 # The public config.json values of each repo (text model only), as published on the hub.
 CONFIGS = {
@@ -112,7 +113,7 @@ def generate_step(model_dir: str) -> None:
     ``generate_step``; the repos' own tokenizers are not here, so no text is decoded)."""
     from mlx_lm.generate import generate_step
 
-    from afm_mlx.generation import Generator
+    from afm_mlx.inference.generator import Generator
 
     start = time.perf_counter()
     gen = Generator(model_dir)
@@ -163,8 +164,8 @@ def main() -> None:
         write_cached_repo(cache, args.write_repo, tok)
         return
     if not (tok / "tokenizer.json").is_file():
-        from afm_mlx.data import read_corpus
-        from afm_mlx.tokenizer import save_tokenizer, train_sentencepiece
+        from afm_mlx.data.corpus import read_corpus
+        from afm_mlx.data.tokenizer import save_tokenizer, train_sentencepiece
 
         save_tokenizer(train_sentencepiece(read_corpus("shakespeare"), 8192), tok)
     env = {**os.environ, "HF_HOME": str(cache), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}

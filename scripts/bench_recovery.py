@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from afm_mlx.runtime import preload_openblas
+from afm_mlx.core.blas import preload_openblas
 
 preload_openblas()
 
@@ -36,23 +36,18 @@ import mlx.optimizers as optim
 import numpy as np
 from peers import is_projection
 
-from afm_mlx.adapter_training import AdapterTrainConfig, train_adapter
-from afm_mlx.data import DataPosition, corpus_splits, eval_batches, read_corpus, train_batches
-from afm_mlx.engine import Trainer, build_optimizer
-from afm_mlx.kmeans import SUPPORTED_BITS
-from afm_mlx.lora import (
-    DEFAULT_KEYS,
-    LoRASettings,
-    attach_lora,
-    read_adapter,
-    remove_lora,
-)
-from afm_mlx.losses import make_loss, masked_nll, nll_sum
-from afm_mlx.model import load_base, model_fingerprint
+from afm_mlx.adapters.lora import DEFAULT_KEYS, LoRASettings, attach_lora, read_adapter, remove_lora
+from afm_mlx.core.blas import backend_report
+from afm_mlx.data.batches import DataPosition, corpus_splits, eval_batches, train_batches
+from afm_mlx.data.corpus import read_corpus
+from afm_mlx.data.tasks import task_datasets
+from afm_mlx.models.io import load_base, model_fingerprint
+from afm_mlx.palettization.layers import cache_dense_weights
+from afm_mlx.palettization.lut import SUPPORTED_BITS
 from afm_mlx.palettize import PalettizeConfig, palettize
-from afm_mlx.palettized import cache_dense_weights
-from afm_mlx.runtime import backend_report
-from afm_mlx.task_data import task_datasets
+from afm_mlx.training.adapters import AdapterTrainConfig, train_adapter
+from afm_mlx.training.loop import Trainer, build_optimizer
+from afm_mlx.training.losses import make_loss, masked_nll, nll_sum
 
 
 def bpw(model: nn.Module) -> float:

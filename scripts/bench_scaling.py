@@ -4,7 +4,7 @@
     python scripts/bench_scaling.py --preset tiny --steps 20 --batch-size 8
 
 Each configuration is a fresh launch (``mlx.launch -n 2 --backend ring`` for two ranks) of the
-same training step afm_mlx uses (``afm_mlx.engine.Trainer``: token-weighted gradient averaging
+same training step afm_mlx uses (``afm_mlx.training.loop.Trainer``: token-weighted gradient averaging
 across ranks, clipping, AdamW) on the same global batch. Per rank it times ``--steps`` warm steps,
 then ``--steps`` gradient all-reduces alone (the same tree of gradients through
 ``nn.average_gradients``): their ratio is the communication share of a step. Peer: the 1-rank
@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from afm_mlx.runtime import preload_openblas
+from afm_mlx.core.blas import preload_openblas
 
 preload_openblas()
 
@@ -39,9 +39,10 @@ from mlx.utils import tree_map
 
 def worker(args: argparse.Namespace) -> None:
     """One rank: time training steps, then the gradient all-reduce alone."""
-    from afm_mlx.engine import OptimConfig, Trainer, build_optimizer, init_world
-    from afm_mlx.losses import make_loss
-    from afm_mlx.model import build_model, init_weights, preset_config
+    from afm_mlx.models.presets import build_model, init_weights, preset_config
+    from afm_mlx.training.loop import OptimConfig, Trainer, build_optimizer
+    from afm_mlx.training.losses import make_loss
+    from afm_mlx.training.world import init_world
 
     world = init_world()
     config = preset_config(args.preset)
@@ -125,7 +126,7 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    from afm_mlx.runtime import backend_report
+    from afm_mlx.core.blas import backend_report
 
     print(backend_report(), f"| {os.cpu_count()} CPU cores", flush=True)
     print(

@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from afm_mlx.runtime import preload_openblas
+from afm_mlx.core.blas import preload_openblas
 
 preload_openblas()
 
@@ -42,8 +42,14 @@ import numpy as np
 
 
 def make_adapters(model_dir: Path, out: Path, names: list[str]) -> dict[str, Path]:
-    from afm_mlx.lora import LoRASettings, attach_lora, lora_layers, remove_lora, save_adapter
-    from afm_mlx.model import load_model, model_fingerprint
+    from afm_mlx.adapters.lora import (
+        LoRASettings,
+        attach_lora,
+        lora_layers,
+        remove_lora,
+        save_adapter,
+    )
+    from afm_mlx.models.io import load_model, model_fingerprint
 
     model, _, _ = load_model(model_dir)
     fingerprint = model_fingerprint(model)
@@ -112,7 +118,7 @@ def run_client(url: str, bodies: list[dict]) -> dict[str, float]:
 
 
 def bench(name: str, cmd: list[str], port: int, bodies_for, names, args) -> dict[str, float]:
-    from afm_mlx.runtime import find_openblas
+    from afm_mlx.core.blas import find_openblas
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     blas = find_openblas()
@@ -149,7 +155,7 @@ def main() -> None:
     model = Path(args.model)
     if not (model / "config.json").is_file():
         raise SystemExit(f"--model {model}: no model; train one: python -m afm_mlx.train")
-    from afm_mlx.runtime import backend_report
+    from afm_mlx.core.blas import backend_report
 
     print(backend_report(), flush=True)
     prompt = "ROMEO.\nWhat light through yonder window breaks?\n"

@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from afm_mlx.runtime import preload_openblas
+from afm_mlx.core.blas import preload_openblas
 
 preload_openblas()
 
@@ -25,12 +25,12 @@ from mlx.utils import tree_flatten  # noqa: E402
 from mlx_lm.tuner.trainer import TrainingArgs, TrainingCallback  # noqa: E402
 from mlx_lm.tuner.trainer import train as mlx_lm_train  # noqa: E402
 
-from afm_mlx.data import DataPosition, PackedDataset, train_batches  # noqa: E402
-from afm_mlx.engine import Trainer, build_optimizer  # noqa: E402
-from afm_mlx.losses import make_loss  # noqa: E402
-from afm_mlx.model import build_model, init_weights, preset_config  # noqa: E402
-from afm_mlx.runtime import backend_report  # noqa: E402
+from afm_mlx.core.blas import backend_report  # noqa: E402
+from afm_mlx.data.batches import DataPosition, PackedDataset, train_batches  # noqa: E402
+from afm_mlx.models.presets import build_model, init_weights, preset_config  # noqa: E402
 from afm_mlx.train import TrainConfig  # noqa: E402
+from afm_mlx.training.loop import Trainer, build_optimizer  # noqa: E402
+from afm_mlx.training.losses import make_loss  # noqa: E402
 
 
 def fresh_model(config: dict, seed: int = 0):

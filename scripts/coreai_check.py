@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from device_check import Run, check_fits, load_reference, report  # noqa: E402
 
-from afm_mlx.cli import UserError, parse_config, run_main  # noqa: E402
+from afm_mlx.core.config import parse_config, run_main
+from afm_mlx.core.errors import UserError
 
 COMPUTE_UNITS = ("neural_engine", "gpu", "cpu")
 

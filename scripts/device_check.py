@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from afm_mlx.cli import UserError
+from afm_mlx.core.errors import UserError
 
 
 @dataclass
@@ -28,13 +28,13 @@ class Reference:
 def load_reference(model_dir: str, adapter_spec: str, prompt: str) -> Reference:
     """The MLX model the output was converted from (with ``NAME=DIR`` attached) and the prompt's
     token ids (ids 1..8 when the checkpoint has no tokenizer)."""
-    from afm_mlx.model import load_model
-    from converters.plan import parse_adapter_spec
+    from afm_mlx.models.io import load_model
+    from converters.extract import parse_adapter_spec
 
     model, _, _ = load_model(Path(model_dir))
     adapter = None
     if adapter_spec:
-        from afm_mlx.lora import load_adapter
+        from afm_mlx.adapters.lora import load_adapter
 
         adapter, folder = parse_adapter_spec(adapter_spec)
         load_adapter(model, folder)

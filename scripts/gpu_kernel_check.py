@@ -4,7 +4,7 @@ layout by timing, and time it against MLX's affine quantized matmul.
     python scripts/gpu_kernel_check.py                     # all three parts
     python scripts/gpu_kernel_check.py --json out.json     # the figures as JSON too
 
-1. Layouts: every candidate layout of the kernel (``lut_kernels.GPU_CANDIDATES``: output rows per
+1. Layouts: every candidate layout of the kernel (``gpu_kernel.GPU_CANDIDATES``: output rows per
    simdgroup, simdgroups per threadgroup, per-row LUTs in registers or threadgroup memory, indices
    a lane reads at once), 4-bit with 16 rows per LUT, float16, on 4096x4096, 8192x3072 and
    16384x16384 (large enough for the kernel's own time to outweigh MLX's dispatch) at M = 1 and
@@ -17,7 +17,7 @@ layout by timing, and time it against MLX's affine quantized matmul.
    step pays, MLX's dispatch included) and streamed (16 calls per ``mx.eval``, each on its own
    copy of the weights, 16 copies being larger than the GPU's L2 cache: closer to the kernel's own
    speed reading weights from device memory), with the weight bytes read per second. The
-   reference of every check is ``lut_kernels.reference_matmul`` (exact float32: not MLX's CUDA
+   reference of every check is ``kernels.reference_matmul`` (exact float32: not MLX's CUDA
    matmul, which rounds float32 to TF32).
 
 Every timing is warm (5 untimed calls first) and synchronized. Prints the commit and device so
@@ -40,11 +40,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mlx.core as mx
 
-from afm_mlx import lut_kernels
-from afm_mlx.cli import UserError, run_main
-from afm_mlx.kmeans import lut_to_dense
-from afm_mlx.packing import PACKABLE_BITS, pack_indices
-from afm_mlx.palettized import PalettizedLinear
+from afm_mlx.core.config import run_main
+from afm_mlx.core.errors import UserError
+from afm_mlx.palettization import gpu_kernel, kernels
+from afm_mlx.palettization.layers import PalettizedLinear
+from afm_mlx.palettization.lut import lut_to_dense
+from afm_mlx.palettization.packing import PACKABLE_BITS, pack_indices
 
 MATRICES = ((4096, 4096), (8192, 3072), (16384, 16384))  # the last: kernel time over dispatch
 COPIES = 16  # weights streamed per mx.eval: 16 x 8 MB of 4-bit codes is more than an L2 cache
@@ -68,7 +69,7 @@ def _error(got: mx.array, want: mx.array) -> float:
     return mx.abs(got - want).max().item() / (mx.abs(want).max().item() + 1e-6)
 
 
-def correctness(name: str, layout: lut_kernels.GpuLayout) -> int:
+def correctness(name: str, layout: gpu_kernel.GpuLayout) -> int:
     failures = 0
     for bits in PACKABLE_BITS:
         for axis in (0, 1):
@@ -79,10 +80,10 @@ def correctness(name: str, layout: lut_kernels.GpuLayout) -> int:
                 for m in range(1, 9):
                     x = mx.random.normal((m, 512)).astype(dtype)
                     try:
-                        got = lut_kernels.lut_matmul_gpu(
+                        got = gpu_kernel.lut_matmul_gpu(
                             name, x, layer.packed, layer.lut, bits, 16, axis, layout
                         )
-                        err = _error(got, lut_kernels.reference_matmul(x, dense))
+                        err = _error(got, kernels.reference_matmul(x, dense))
                     except Exception as e:  # a compile or launch failure is a failure too
                         err, why = float("inf"), f"{type(e).__name__}: {str(e)[:300]}"
                     else:
@@ -137,12 +138,10 @@ class Weights:
             print(f"  (no affine {bits}-bit on this backend: {type(e).__name__}: {e})")
             self.affine = None
 
-    def lut_fn(self, name: str, x: mx.array, layout: lut_kernels.GpuLayout):
+    def lut_fn(self, name: str, x: mx.array, layout: gpu_kernel.GpuLayout):
         def call(i):
             lay = self.luts[i]
-            return lut_kernels.lut_matmul_gpu(
-                name, x, lay.packed, lay.lut, self.bits, 16, 0, layout
-            )
+            return gpu_kernel.lut_matmul_gpu(name, x, lay.packed, lay.lut, self.bits, 16, 0, layout)
 
         return call
 
@@ -157,12 +156,12 @@ class Weights:
         return lambda i: x @ self.dense[i].T
 
 
-def _label(layout: lut_kernels.GpuLayout) -> str:
+def _label(layout: gpu_kernel.GpuLayout) -> str:
     where = "threadgroup" if layout.lut_shared else "registers"
     return f"{layout.rows} rows x {layout.simdgroups} sg, LUT in {where}, {layout.vec * 8}/lane"
 
 
-def choose_layout(name: str, repeats: int, results: dict) -> lut_kernels.GpuLayout:
+def choose_layout(name: str, repeats: int, results: dict) -> gpu_kernel.GpuLayout:
     print("\n1. layouts, 4-bit, float16, streamed us per call (M = 1 | M = 4); q4 g64 above")
     weights = {shape: Weights(*shape, 4) for shape in MATRICES}
     xs = {(k, m): mx.random.normal((m, k)).astype(mx.float16) for _, k in MATRICES for m in (1, 4)}
@@ -178,14 +177,14 @@ def choose_layout(name: str, repeats: int, results: dict) -> lut_kernels.GpuLayo
         )
     )
     timings = {}
-    for layout in lut_kernels.GPU_CANDIDATES:
+    for layout in gpu_kernel.GPU_CANDIDATES:
         row = {}
         try:
             for n, k in MATRICES:
                 for m in (1, 4):
                     x = xs[(k, m)]
                     fn = weights[(n, k)].lut_fn(name, x, layout)
-                    with lut_kernels.using("off"):  # dequantize + matmul
+                    with kernels.using("off"):  # dequantize + matmul
                         want = weights[(n, k)].luts[0](x.astype(mx.float32))
                     if _error(fn(0), want) > 2e-2:
                         raise ValueError(f"{n}x{k} M={m}: differs from dequantize + matmul")
@@ -273,16 +272,16 @@ def main_body(repeats: int, json_path: str | None) -> None:
             "gpu_kernel_check.py needs MLX on a GPU (Metal, or CUDA with the mlx-cuda wheel); "
             "the default device here is the CPU, so nothing was run"
         )
-    name = lut_kernels.backend()
+    name = kernels.backend()
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"],
         capture_output=True,
         text=True,
         cwd=Path(__file__).resolve().parents[1],
     ).stdout.strip()
-    current = lut_kernels.GPU_LAYOUTS[name]
+    current = gpu_kernel.GPU_LAYOUTS[name]
     print(f"mlx {mx.__version__} on {mx.default_device()} ({name}); afm_mlx commit {commit}")
-    print(f"{name}'s layout in lut_kernels.GPU_LAYOUTS: {current}")
+    print(f"{name}'s layout in gpu_kernel.GPU_LAYOUTS: {current}")
     results: dict = {
         "mlx": mx.__version__,
         "backend": name,
@@ -309,7 +308,7 @@ def _check_and_time(name: str, current, repeats: int, results: dict) -> None:
     results["correctness_failures"] = failures
     layer, dense = _layer(256, 512, 4, 0, seed=0)
     try:
-        with lut_kernels.using("on"):  # the library's own first-use check, as generate runs it
+        with kernels.using("on"):  # the library's own first-use check, as generate runs it
             y = layer(mx.ones((1, 512)))
             ok = _error(y, mx.ones((1, 512)) @ dense.astype(mx.float32).T) < 1e-3
         print(f"first-use check and layer call: {'ok' if ok else 'WRONG RESULT'}")
@@ -317,7 +316,7 @@ def _check_and_time(name: str, current, repeats: int, results: dict) -> None:
         ok = False
         print(f"first-use check FAILED: {type(e).__name__}: {e}")
     results["first_use_ok"] = ok
-    print(lut_kernels.describe())
+    print(kernels.describe())
     speed(name, layouts, repeats, results)
     if any(failures.values()) or not ok:
         raise UserError(f"kernel results differ from dequantize + matmul: {failures}")

@@ -8,7 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from afm_mlx.model import load_model
+from afm_mlx.models.io import load_model
 
 
 def is_projection(path: str, module: nn.Module) -> bool:

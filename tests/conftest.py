@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from afm_mlx.runtime import preload_openblas
+from afm_mlx.core.blas import preload_openblas
 
 # Must run before anything imports mlx: in-process tests then use OpenBLAS, like the CLIs.
 preload_openblas()
@@ -26,7 +26,7 @@ def _isolated_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory) -> Path:
     """Twelve documents cut from the embedded Shakespeare corpus (~25 KB each)."""
-    from afm_mlx.data import read_corpus
+    from afm_mlx.data.corpus import read_corpus
 
     folder = tmp_path_factory.mktemp("corpus")
     for i, doc in enumerate(read_corpus("shakespeare")[:12]):
@@ -36,8 +36,8 @@ def tiny_corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_corpus, tmp_path_factory) -> Path:
-    from afm_mlx.data import read_corpus
-    from afm_mlx.tokenizer import save_tokenizer, train_sentencepiece
+    from afm_mlx.data.corpus import read_corpus
+    from afm_mlx.data.tokenizer import save_tokenizer, train_sentencepiece
 
     out = tmp_path_factory.mktemp("tokenizer")
     return save_tokenizer(train_sentencepiece(read_corpus(str(tiny_corpus)), 512), out)
@@ -46,7 +46,8 @@ def tiny_tokenizer(tiny_corpus, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tiny_tokenizer, tmp_path_factory) -> Path:
     """A saved random-weight ``tiny`` preset checkpoint with its tokenizer."""
-    from afm_mlx.model import build_model, init_weights, preset_config, save_model
+    from afm_mlx.models.io import save_model
+    from afm_mlx.models.presets import build_model, init_weights, preset_config
 
     config = preset_config("tiny")
     model = build_model(config)

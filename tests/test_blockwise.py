@@ -13,12 +13,13 @@ import pytest
 from mlx.utils import tree_flatten, tree_map
 from test_families import CONFIGS
 
-import afm_mlx.model as model_module
-from afm_mlx.engine import Trainer, blockwise_unsupported, blockwise_value_and_grad
-from afm_mlx.lora import LoRASettings, attach_lora, settings_for_model
-from afm_mlx.losses import distillation_loss, make_loss
-from afm_mlx.model import build_model
-from afm_mlx.palettized import palettize_model
+from afm_mlx.adapters.lora import LoRASettings, attach_lora, settings_for_model
+from afm_mlx.models import streaming
+from afm_mlx.models.presets import build_model
+from afm_mlx.palettization.layers import palettize_model
+from afm_mlx.training.blockwise import blockwise_unsupported, blockwise_value_and_grad
+from afm_mlx.training.loop import Trainer
+from afm_mlx.training.losses import distillation_loss, make_loss
 
 VOCAB = 400
 QWEN3 = {
@@ -70,7 +71,7 @@ def assert_same_gradients(expected, got, rtol=1e-5):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_blockwise_gradients_are_the_whole_steps(family, monkeypatch):
     # A head of 400 rows decoded 96 rows (six 16-row LUT groups) at a time.
-    monkeypatch.setattr(model_module, "HEAD_ROWS", 100)
+    monkeypatch.setattr(streaming, "HEAD_ROWS", 100)
     model = adapted_model(FAMILIES[family])
     assert blockwise_unsupported(model) is None
     x, y = batch()
@@ -136,7 +137,7 @@ def test_trainer_steps_blockwise_as_it_steps_whole():
 def test_a_blockwise_step_decodes_a_block_or_a_head_slice_at_a_time(monkeypatch):
     """The whole step decodes the 4096-row tied head at once (4.2 MB in float32, beside its
     16-bit values and codes); the blockwise one a 1024-row slice of it, or a block."""
-    monkeypatch.setattr(model_module, "HEAD_ROWS", 1024)
+    monkeypatch.setattr(streaming, "HEAD_ROWS", 1024)
     config = {**QWEN3, "hidden_size": 256, "num_hidden_layers": 6, "intermediate_size": 512}
     model = adapted_model({**config, "head_dim": 64}, vocab=4096)
     head = model.model.embed_tokens.dense_nbytes

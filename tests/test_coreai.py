@@ -25,10 +25,11 @@ from test_coreml_adapters import make_adapter
 from test_coreml_executor import open_package
 from test_coreml_palettized import mixed_bits
 
-from afm_mlx.cli import UserError
-from afm_mlx.lora import AdapterCache, load_adapter
-from afm_mlx.model import build_model, init_weights, load_model, preset_config, save_model
-from afm_mlx.palettized import AFM_EMBEDDING_SETTINGS, palettize_model
+from afm_mlx.adapters.lora import AdapterCache, load_adapter
+from afm_mlx.core.errors import UserError
+from afm_mlx.models.io import load_model, save_model
+from afm_mlx.models.presets import build_model, init_weights, preset_config
+from afm_mlx.palettization.layers import AFM_EMBEDDING_SETTINGS, palettize_model
 from converters.coreai import CoreAIConfig, convert
 from converters.coreai_run import CoreAISession, require_coreai
 from converters.coreml import ConvertConfig

@@ -16,7 +16,7 @@ from coremltools.converters.mil.mil import types
 from mlx.utils import tree_flatten
 from test_coreml_executor import new_states, open_package, run_function
 
-from afm_mlx.model import load_model
+from afm_mlx.models.io import load_model
 from converters.coreml import ConvertConfig, convert, package_bytes
 
 CONTEXT, CHUNK = 32, 8
@@ -228,7 +228,8 @@ def test_failure_while_writing_leaves_nothing(tiny_model_dir, tmp_path, monkeypa
 
 def test_llama_with_biases_and_untied_head(tmp_path):
     """The other family layout: no QK-norm, attention biases, a separate lm_head."""
-    from afm_mlx.model import build_model, init_weights, preset_config, save_model
+    from afm_mlx.models.io import save_model
+    from afm_mlx.models.presets import build_model, init_weights, preset_config
 
     config = preset_config(
         "tiny", model_type="llama", attention_bias=True, tie_word_embeddings=False

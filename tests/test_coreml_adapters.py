@@ -22,8 +22,7 @@ from test_coreml import (
 from test_coreml_executor import open_package
 from test_coreml_palettized import mixed_bits
 
-from afm_mlx.cli import UserError
-from afm_mlx.lora import (
+from afm_mlx.adapters.lora import (
     LoRASettings,
     attach_lora,
     load_adapter,
@@ -31,8 +30,9 @@ from afm_mlx.lora import (
     save_adapter,
     settings_for_model,
 )
-from afm_mlx.model import load_model, model_fingerprint, save_model
-from afm_mlx.palettized import palettize_model
+from afm_mlx.core.errors import UserError
+from afm_mlx.models.io import load_model, model_fingerprint, save_model
+from afm_mlx.palettization.layers import palettize_model
 from converters.coreml import ConvertConfig, convert
 
 RANK = 16

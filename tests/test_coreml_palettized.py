@@ -22,8 +22,8 @@ from test_coreml import (
 )
 from test_coreml_executor import blob_bytes, open_package
 
-from afm_mlx.model import load_model, save_model
-from afm_mlx.palettized import AFM_EMBEDDING_SETTINGS, palettize_model
+from afm_mlx.models.io import load_model, save_model
+from afm_mlx.palettization.layers import AFM_EMBEDDING_SETTINGS, palettize_model
 from converters.coreml import package_bytes
 
 
@@ -155,8 +155,8 @@ def test_the_converters_read_a_model_a_block_at_a_time(tmp_path, monkeypatch):
     stay after the model is gone, and nothing else does."""
     import mlx.core as mx
 
-    from afm_mlx import model as model_module
-    from afm_mlx.model import build_model, init_weights, preset_config
+    from afm_mlx.models import streaming
+    from afm_mlx.models.presets import build_model, init_weights, preset_config
     from converters.export import ExportConfig, read_model
 
     config = preset_config("tiny", num_hidden_layers=6, hidden_size=256, intermediate_size=768)
@@ -168,7 +168,7 @@ def test_the_converters_read_a_model_a_block_at_a_time(tmp_path, monkeypatch):
     peaks, plans = [], []
     for streamed in (True, False):
         if not streamed:
-            monkeypatch.setattr(model_module, "block_releaser", lambda model, path: None)
+            monkeypatch.setattr(streaming, "block_releaser", lambda model, path: None)
         mx.clear_cache()
         mx.reset_peak_memory()
         before = mx.get_active_memory()
@@ -191,8 +191,8 @@ def test_lut_matrix_bit_stream_and_indices(bits, cols):
     the unpacked copy, and row slices taken before or after agree."""
     import mlx.core as mx
 
-    from afm_mlx.packing import pack_indices
-    from converters.plan import LutMatrix
+    from afm_mlx.palettization.packing import pack_indices
+    from converters.weights import LutMatrix
 
     rng = np.random.default_rng(bits * 100 + cols)
     indices = rng.integers(0, 1 << bits, (32, cols), dtype=np.uint8)

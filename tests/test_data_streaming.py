@@ -9,22 +9,17 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from afm_mlx import data as data_mod
-from afm_mlx.data import (
+from afm_mlx.core.errors import UserError
+from afm_mlx.data import token_cache
+from afm_mlx.data.batches import (
     DataPosition,
     PackedDataset,
-    TokenCache,
-    TokenStream,
-    build_token_cache,
-    check_corpus,
     corpus_splits,
     eval_batches,
-    iter_corpus,
-    read_corpus,
-    split_train_valid,
     train_batches,
 )
-from afm_mlx.errors import UserError
+from afm_mlx.data.corpus import check_corpus, iter_corpus, read_corpus
+from afm_mlx.data.token_cache import TokenCache, TokenStream, build_token_cache, split_train_valid
 
 _LETTERS = np.array(list("abcdefghijklmnopqrstuvwxyz"))
 _RNG = np.random.default_rng(1234)
@@ -47,7 +42,7 @@ def write_corpus(folder, n_docs: int, words: int | tuple[int, int], seed: int = 
 
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):
-    from afm_mlx.tokenizer import save_tokenizer, train_sentencepiece
+    from afm_mlx.data.tokenizer import save_tokenizer, train_sentencepiece
 
     rng = np.random.default_rng(7)
     texts = [random_doc(rng, 2000) for _ in range(20)]
@@ -176,7 +171,7 @@ def test_tokenization_memory_does_not_grow_with_the_corpus(tmp_path, tok_dir):
 
 
 def test_cache_key_is_the_content_not_size_and_mtime(tmp_path, tok_dir):
-    from afm_mlx.tokenizer import TextTokenizer
+    from afm_mlx.data.tokenizer import TextTokenizer
 
     corpus = write_corpus(tmp_path / "corpus", 3, 200)
     first = build_token_cache(str(corpus), tok_dir, tmp_path / "cache")
@@ -216,13 +211,13 @@ def test_max_id_is_recorded(tmp_path, tok_dir):
 
 def test_cache_is_written_through_pid_temporaries(tmp_path, tok_dir, monkeypatch):
     seen = []
-    real = data_mod._write_token_files
+    real = token_cache._write_token_files
 
     def spy(source, tokenizer_dir, bin_tmp, starts_tmp):
         seen.extend([bin_tmp.name, starts_tmp.name])
         return real(source, tokenizer_dir, bin_tmp, starts_tmp)
 
-    monkeypatch.setattr(data_mod, "_write_token_files", spy)
+    monkeypatch.setattr(token_cache, "_write_token_files", spy)
     corpus = write_corpus(tmp_path / "corpus", 3, 100)
     build_token_cache(str(corpus), tok_dir, tmp_path / "cache")
     assert len(seen) == 2 and all(n.startswith(f".tmp-{os.getpid()}-") for n in seen)

@@ -15,18 +15,15 @@ import pytest
 from conftest import one_line_error, run_cli
 from mlx.utils import tree_flatten
 
-from afm_mlx.families import family_for, standard_config, supported_types
+from afm_mlx.adapters.lora import AdapterCache, read_adapter
+from afm_mlx.calibration.replay import linear_paths, swap_module
+from afm_mlx.calibration.sensitivity import measure_sensitivity
+from afm_mlx.core.families import family_for, standard_config, supported_types
 from afm_mlx.finetune import FinetuneConfig, finetune
-from afm_mlx.lora import AdapterCache, read_adapter
-from afm_mlx.model import build_model, load, load_model, save_model
-from afm_mlx.palettize import (
-    PalettizeConfig,
-    _swap,
-    linear_paths,
-    measure_sensitivity,
-    palettize,
-)
-from afm_mlx.palettized import PalettizedLinear
+from afm_mlx.models.io import load, load_model, save_model
+from afm_mlx.models.presets import build_model
+from afm_mlx.palettization.layers import PalettizedLinear
+from afm_mlx.palettize import PalettizeConfig, palettize
 from afm_mlx.recover import RecoverConfig, recover
 
 # Longer than Gemma's sliding window below, so its local layers really mask.
@@ -197,12 +194,11 @@ def test_palettized_forward_is_the_dense_forward_of_its_dequantized_weights(
 def test_sensitivity_replays_the_familys_masks(family_dir):
     """Replaying blocks from recorded inputs gives the KL a full forward pass gives."""
     model, _, _ = load_model(family_dir)
-    cfg = PalettizeConfig(model=str(family_dir), out="unused", group_size=16)
     batches = [mx.concatenate([TOKENS, TOKENS[:, :1]], axis=1)]
     # An attention output projection of the second block, and the last projection of all.
     attention_out = [p for p in linear_paths(model) if p.endswith(("o_proj", "out_proj"))]
     paths = [attention_out[1], linear_paths(model)[-1]]
-    got = measure_sensitivity(model, paths, [2], cfg, batches, None)
+    got = measure_sensitivity(model, paths, [2], batches, group_size=16)
 
     def logprobs():  # in float64: a float32 log-softmax loses digits of a KL of 1e-5
         z = np.array(model(TOKENS), np.float64)
@@ -213,9 +209,9 @@ def test_sensitivity_replays_the_familys_masks(family_dir):
     modules = dict(tree_flatten(model.leaf_modules(), is_leaf=lambda m: hasattr(m, "weight")))
     for path in paths:
         original = modules[path]
-        _swap(model, path, PalettizedLinear.from_linear(original, 2, 16, 0, None))
+        swap_module(model, path, PalettizedLinear.from_linear(original, 2, 16, 0, None))
         want = (np.exp(ref) * (ref - logprobs())).sum(axis=-1).mean()
-        _swap(model, path, original)
+        swap_module(model, path, original)
         assert want > 0 and got[path][2] == pytest.approx(want, rel=1e-4)
 
 
@@ -223,12 +219,12 @@ def test_importance_a_block_at_a_time_equals_the_whole_model(family_dir, tmp_pat
     """``--sensitivity activation|fisher`` run the family's blocks one at a time (its masks and
     embedding scale come from the model's own pass): the same input statistics and mean squared
     gradients as a whole pass of the resident model."""
-    from afm_mlx.model import block_releaser
-    from afm_mlx.palettize import (
+    from afm_mlx.calibration.importance import (
         activation_importance,
         fisher_importance,
         fisher_importance_streamed,
     )
+    from afm_mlx.models.streaming import block_releaser
 
     model, config, _ = load_model(family_dir)
     if not family_for(config, "t").replay_blocks:
@@ -253,8 +249,8 @@ def test_a_half_precision_model_streamed_block_by_block_gives_its_widened_logits
     """``streamed_logits`` (a recovery teacher's passes): one bfloat16 block read from disk
     and widened at a time, the head in slices, gives the logits of the float32 copy (that the
     peak holds a block, not the model, is tested in test_palettize on a larger model)."""
-    from afm_mlx.families import model_family
-    from afm_mlx.model import block_releaser, stored_tables, streamed_logits
+    from afm_mlx.core.families import model_family
+    from afm_mlx.models.streaming import block_releaser, stored_tables, streamed_logits
 
     model, config, _ = load_model(family_dir)
     if not model_family(model).replay_blocks:
@@ -388,7 +384,7 @@ def test_afm7_keys_and_values_pass_gradients_to_every_adapted_projection(monkeyp
     import mlx.nn as nn
     from mlx_lm.models import afm7
 
-    from afm_mlx.lora import LoRASettings, attach_lora, settings_for_model
+    from afm_mlx.adapters.lora import LoRASettings, attach_lora, settings_for_model
 
     config = {**CONFIGS["afm7"], "vocab_size": 512}
     mx.random.seed(3)

@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from afm_mlx.fileio import output_lock
+from afm_mlx.core.fileio import output_lock
 
 pytestmark = pytest.mark.slow
 
@@ -100,9 +100,9 @@ def _files(folder: Path) -> dict[str, bytes]:
 def _check_run_folder(out: Path, kind: str) -> None:
     """After a kill: the run folder is either unfinished (not loadable as a model/adapter) or a
     finished one that loads; every checkpoint loads."""
-    from afm_mlx.checkpoint import checkpoint_root, latest_checkpoint, load_checkpoint
-    from afm_mlx.lora import read_adapter
-    from afm_mlx.model import load_model
+    from afm_mlx.adapters.lora import read_adapter
+    from afm_mlx.models.io import load_model
+    from afm_mlx.training.checkpoint import checkpoint_root, latest_checkpoint, load_checkpoint
 
     if kind == "model" and (out / "config.json").exists():
         load_model(out)
@@ -207,7 +207,7 @@ def test_kill_finetune(pal_dir, task_file, tmp_path):
 
 
 def test_kill_palettize(tiny_model_dir, tmp_path):
-    from afm_mlx.model import load_model
+    from afm_mlx.models.io import load_model
 
     def args(out):
         return ["afm_mlx.palettize", "--model", tiny_model_dir, "--out", out, "--target-bpw",

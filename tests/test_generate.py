@@ -9,19 +9,13 @@ import numpy as np
 import pytest
 from conftest import one_line_error, run_cli
 
-from afm_mlx import lut_kernels
-from afm_mlx.cli import UserError
-from afm_mlx.generate import Generator
-from afm_mlx.lora import LoRASettings, attach_lora, lora_layers, save_adapter
-from afm_mlx.model import (
-    build_model,
-    init_weights,
-    load_model,
-    model_fingerprint,
-    preset_config,
-    save_model,
-)
-from afm_mlx.task_data import MaskedDataset, decode_masked, encode_record, read_task_records
+from afm_mlx.adapters.lora import LoRASettings, attach_lora, lora_layers, save_adapter
+from afm_mlx.core.errors import UserError
+from afm_mlx.data.tasks import MaskedDataset, decode_masked, encode_record, read_task_records
+from afm_mlx.inference.generator import Generator
+from afm_mlx.models.io import load_model, model_fingerprint, save_model
+from afm_mlx.models.presets import build_model, init_weights, preset_config
+from afm_mlx.palettization import kernels
 
 
 def _strong_adapter(model_dir, out, seed):
@@ -126,7 +120,7 @@ def test_a_completion_is_tokenized_with_its_prompt(tiny_model_dir):
     never produces. Records are tokenized as generation tokenizes their text (as mlx-lm does)."""
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-    from afm_mlx.losses import choice_accuracy
+    from afm_mlx.training.losses import choice_accuracy
 
     tok = load_tokenizer(tiny_model_dir)
     eos = tok.eos_token_id
@@ -166,7 +160,7 @@ def palettized_dir(tiny_model_dir, tmp_path_factory):
 
 
 def test_dense_cache_is_an_exact_speed_option(palettized_dir, tmp_path):
-    from afm_mlx.palettized import palettized_layers
+    from afm_mlx.palettization.layers import palettized_layers
 
     adapter = _strong_adapter(palettized_dir, tmp_path / "a", seed=2)
     opts = dict(max_tokens=16, temp=0.0)  # greedy: the kernel and a dense GEMM round apart
@@ -183,8 +177,8 @@ def test_dense_cache_is_an_exact_speed_option(palettized_dir, tmp_path):
     assert texts["on"][0] != texts["on"][1]
     # auto caches only on a CPU without a LUT kernel (this tiny model fits any memory).
     on_cpu = mx.default_device().type == mx.cpu
-    assert Generator(palettized_dir).dense_cached == (on_cpu and not lut_kernels.kernel_usable())
-    with lut_kernels.using("off"):
+    assert Generator(palettized_dir).dense_cached == (on_cpu and not kernels.kernel_usable())
+    with kernels.using("off"):
         assert Generator(palettized_dir).dense_cached == on_cpu
     with pytest.raises(UserError, match="--dense-cache 'x'"):
         Generator(palettized_dir, dense_cache="x")

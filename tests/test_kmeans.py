@@ -6,7 +6,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from afm_mlx.kmeans import SUPPORTED_BITS, kmeans_lut, lut_to_dense
+from afm_mlx.palettization.kmeans import kmeans_lut
+from afm_mlx.palettization.lut import SUPPORTED_BITS, lut_to_dense
 
 
 def exact_kmeans(x: np.ndarray, k: int, w: np.ndarray | None = None) -> np.ndarray:
@@ -187,7 +188,7 @@ def test_few_distinct_values_are_reproduced_exactly():
 
 def test_sorted_layout_searches_agree():
     """The CPU's searchsorted and the gathers-only search used on other backends."""
-    from afm_mlx.kmeans import (
+    from afm_mlx.palettization.kmeans import (
         _fp16_keys,
         _sorted_layout,
         _sorted_position_gathers,
@@ -234,7 +235,7 @@ def test_refining_many_levels_is_the_matrixs_choice_not_the_chunks(monkeypatch, 
     """8-bit refinement is chosen by the whole matrix's size (its cost grows with every group):
     a matrix too large to refine is not refined piecemeal because a small memory budget cut it
     into chunks that would each qualify, and a small one is refined in every chunk."""
-    from afm_mlx import kmeans
+    from afm_mlx.palettization import kmeans
 
     calls = []
     refine = kmeans._refine

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from afm_mlx.cli import UserError
-from afm_mlx.lora import (
+from afm_mlx.adapters.lora import (
     DEFAULT_KEYS,
     AdapterCache,
     LoRALinear,
@@ -26,8 +25,9 @@ from afm_mlx.lora import (
     read_adapter,
     save_adapter,
 )
-from afm_mlx.model import load_model, model_fingerprint
-from afm_mlx.palettized import PalettizedLinear
+from afm_mlx.core.errors import UserError
+from afm_mlx.models.io import load_model, model_fingerprint
+from afm_mlx.palettization.layers import PalettizedLinear
 
 TOKENS = mx.array([[5, 17, 300, 42, 9, 77, 123, 4], [11, 12, 13, 14, 15, 16, 17, 18]])
 

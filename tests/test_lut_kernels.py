@@ -16,25 +16,25 @@ import mlx.nn as nn
 import pytest
 from conftest import REPO, one_line_error, run_cli
 
-from afm_mlx import lut_kernels
-from afm_mlx.cli import UserError
-from afm_mlx.kmeans import lut_to_dense
-from afm_mlx.packing import PACKABLE_BITS, pack_indices
-from afm_mlx.palettized import PalettizedLinear
+from afm_mlx.core.errors import UserError
+from afm_mlx.palettization import gpu_kernel, kernels
+from afm_mlx.palettization.layers import PalettizedLinear
+from afm_mlx.palettization.lut import lut_to_dense
+from afm_mlx.palettization.packing import PACKABLE_BITS, pack_indices
 
 CAN_BUILD = shutil.which("cmake") is not None and shutil.which(os.environ.get("CXX", "c++"))
 needs_cpu_kernel = pytest.mark.skipif(
-    "cpu" not in lut_kernels.KERNELS, reason="the CPU LUT kernel is not built here"
+    "cpu" not in kernels.KERNELS, reason="the CPU LUT kernel is not built here"
 )
 
 
 @pytest.fixture(autouse=True)
 def _fresh_checks():
     """Every test starts with no first-use verdicts and the default mode."""
-    lut_kernels.reset()
-    with lut_kernels.using("auto"):
+    kernels.reset()
+    with kernels.using("auto"):
         yield
-    lut_kernels.reset()
+    kernels.reset()
 
 
 def random_layer(rows: int, cols: int, bits: int, group_size: int, axis: int, seed: int = 0):
@@ -51,16 +51,16 @@ def test_kernel_is_built_where_a_compiler_exists():
     """CI has a compiler and CMake: a broken build must fail here, not hide in a fallback."""
     if not CAN_BUILD:
         pytest.skip("no C++ compiler or CMake: the install keeps the pure-MLX path")
-    assert "cpu" in lut_kernels.KERNELS, lut_kernels._cpu_missing
-    assert "CPU LUT kernel" in lut_kernels.describe()
+    assert "cpu" in kernels.KERNELS, kernels._cpu_missing
+    assert "CPU LUT kernel" in kernels.describe()
 
 
 @needs_cpu_kernel
 def test_a_kernel_built_for_another_mlx_is_not_loaded(monkeypatch):
     monkeypatch.setattr(mx, "__version__", "9.9.9")
-    module, why = lut_kernels._load_cpu_extension()
+    module, why = kernels._load_cpu_extension()
     assert module is None
-    assert f"built for mlx {lut_kernels._cpu_extension.mlx_version} but mlx 9.9.9" in why
+    assert f"built for mlx {kernels._cpu_extension.mlx_version} but mlx 9.9.9" in why
     assert "reinstall afm_mlx" in why
 
 
@@ -75,7 +75,7 @@ SHAPES = [(48, 64, 16), (96, 128, 32), (32, 40, 8), (24, 36, 4)]
 def test_cpu_kernel_equals_dequantize_matmul(bits, axis, isa, monkeypatch):
     # Caps the path (widest: AVX-512 or NEON where the CPU has it), so every one runs here.
     monkeypatch.setenv("AFM_MLX_LUT_ISA", isa)
-    kernel, _ = lut_kernels.KERNELS["cpu"]
+    kernel, _ = kernels.KERNELS["cpu"]
     for rows, cols, group_size in SHAPES:
         layer, dense = random_layer(rows, cols, bits, group_size, axis, seed=bits + 7 * axis)
         for m in (*range(1, 9), 13, 128):
@@ -99,7 +99,7 @@ def test_cpu_kernel_keeps_the_input_dtype_and_batch_shape():
 
 @needs_cpu_kernel
 def test_cpu_kernel_reports_its_instruction_set():
-    ext = lut_kernels._cpu_extension
+    ext = kernels._cpu_extension
     assert ext.isa(4, 4096, 16, 0) in ("avx512", "avx2", "scalar")
     assert ext.isa(4, 36, 4, 0) == "scalar"  # 36 inputs: no 8-wide vector path
     assert ext.isa(8, 4096, 16, 0) in ("avx2", "scalar")  # 256 entries: gathers, not permutes
@@ -108,7 +108,7 @@ def test_cpu_kernel_reports_its_instruction_set():
 @needs_cpu_kernel
 def test_cpu_kernel_refuses_bad_arguments():
     layer, _ = random_layer(32, 64, 4, 16, 0)
-    kernel = lut_kernels._cpu_extension.lut_matmul
+    kernel = kernels._cpu_extension.lut_matmul
     with pytest.raises(ValueError, match="in_dims"):
         kernel(mx.zeros((1, 48)), layer.packed, layer.lut, 4, 16, 0, 64)
     with pytest.raises(ValueError, match="1 to 256 rows"):
@@ -261,14 +261,14 @@ def test_gpu_kernel_body_on_an_emulated_simdgroup(tmp_path):
     """Every bit width and axis in the backends' layouts and in the candidates that
     gpu_kernel_check.py times with 2 simdgroups (the others differ only in that number). N = 40
     leaves a partial row block; K = 512 gives a lane several chunks."""
-    layouts = {*lut_kernels.GPU_LAYOUTS.values()} | {
-        g for g in lut_kernels.GPU_CANDIDATES if g.simdgroups == 2
+    layouts = {*gpu_kernel.GPU_LAYOUTS.values()} | {
+        g for g in gpu_kernel.GPU_CANDIDATES if g.simdgroups == 2
     }
     calls = " | ".join(
         f"layout<{g.rows}, {g.simdgroups}, {str(g.lut_shared).lower()}, {g.vec}>()" for g in layouts
     )
     source = tmp_path / "emulate.cpp"
-    source.write_text(EMULATION.replace("BODY", lut_kernels.GPU_BODY).replace("LAYOUTS", calls))
+    source.write_text(EMULATION.replace("BODY", gpu_kernel.GPU_BODY).replace("LAYOUTS", calls))
     _ok(["c++", "-O0", "-std=c++20", "-pthread", str(source), "-o", str(tmp_path / "emulate")])
     assert _ok([str(tmp_path / "emulate")]).count(" ok") == 12 * len(layouts)
 
@@ -279,7 +279,7 @@ def test_gpu_kernel_cuda_text_compiles(tmp_path):
     source = tmp_path / "kernel.cu"
 
     def instance(t, bits, group_size, axis, layout):  # the template constants a call passes
-        template, _, _ = lut_kernels._launch(
+        template, _, _ = gpu_kernel._launch(
             {"float": mx.float32, "__half": mx.float16}[t], bits, group_size, axis, 4096, 4096,
             1 << bits, layout,
         )  # fmt: skip
@@ -291,15 +291,15 @@ def test_gpu_kernel_cuda_text_compiles(tmp_path):
     instances = "\n".join(
         instance(t, b, g, a, layout)
         for t, b, g, a in (("float", 4, 16, 0), ("__half", 2, 16, 1), ("float", 8, 1, 0))
-        for layout in {*lut_kernels.GPU_LAYOUTS.values(), *lut_kernels.GPU_CANDIDATES}
+        for layout in {*gpu_kernel.GPU_LAYOUTS.values(), *gpu_kernel.GPU_CANDIDATES}
     )
     source.write_text(
         "#include <cuda_fp16.h>\n#include <cstdint>\n"
-        + lut_kernels.CUDA_HEADER
+        + gpu_kernel.CUDA_HEADER
         + "template <typename T, int BITS, int GS, int AXIS, int K, int N, int LUT_SIZE, "
         "int ROWS, int SIMDGROUPS, bool LUT_SHARED, int VEC>\n"
         "__global__ void afm_lut_gemv(const T* x, const uint8_t* packed, const __half* lut, "
-        "T* out) {\n" + lut_kernels.CUDA_PROLOGUE + lut_kernels.GPU_BODY + "}\n" + instances
+        "T* out) {\n" + gpu_kernel.CUDA_PROLOGUE + gpu_kernel.GPU_BODY + "}\n" + instances
     )
     _ok(["nvcc", "-c", "-std=c++17", "-arch=sm_80", str(source), "-o", str(tmp_path / "k.o")])
 
@@ -316,7 +316,7 @@ def _counting(fn, calls: list):
 
 
 def _reference(x, packed, lut, bits, group_size, axis):
-    from afm_mlx.packing import unpack_indices
+    from afm_mlx.palettization.packing import unpack_indices
 
     w = lut_to_dense(lut, unpack_indices(packed, bits, x.shape[-1]), group_size, axis)
     return (x.astype(mx.float32) @ w.astype(mx.float32).T).astype(x.dtype)
@@ -330,7 +330,7 @@ def test_the_checks_reference_by_reduction_equals_a_float64_product():
     dense = mx.random.normal((40, 96), key=mx.random.key(2)).astype(mx.float16)
     want = np.asarray(x, dtype=np.float64) @ np.asarray(dense.astype(mx.float32), np.float64).T
     for by_reduction in (True, False):
-        got = lut_kernels.reference_matmul(x, dense, by_reduction)
+        got = kernels.reference_matmul(x, dense, by_reduction)
         assert got.shape == (5, 40) and got.dtype == mx.float32
         assert np.abs(np.asarray(got) - want).max() < 1e-5 * np.abs(want).max()
 
@@ -338,7 +338,7 @@ def test_the_checks_reference_by_reduction_equals_a_float64_product():
 def test_a_wrong_kernel_is_caught_at_first_use_and_falls_back(monkeypatch, capsys):
     calls = []
     wrong = _counting(lambda *a: _reference(*a) * 1.001, calls)  # off by 0.1%: still caught
-    monkeypatch.setitem(lut_kernels.KERNELS, lut_kernels.backend(), (wrong, 8))
+    monkeypatch.setitem(kernels.KERNELS, kernels.backend(), (wrong, 8))
     layer, dense = random_layer(64, 64, 4, 16, 0)
     x = mx.random.normal((1, 64))
     for _ in range(3):
@@ -348,8 +348,8 @@ def test_a_wrong_kernel_is_caught_at_first_use_and_falls_back(monkeypatch, capsy
     n_checked = len(calls)
     layer(x)
     assert len(calls) == n_checked  # after the check, the bad kernel is never called again
-    with lut_kernels.using("on"), pytest.raises(UserError, match="differs from dequantize"):
-        lut_kernels.reset()
+    with kernels.using("on"), pytest.raises(UserError, match="differs from dequantize"):
+        kernels.reset()
         layer(x)
 
 
@@ -357,7 +357,7 @@ def test_a_failing_kernel_falls_back(monkeypatch, capsys):
     def broken(*args):
         raise RuntimeError("compile error: no such intrinsic")
 
-    monkeypatch.setitem(lut_kernels.KERNELS, lut_kernels.backend(), (broken, 8))
+    monkeypatch.setitem(kernels.KERNELS, kernels.backend(), (broken, 8))
     layer, dense = random_layer(32, 64, 2, 16, 1)
     x = mx.random.normal((2, 64))
     assert mx.allclose(layer(x), x @ dense.T, rtol=1e-6, atol=1e-6)
@@ -367,7 +367,7 @@ def test_a_failing_kernel_falls_back(monkeypatch, capsys):
 def test_a_good_kernel_is_used(monkeypatch):
     calls = []
     good = _counting(_reference, calls)
-    monkeypatch.setitem(lut_kernels.KERNELS, lut_kernels.backend(), (good, 8))
+    monkeypatch.setitem(kernels.KERNELS, kernels.backend(), (good, 8))
     layer, dense = random_layer(32, 64, 4, 16, 0)
     layer(mx.random.normal((3, 64)))
     checked = len(calls)
@@ -379,32 +379,30 @@ def test_a_good_kernel_is_used(monkeypatch):
 
 def test_off_never_calls_a_kernel_and_on_needs_one(monkeypatch):
     calls = []
-    monkeypatch.setitem(
-        lut_kernels.KERNELS, lut_kernels.backend(), (_counting(_reference, calls), 8)
-    )
+    monkeypatch.setitem(kernels.KERNELS, kernels.backend(), (_counting(_reference, calls), 8))
     layer, dense = random_layer(32, 64, 4, 16, 0)
-    with lut_kernels.using("off"):
+    with kernels.using("off"):
         assert mx.array_equal(layer(mx.ones((1, 64))), mx.ones((1, 64)) @ dense.T)
     assert calls == []
-    monkeypatch.delitem(lut_kernels.KERNELS, lut_kernels.backend())
-    with lut_kernels.using("on"):
+    monkeypatch.delitem(kernels.KERNELS, kernels.backend())
+    with kernels.using("on"):
         with pytest.raises(UserError, match="--lut-kernel on: .*LUT kernel"):
-            lut_kernels.apply_flag(None)
+            kernels.apply_flag(None)
         with pytest.raises(UserError, match="--lut-kernel on"):
             layer(mx.ones((1, 64)))
     with pytest.raises(UserError, match="--lut-kernel 'fast'"):
-        lut_kernels.set_mode("fast")
+        kernels.set_mode("fast")
 
 
 def test_bad_mode_flag_and_env_are_one_line(tiny_model_dir, monkeypatch):
     args = ["--model", tiny_model_dir, "--prompt", "Hi", "--lut-kernel", "fast"]
     line = one_line_error(run_cli("afm_mlx.generate", *args))
     assert "--lut-kernel 'fast'" in line and "auto, on, off" in line
-    monkeypatch.setenv(lut_kernels.ENV, "fast")
-    assert lut_kernels.get_mode() == "auto"  # a mode set in the process wins over the variable
-    monkeypatch.setattr(lut_kernels, "_mode", None)
+    monkeypatch.setenv(kernels.ENV, "fast")
+    assert kernels.get_mode() == "auto"  # a mode set in the process wins over the variable
+    monkeypatch.setattr(kernels, "_mode", None)
     with pytest.raises(UserError, match="AFM_MLX_LUT_KERNEL='fast'"):
-        lut_kernels.get_mode()
+        kernels.get_mode()
 
 
 # --- gradients and whole models ------------------------------------------------------------------
@@ -417,7 +415,7 @@ def test_gradient_through_the_kernel_equals_the_dense_layer():
     r = mx.random.normal((4, 48))
     grad = mx.grad(lambda v: (layer(v) * r).sum())(x)
     assert mx.allclose(grad, r @ dense, rtol=1e-5, atol=1e-5)
-    with lut_kernels.using("off"):
+    with kernels.using("off"):
         assert mx.allclose(mx.grad(lambda v: (layer(v) * r).sum())(x), grad, atol=1e-5)
 
 
@@ -426,9 +424,9 @@ def test_lora_training_step_over_a_palettized_base_on_the_kernel_path(tiny_model
     """batch x sequence <= the kernel's rows: the LoRA gradients equal the dequantize path's."""
     from mlx.utils import tree_flatten
 
-    from afm_mlx.lora import LoRASettings, attach_lora
-    from afm_mlx.model import load_model
-    from afm_mlx.palettized import palettize_model
+    from afm_mlx.adapters.lora import LoRASettings, attach_lora
+    from afm_mlx.models.io import load_model
+    from afm_mlx.palettization.layers import palettize_model
 
     model, _, _ = load_model(tiny_model_dir)
     palettize_model(model)
@@ -440,7 +438,7 @@ def test_lora_training_step_over_a_palettized_base_on_the_kernel_path(tiny_model
         return nn.losses.cross_entropy(logits, ids[:, 1:]).mean()
 
     grads = dict(tree_flatten(nn.value_and_grad(model, loss)(model)[1]))
-    with lut_kernels.using("off"):
+    with kernels.using("off"):
         want = dict(tree_flatten(nn.value_and_grad(model, loss)(model)[1]))
     assert grads.keys() == want.keys() and any("lora_a" in k for k in grads)
     for k in grads:
@@ -451,8 +449,8 @@ def test_lora_training_step_over_a_palettized_base_on_the_kernel_path(tiny_model
 def test_palettized_model_decodes_the_same_on_both_paths(tiny_model_dir):
     from mlx_lm.models.cache import make_prompt_cache
 
-    from afm_mlx.model import load_model
-    from afm_mlx.palettized import palettize_model
+    from afm_mlx.models.io import load_model
+    from afm_mlx.palettization.layers import palettize_model
 
     model, _, _ = load_model(tiny_model_dir)
     palettize_model(model, class_predicate=lambda p, m: {"bits": 3} if "mlp" in p else True)
@@ -464,7 +462,7 @@ def test_palettized_model_decodes_the_same_on_both_paths(tiny_model_dir):
         return mx.concatenate(rows)
 
     fast = run()
-    with lut_kernels.using("off"):
+    with kernels.using("off"):
         slow = run()
     assert mx.allclose(fast, slow, rtol=1e-4, atol=1e-4)
     assert mx.array_equal(fast.argmax(-1), slow.argmax(-1))
@@ -478,7 +476,7 @@ def test_fallback_holds_one_layer_of_dense_weights_at_a_time():
     mx.eval([layer.parameters() for layer in layers])
     x = mx.random.normal((1, cols))
     mx.eval(x)
-    with lut_kernels.using("off"):
+    with kernels.using("off"):
         mx.reset_peak_memory()
         base = mx.get_active_memory()
         h = x
@@ -523,7 +521,7 @@ def test_install_without_a_compiler_keeps_the_pure_mlx_path(tmp_path):
     )
     assert build.returncode == 0, build.stderr[-2000:]
     assert "CPU LUT kernel was not built (cmake is not installed)" in build.stderr
-    assert not list((tree / "afm_mlx").glob("_lut_cpu*"))
+    assert not list((tree / "afm_mlx" / "palettization").glob("_lut_cpu*"))
     report = subprocess.run(
         [sys.executable, "-m", "afm_mlx.runtime"],
         cwd=tree,
@@ -538,7 +536,7 @@ def test_install_without_a_compiler_keeps_the_pure_mlx_path(tmp_path):
     )
     code = (
         "import mlx.core as mx, mlx.nn as nn\n"
-        "from afm_mlx.palettized import PalettizedLinear\n"
+        "from afm_mlx.palettization.layers import PalettizedLinear\n"
         "layer = PalettizedLinear.from_linear(nn.Linear(64, 32), bits=4)\n"
         "for _ in range(3): mx.eval(layer(mx.ones((1, 64))))\n"
         "print('ok')\n"
@@ -548,7 +546,7 @@ def test_install_without_a_compiler_keeps_the_pure_mlx_path(tmp_path):
     )
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
     assert run.stderr.count("the CPU LUT kernel is not built") == 1  # one warning, not per call
-    assert Path(tree / "afm_mlx" / "lut_kernels.py").is_file()
+    assert Path(tree / "afm_mlx" / "palettization" / "kernels.py").is_file()
 
 
 @pytest.mark.skipif(mx.default_device().type == mx.gpu, reason="the gate under test is for CPUs")

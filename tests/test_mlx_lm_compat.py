@@ -11,8 +11,8 @@ import pytest
 import yaml
 from conftest import REPO, one_line_error, run_cli
 
-from afm_mlx.cli import parse_config
-from afm_mlx.errors import UserError
+from afm_mlx.core.config import parse_config
+from afm_mlx.core.errors import UserError
 from afm_mlx.finetune import FinetuneConfig
 
 # The keys of mlx-lm's example LoRA config (mlx_lm/examples/lora_config.yaml), our values.
@@ -83,8 +83,8 @@ def data_folder(tmp_path_factory):
 
 
 def test_mlx_lm_data_folder_splits_as_mlx_lm_does(data_folder, tiny_model_dir):
-    from afm_mlx.model import load_base
-    from afm_mlx.task_data import task_datasets
+    from afm_mlx.data.tasks import task_datasets
+    from afm_mlx.models.io import load_base
 
     _, tokenizer, _ = load_base(tiny_model_dir)
     train, valid = task_datasets(data_folder, tokenizer, 32, 0.1, 0)
@@ -93,7 +93,7 @@ def test_mlx_lm_data_folder_splits_as_mlx_lm_does(data_folder, tiny_model_dir):
 
 @pytest.mark.slow  # a subprocess-heavy CLI check: in the slow suite
 def test_finetune_with_mlx_lm_yaml_and_folder(data_folder, tiny_model_dir, tmp_path):
-    from afm_mlx.lora import read_adapter
+    from afm_mlx.adapters.lora import read_adapter
 
     config = {**MLX_LM_YAML, "model": str(tiny_model_dir), "data": str(data_folder)}
     config.update(adapter_path=str(tmp_path / "adapters"), init_adapter="none", progress=False)
@@ -111,7 +111,7 @@ def test_finetune_with_mlx_lm_yaml_and_folder(data_folder, tiny_model_dir, tmp_p
 
 def test_generate_defaults_and_flags_follow_mlx_lm(tiny_model_dir):
     from afm_mlx.generate import GenerateConfig
-    from afm_mlx.generation import Generator
+    from afm_mlx.inference.generator import Generator
 
     cfg = GenerateConfig()
     assert (cfg.temp, cfg.top_p, cfg.max_tokens) == (0.0, 1.0, 100)  # mlx-lm's defaults

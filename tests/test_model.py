@@ -9,16 +9,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from afm_mlx.cli import UserError
-from afm_mlx.model import (
-    build_model,
-    count_parameters,
-    init_weights,
-    load,
-    load_model,
-    preset_config,
-    save_model,
-)
+from afm_mlx.core.errors import UserError
+from afm_mlx.models.io import load, load_model, save_model
+from afm_mlx.models.presets import build_model, count_parameters, init_weights, preset_config
 
 TOKENS = [[5, 17, 300, 42, 9, 77, 123, 4, 250, 8], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
 
@@ -160,7 +153,7 @@ def test_stored_table_reads_rows_as_stored(tmp_path, dtype):
     """``StoredTable`` reads rows of a safetensors tensor straight from the file: the rows
     ``mx.load`` gives, in the stored dtype, for slices and for lookups of any shape (repeated
     ids included); names stored otherwise are not offered; a truncated file is a clear error."""
-    from afm_mlx.model import StoredTable
+    from afm_mlx.models.streaming import StoredTable
 
     rng = np.random.default_rng(0)
     table = mx.array(rng.standard_normal((300, 24)).astype(np.float32)).astype(getattr(mx, dtype))
@@ -187,16 +180,10 @@ def test_streamed_teacher_reads_its_table_a_slice_at_a_time(tmp_path, tiny_token
     """A recovery teacher's pass (``streamed_logits`` with the model's folder) takes its
     embedding rows and each head slice from the file: the same logits as the float32 copy, for
     tied and untied heads, at a peak well under the whole bfloat16 table it read before."""
-    from afm_mlx import model as model_module
-    from afm_mlx.model import (
-        block_releaser,
-        build_model,
-        init_weights,
-        preset_config,
-        save_model,
-        stored_tables,
-        streamed_logits,
-    )
+    from afm_mlx.models import streaming
+    from afm_mlx.models.io import save_model
+    from afm_mlx.models.presets import build_model, init_weights, preset_config
+    from afm_mlx.models.streaming import block_releaser, stored_tables, streamed_logits
 
     tokens = mx.array([[5, 17, 300, 42, 9, 77, 123, 4, 250, 8]])
     for tied in (True, False):
@@ -225,4 +212,4 @@ def test_streamed_teacher_reads_its_table_a_slice_at_a_time(tmp_path, tiny_token
             np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(want).max())
             del lazy, release
         assert peaks[0] < 0.6 * table_bytes < table_bytes < peaks[1], (tied, peaks, table_bytes)
-    assert model_module.HEAD_ROWS == 16384  # the slices the peak above counts on
+    assert streaming.HEAD_ROWS == 16384  # the slices the peak above counts on

@@ -12,10 +12,11 @@ import pytest
 from conftest import one_line_error, run_cli
 from mlx.utils import tree_flatten
 
-from afm_mlx.cli import UserError
-from afm_mlx.model import load, load_model
-from afm_mlx.palettize import PalettizeConfig, allocate_bits, layer_storage_bits, palettize
-from afm_mlx.palettized import PalettizedEmbedding, PalettizedLinear, bits_per_weight
+from afm_mlx.calibration.allocation import allocate_bits, layer_storage_bits
+from afm_mlx.core.errors import UserError
+from afm_mlx.models.io import load, load_model
+from afm_mlx.palettization.layers import PalettizedEmbedding, PalettizedLinear, bits_per_weight
+from afm_mlx.palettize import PalettizeConfig, palettize
 
 TOKENS = mx.array([[5, 17, 300, 42, 9, 77, 123, 4, 250, 8]])
 
@@ -102,16 +103,17 @@ def test_a_bfloat16_model_is_calibrated_in_float32_and_saved_as_stored(
     saved in bfloat16 as it was stored."""
     import mlx.nn as nn
 
-    import afm_mlx.model
+    import afm_mlx.models.streaming
     import afm_mlx.palettize as stage
-    from afm_mlx.kmeans import kmeans_lut
-    from afm_mlx.model import save_model
+    from afm_mlx.calibration import replay, sensitivity
+    from afm_mlx.models.io import save_model
+    from afm_mlx.palettization.kmeans import kmeans_lut
 
     model, config, _ = load_model(tiny_model_dir)
     model.set_dtype(mx.bfloat16)
     bf16 = save_model(tmp_path / "bf16", model, config, tiny_model_dir)
     projections, whole, slices = set(), set(), []
-    measure, linear, head = stage.measure_sensitivity, nn.Linear.__call__, stage.head_slices
+    measure, linear, head = stage.measure_sensitivity, nn.Linear.__call__, replay.head_slices
 
     def recording(model, *args, **kwargs):
         whole.update(v.dtype for _, v in tree_flatten(model.parameters()))
@@ -133,8 +135,11 @@ def test_a_bfloat16_model_is_calibrated_in_float32_and_saved_as_stored(
 
     monkeypatch.setattr(stage, "measure_sensitivity", recording)
     monkeypatch.setattr(nn.Linear, "__call__", projection)
-    monkeypatch.setattr(stage, "head_slices", head_slices)
-    monkeypatch.setattr(afm_mlx.model, "HEAD_ROWS", 100)  # several slices of the 512-row tied head
+    for module in (replay, sensitivity):  # the reference's slices, then the candidates'
+        monkeypatch.setattr(module, "head_slices", head_slices)
+    monkeypatch.setattr(
+        afm_mlx.models.streaming, "HEAD_ROWS", 100
+    )  # several slices of the 512-row tied head
     cfg = PalettizeConfig(
         model=str(bf16), out=str(tmp_path / "mix"), target_bpw=3.2, bit_choices=[2, 4],
         calibration_batches=1, calibration_seq_len=32,
@@ -282,7 +287,8 @@ def test_fixed_bits_read_and_free_one_layer_at_a_time(tiny_tokenizer, tmp_path, 
     whole model loaded first (what palettize did before): it must save most of the dense size
     (the rest of the peak is k-means' working set, bounded per slice of groups)."""
     import afm_mlx.palettize as stage
-    from afm_mlx.model import build_model, preset_config, save_model
+    from afm_mlx.models.io import save_model
+    from afm_mlx.models.presets import build_model, preset_config
 
     config = preset_config(
         "tiny", hidden_size=256, intermediate_size=1024, num_hidden_layers=8, head_dim=32
@@ -329,9 +335,10 @@ def test_the_embedding_is_read_a_slice_of_rows_at_a_time(tiny_tokenizer, tmp_pat
     byte, for most of the table's size less MLX memory. (k-means' slices are made small here,
     as a real vocabulary's are against its 2^22-position budget: Gemma-3-1B's table is 80
     slices.)"""
-    import afm_mlx.kmeans as kmeans
+    import afm_mlx.palettization.kmeans as kmeans
     import afm_mlx.palettize as stage
-    from afm_mlx.model import build_model, init_weights, preset_config, save_model
+    from afm_mlx.models.io import save_model
+    from afm_mlx.models.presets import build_model, init_weights, preset_config
 
     monkeypatch.setattr(kmeans, "_MAX_POSITIONS_PER_CHUNK", 1 << 16)  # 1024 rows of 64
 
@@ -364,7 +371,8 @@ def test_the_embedding_is_read_a_slice_of_rows_at_a_time(tiny_tokenizer, tmp_pat
 
 def _six_blocks(tokenizer, tmp_path, dtype=None):
     """(folder, bytes of its blocks) of a saved 6-block random model, in ``dtype`` if given."""
-    from afm_mlx.model import build_model, init_weights, preset_config, save_model
+    from afm_mlx.models.io import save_model
+    from afm_mlx.models.presets import build_model, init_weights, preset_config
 
     config = preset_config("tiny", hidden_size=256, intermediate_size=1024, num_hidden_layers=6)
     model = build_model(config)
@@ -379,11 +387,11 @@ def test_sensitivity_replays_hold_one_block_at_a_time(tiny_tokenizer, tmp_path):
     """With ``block_releaser`` the replays give each block back to disk after its turn: the
     peak holds a couple of blocks, not the model; and the blocks read back are the model's own
     (the damage is the same as with the model resident)."""
-    from afm_mlx.model import block_releaser
-    from afm_mlx.palettize import linear_paths, measure_sensitivity
+    from afm_mlx.calibration.replay import linear_paths
+    from afm_mlx.calibration.sensitivity import measure_sensitivity
+    from afm_mlx.models.streaming import block_releaser
 
     folder, block_bytes = _six_blocks(tiny_tokenizer, tmp_path)
-    cfg = PalettizeConfig(model=str(folder), out="unused", group_size=16)
     batches = [mx.concatenate([TOKENS, TOKENS[:, :1]], axis=1)]
     damage, peaks = [], []
     for streamed in (True, False):
@@ -392,7 +400,9 @@ def test_sensitivity_replays_hold_one_block_at_a_time(tiny_tokenizer, tmp_path):
         assert streamed is (release is not None)
         paths = linear_paths(model)
         mx.reset_peak_memory()
-        damage.append(measure_sensitivity(model, paths[:2], [2], cfg, batches, None, None, release))
+        damage.append(
+            measure_sensitivity(model, paths[:2], [2], batches, group_size=16, release=release)
+        )
         peaks.append(mx.get_peak_memory())
         del model, release
     assert damage[0] == damage[1] and min(damage[0][p][2] for p in damage[0]) > 0
@@ -404,8 +414,9 @@ def test_activation_statistics_hold_one_block_at_a_time(tiny_tokenizer, tmp_path
     run one at a time and given back to disk (never the model widened whole): the same E[x^2]
     per input channel as a whole pass of the resident model, at a fraction of its peak; a
     lookup broadcasts the channel vector down the rows."""
-    from afm_mlx.model import block_releaser
-    from afm_mlx.palettize import activation_importance, linear_paths
+    from afm_mlx.calibration.importance import activation_importance
+    from afm_mlx.calibration.replay import linear_paths
+    from afm_mlx.models.streaming import block_releaser
 
     folder, block_bytes = _six_blocks(tiny_tokenizer, tmp_path)
     batches = [mx.concatenate([TOKENS, TOKENS[:, :1]], axis=1), TOKENS[:, ::-1]]
@@ -439,8 +450,10 @@ def test_fisher_a_block_at_a_time_equals_the_whole_gradient(tiny_tokenizer, tmp_
     disk) and keeps the importance on disk: the same mean squared gradients as
     ``nn.value_and_grad`` over the whole float32 model, at a fraction of its peak memory, and
     a lookup reads one layer's array from disk."""
-    from afm_mlx.model import block_releaser, widen_for_cpu
-    from afm_mlx.palettize import fisher_importance, fisher_importance_streamed, linear_paths
+    from afm_mlx.calibration.importance import fisher_importance, fisher_importance_streamed
+    from afm_mlx.calibration.replay import linear_paths
+    from afm_mlx.models.precision import widen_for_cpu
+    from afm_mlx.models.streaming import block_releaser
 
     folder, block_bytes = _six_blocks(tiny_tokenizer, tmp_path, getattr(mx, dtype))
     batches = [mx.concatenate([TOKENS, TOKENS[:, :1]], axis=1), TOKENS[:, ::-1]]
@@ -474,7 +487,7 @@ def test_fisher_a_block_at_a_time_equals_the_whole_gradient(tiny_tokenizer, tmp_
 def test_a_palettized_model_streams_block_by_block_as_it_runs_whole(lut4_dir):
     """A palettized teacher (its LUTs are float16: it counts as half precision) streams too:
     its blocks read back from disk, its 8-bit embedding as the head in one piece."""
-    from afm_mlx.model import block_releaser, streamed_logits
+    from afm_mlx.models.streaming import block_releaser, streamed_logits
 
     lazy = load_model(lut4_dir, lazy=True)[0]
     release = block_releaser(lazy, lut4_dir)

@@ -9,10 +9,10 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models import qwen3
 
-from afm_mlx import lut_kernels, palettized
-from afm_mlx.kmeans import kmeans_lut, lut_to_dense
-from afm_mlx.packing import PACKABLE_BITS, pack_indices, packed_length, unpack_indices
-from afm_mlx.palettized import (
+from afm_mlx.palettization import kernels
+from afm_mlx.palettization import layers as palettized
+from afm_mlx.palettization.kmeans import kmeans_lut
+from afm_mlx.palettization.layers import (
     AFM_EMBEDDING_SETTINGS,
     PalettizedEmbedding,
     PalettizedLinear,
@@ -21,6 +21,8 @@ from afm_mlx.palettized import (
     palettize_model,
     palettized_layers,
 )
+from afm_mlx.palettization.lut import lut_to_dense
+from afm_mlx.palettization.packing import PACKABLE_BITS, pack_indices, packed_length, unpack_indices
 
 
 @pytest.mark.parametrize("bits", PACKABLE_BITS)
@@ -69,7 +71,7 @@ def test_linear_forward_is_the_dequantized_dense_layer(bits, axis):
 
     x = mx.random.normal((2, 3, 64))
     want = x @ layer.dequantize().T + dense.bias
-    with lut_kernels.using("off"):  # dequantize + matmul: the same arithmetic, bit for bit
+    with kernels.using("off"):  # dequantize + matmul: the same arithmetic, bit for bit
         assert mx.array_equal(layer(x), want)
     # 6 rows take the CPU kernel (another summation order): fp32 rounding apart.
     assert mx.allclose(layer(x), want, rtol=1e-5, atol=1e-5)
@@ -79,7 +81,7 @@ def test_linear_forward_is_the_dequantized_dense_layer(bits, axis):
 def test_dense_cache_is_exact_and_never_saved(tmp_path):
     layer = PalettizedLinear.from_linear(_linear(bias=False), bits=4)
     x = mx.random.normal((4, 64))
-    with lut_kernels.using("off"):
+    with kernels.using("off"):
         y = layer(x)
         layer.cache_dense_weight()
         assert mx.array_equal(layer(x), y)
@@ -88,7 +90,7 @@ def test_dense_cache_is_exact_and_never_saved(tmp_path):
     mx.save_safetensors(str(tmp_path / "l.safetensors"), dict(tree_flatten(layer.parameters())))
     assert set(mx.load(str(tmp_path / "l.safetensors"))) == {"packed", "lut"}
     layer.clear_dense_cache()
-    with lut_kernels.using("off"):
+    with kernels.using("off"):
         assert mx.array_equal(layer(x), y)
 
 
@@ -110,7 +112,7 @@ def test_embedding_rows_and_tied_head():
     ids = mx.array([[0, 5, 63], [7, 7, 1]])
     assert mx.array_equal(layer(ids), table[ids])
     h = mx.random.normal((2, 3, 32))
-    with lut_kernels.using("off"):
+    with kernels.using("off"):
         assert mx.array_equal(layer.as_linear(h), h @ table.T)
     assert mx.allclose(layer.as_linear(h), h @ table.T, rtol=1e-5, atol=1e-5)  # the kernel
     # 32 values per row and 256 levels: every value keeps its own level, exactly.
@@ -141,7 +143,7 @@ def test_a_vocabulary_sized_layer_decodes_a_slice_of_rows_at_a_time(kind, axis, 
         mx.clear_cache()
         mx.reset_peak_memory()
         before = mx.get_active_memory()
-        with lut_kernels.using("off"):
+        with kernels.using("off"):
             got = run(x)
             mx.eval(got)
         peaks.append(mx.get_peak_memory() - before)

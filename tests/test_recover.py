@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from conftest import one_line_error, run_cli
 
-from afm_mlx.data import DataPosition, train_batches
+from afm_mlx.adapters.lora import adapters_disabled, load_adapter
+from afm_mlx.data.batches import DataPosition, train_batches
+from afm_mlx.data.tasks import task_datasets
 from afm_mlx.finetune import FinetuneConfig, finetune
-from afm_mlx.lora import adapters_disabled, load_adapter
-from afm_mlx.losses import masked_nll
-from afm_mlx.model import load_base
+from afm_mlx.models.io import load_base
 from afm_mlx.recover import RecoverConfig, recover
-from afm_mlx.task_data import task_datasets
+from afm_mlx.training.losses import masked_nll
 
 SMALL = dict(
     learning_rate=2e-3,  # a tiny model and few steps: faster than the default
@@ -118,7 +118,7 @@ def test_a_half_precision_teacher_runs_block_by_block_as_its_float32_copy(
     4.9 GB): its logits are computed before each step one block at a time
     (``streamed_logits``). The recovery is the one its float32 copy gives."""
     import afm_mlx.recover as stage
-    from afm_mlx.model import load_model, save_model
+    from afm_mlx.models.io import load_model, save_model
 
     teacher, config, _ = load_model(teacher_dir)
     teacher.set_dtype(mx.bfloat16)

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from conftest import REPO, one_line_error, run_cli
 
-from afm_mlx.cli import parse_config
-from afm_mlx.errors import UserError
-from afm_mlx.fileio import output_lock, staged_dir
+from afm_mlx.core.config import parse_config
+from afm_mlx.core.errors import UserError
+from afm_mlx.core.fileio import output_lock, staged_dir
 
 # --- 1. fuse --dequantize over a palettized base reloads ----------------------------------------
 
@@ -29,9 +29,15 @@ from afm_mlx.fileio import output_lock, staged_dir
 @pytest.fixture(scope="module")
 def palettized_with_adapter(tiny_model_dir, tmp_path_factory):
     """A 4-bit palettized tiny model (8-bit embedding) and a random non-zero adapter for it."""
-    from afm_mlx.lora import LoRASettings, attach_lora, load_adapter, lora_layers, save_adapter
-    from afm_mlx.model import load_base, load_model, model_fingerprint, save_model
-    from afm_mlx.palettized import palettize_model, recorded_palettization
+    from afm_mlx.adapters.lora import (
+        LoRASettings,
+        attach_lora,
+        load_adapter,
+        lora_layers,
+        save_adapter,
+    )
+    from afm_mlx.models.io import load_base, load_model, model_fingerprint, save_model
+    from afm_mlx.palettization.layers import palettize_model, recorded_palettization
 
     root = tmp_path_factory.mktemp("fuse_deq")
     model, config, _ = load_model(tiny_model_dir)
@@ -59,8 +65,8 @@ def palettized_with_adapter(tiny_model_dir, tmp_path_factory):
 
 
 def test_fuse_dequantize_over_palettized_base_reloads_exactly(palettized_with_adapter, tmp_path):
-    from afm_mlx.model import load_model
-    from afm_mlx.palettized import palettized_layers
+    from afm_mlx.models.io import load_model
+    from afm_mlx.palettization.layers import palettized_layers
 
     pal, adapter, ids, expected = palettized_with_adapter
     out = tmp_path / "fused"
@@ -130,10 +136,10 @@ def _script_path(name: str) -> Path:
 
 
 def test_every_stage_has_a_console_script():
-    from test_architecture import STAGES
+    from test_architecture import commands
 
     targets = {v.split(":")[0] for v in _scripts().values()}
-    assert STAGES <= targets, sorted(STAGES - targets)
+    assert set(commands()) <= targets, sorted(set(commands()) - targets)
     for name in _scripts():
         _script_path(name)
 
@@ -141,7 +147,7 @@ def test_every_stage_has_a_console_script():
 @pytest.mark.slow  # a subprocess-heavy CLI check: in the slow suite
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the BLAS preload is Linux-only")
 def test_console_script_gets_the_fast_blas(tiny_corpus, tiny_tokenizer, tmp_path):
-    from afm_mlx.runtime import find_openblas
+    from afm_mlx.core.blas import find_openblas
 
     if find_openblas() is None:
         pytest.skip("no OpenBLAS on this machine (apt-get install libopenblas0-pthread)")
@@ -194,7 +200,7 @@ def test_malformed_tokenizer_json_is_one_line(tiny_model_dir, tiny_corpus, tmp_p
     (bad / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": ')  # cut short
     err = one_line_error(run_cli("afm_mlx.evaluate", "--model", bad, "--data", tiny_corpus))
     assert "tokenizer" in err and str(bad) in err
-    from afm_mlx.tokenizer import TextTokenizer
+    from afm_mlx.data.tokenizer import TextTokenizer
 
     with pytest.raises(UserError, match="tokenizer.json: not a valid tokenizer file"):
         TextTokenizer(bad)
@@ -248,7 +254,7 @@ def test_output_lock_refuses_a_second_writer_and_dies_with_its_holder(tmp_path):
     # A holder killed with SIGKILL releases it (flock belongs to the process).
     code = (
         f"import sys, time; sys.path.insert(0, {str(REPO)!r})\n"
-        "from afm_mlx.fileio import output_lock\n"
+        "from afm_mlx.core.fileio import output_lock\n"
         f"with output_lock({str(out)!r}):\n    print('locked', flush=True); time.sleep(60)\n"
     )
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
@@ -283,7 +289,7 @@ def test_every_stage_refuses_an_output_being_written(stage, tiny_model_dir, tmp_
 
 
 def test_checkpoints_are_found_by_listing_never_by_following_latest(tmp_path):
-    from afm_mlx.checkpoint import STATE_FILE, latest_checkpoint
+    from afm_mlx.training.checkpoint import STATE_FILE, latest_checkpoint
 
     root = tmp_path / "checkpoints"
     for step in (10, 20):
@@ -302,7 +308,7 @@ def test_checkpoints_are_found_by_listing_never_by_following_latest(tmp_path):
 def test_rewriting_a_checkpoint_keeps_a_complete_one_at_every_moment(tmp_path, monkeypatch):
     import mlx.optimizers as optim
 
-    from afm_mlx import checkpoint
+    from afm_mlx.training import checkpoint
 
     opt = optim.SGD(0.1)
     opt.init({"w": mx.zeros(2)})
@@ -325,8 +331,8 @@ def test_rewriting_a_checkpoint_keeps_a_complete_one_at_every_moment(tmp_path, m
 
 
 def test_model_save_interrupted_over_an_old_model_is_refused_not_mixed(tiny_model_dir, tmp_path):
-    from afm_mlx import model as model_mod
-    from afm_mlx.model import load_model, save_model
+    from afm_mlx.models import io as model_io
+    from afm_mlx.models.io import load_model, save_model
 
     folder = tmp_path / "m"
     shutil.copytree(tiny_model_dir, folder)
@@ -335,21 +341,21 @@ def test_model_save_interrupted_over_an_old_model_is_refused_not_mixed(tiny_mode
     def killed(*a, **k):
         raise KeyboardInterrupt  # stands for a kill after the old config was dropped
 
-    real = model_mod.atomic_save_safetensors
-    model_mod.atomic_save_safetensors = killed
+    real = model_io.atomic_save_safetensors
+    model_io.atomic_save_safetensors = killed
     try:
         with pytest.raises(KeyboardInterrupt):
             save_model(folder, model, config, tiny_model_dir)
     finally:
-        model_mod.atomic_save_safetensors = real
+        model_io.atomic_save_safetensors = real
     with pytest.raises(UserError, match="config.json"):
         load_model(folder)
 
 
 def test_tokenizer_temporary_names_cannot_collide(tmp_path):
     # A leftover of the old fixed temporary name (or of another writer) must not break a save.
-    from afm_mlx.data import read_corpus
-    from afm_mlx.tokenizer import TextTokenizer, save_tokenizer, train_sentencepiece
+    from afm_mlx.data.corpus import read_corpus
+    from afm_mlx.data.tokenizer import TextTokenizer, save_tokenizer, train_sentencepiece
 
     out = tmp_path / "tok"
     (out / ".tmp-tokenizer.model").mkdir(parents=True)

@@ -10,7 +10,7 @@ import sys
 import pytest
 from conftest import REPO
 
-from afm_mlx.runtime import find_openblas
+from afm_mlx.core.blas import find_openblas
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux BLAS path")
 

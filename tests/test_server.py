@@ -57,10 +57,16 @@ def start_server(*args) -> tuple[subprocess.Popen, str]:
 @pytest.fixture(scope="module")
 def served(tiny_model_dir, tmp_path_factory):
     """(client, base id, {name: adapter dir}, generator) for a palettized base + two adapters."""
-    from afm_mlx.generation import Generator
-    from afm_mlx.lora import LoRASettings, attach_lora, lora_layers, remove_lora, save_adapter
-    from afm_mlx.model import load_model, model_fingerprint, save_model
-    from afm_mlx.palettized import palettize_model, recorded_palettization
+    from afm_mlx.adapters.lora import (
+        LoRASettings,
+        attach_lora,
+        lora_layers,
+        remove_lora,
+        save_adapter,
+    )
+    from afm_mlx.inference.generator import Generator
+    from afm_mlx.models.io import load_model, model_fingerprint, save_model
+    from afm_mlx.palettization.layers import palettize_model, recorded_palettization
 
     root = tmp_path_factory.mktemp("server")
     model, config, _ = load_model(tiny_model_dir)

@@ -14,15 +14,15 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from afm_mlx.errors import UserError
-from afm_mlx.speakers import (
+from afm_mlx.core.errors import UserError
+from afm_mlx.data.speakers import (
     ANSWER_SUFFIX,
     PROMPT_SUFFIX,
     build_speaker_task,
     parse_play,
     write_task,
 )
-from afm_mlx.task_data import encode_record
+from afm_mlx.data.tasks import encode_record
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def _records(out, split):
 
 
 def test_parse_play_finds_scenes_speakers_and_drops_stage_directions():
-    from afm_mlx.data import shakespeare_files
+    from afm_mlx.data.corpus import shakespeare_files
 
     othello = next(f for f in shakespeare_files() if f.stem == "othello")
     lines, scenes, speeches = parse_play(othello)
@@ -65,7 +65,7 @@ def test_split_holds_out_whole_scenes_and_is_balanced(task):
     assert not train & {r["prompt"] for r in splits["test"]}
     assert not train & {r["prompt"] for r in splits["valid"]}
     # The corpus the language model trains on lacks every held-out scene, and only those.
-    from afm_mlx.data import shakespeare_files
+    from afm_mlx.data.corpus import shakespeare_files
 
     corpus = {f.name: f.read_text() for f in (out / "corpus").iterdir()}
     assert sorted(corpus) == sorted(f.name for f in shakespeare_files())
@@ -82,8 +82,8 @@ def test_split_holds_out_whole_scenes_and_is_balanced(task):
 
 
 def test_choice_scoring_with_a_shared_prompt_cache_equals_full_sequences(tiny_model_dir):
-    from afm_mlx.losses import choice_accuracy, choice_nll, token_nll
-    from afm_mlx.model import load
+    from afm_mlx.models.io import load
+    from afm_mlx.training.losses import choice_accuracy, choice_nll, token_nll
 
     model, tokenizer = load(tiny_model_dir)
     text = "Who speaks these words?\nSpeaker:"
@@ -153,7 +153,7 @@ def test_choice_scoring_with_a_shared_prompt_cache_equals_full_sequences(tiny_mo
     ],
 )
 def test_bad_choice_records_are_one_line(tmp_path, record, message):
-    from afm_mlx.task_data import read_task_records
+    from afm_mlx.data.tasks import read_task_records
 
     path = tmp_path / "t.jsonl"
     path.write_text(json.dumps(record) + "\n")

@@ -9,17 +9,10 @@ import pytest
 import sentencepiece as spm
 from conftest import one_line_error, run_cli
 
-from afm_mlx.cli import UserError
-from afm_mlx.data import (
-    DataPosition,
-    PackedDataset,
-    build_token_cache,
-    eval_batches,
-    read_corpus,
-    split_train_valid,
-    strip_markdown,
-    train_batches,
-)
+from afm_mlx.core.errors import UserError
+from afm_mlx.data.batches import DataPosition, PackedDataset, eval_batches, train_batches
+from afm_mlx.data.corpus import read_corpus, strip_markdown
+from afm_mlx.data.token_cache import build_token_cache, split_train_valid
 
 SAMPLES = [
     "ROMEO.\nBut soft, what light through yonder window breaks?",
@@ -42,7 +35,7 @@ def test_hf_tokenizer_matches_sentencepiece(tiny_tokenizer, tiny_corpus):
 
 
 def test_digits_are_split_and_bytes_fall_back(tiny_tokenizer):
-    from afm_mlx.tokenizer import train_sentencepiece
+    from afm_mlx.data.tokenizer import train_sentencepiece
 
     # Numbers repeated this often would be merged by plain BPE; split_digits must prevent it.
     texts = [f"year {n} and {n * 7} ducats, 1234 1234 1234" for n in range(1000, 3000)]
@@ -100,7 +93,7 @@ def test_bad_corpora(tmp_path, files, match):
 
 
 def test_token_cache_is_built_once_and_memory_mapped(tiny_corpus, tiny_tokenizer):
-    from afm_mlx.tokenizer import TextTokenizer
+    from afm_mlx.data.tokenizer import TextTokenizer
 
     first = build_token_cache(str(tiny_corpus), tiny_tokenizer)
     assert isinstance(first.tokens, np.memmap)

@@ -20,11 +20,12 @@ import yaml
 from conftest import REPO, one_line_error, run_cli
 from mlx.utils import tree_flatten
 
-from afm_mlx.checkpoint import latest_checkpoint, load_checkpoint
-from afm_mlx.engine import Trainer
-from afm_mlx.losses import distillation_loss, make_loss
-from afm_mlx.model import build_model, init_weights, load, load_model, preset_config
+from afm_mlx.models.io import load, load_model
+from afm_mlx.models.presets import build_model, init_weights, preset_config
 from afm_mlx.train import TrainConfig, train
+from afm_mlx.training.checkpoint import latest_checkpoint, load_checkpoint
+from afm_mlx.training.loop import Trainer
+from afm_mlx.training.losses import distillation_loss, make_loss
 
 
 def _cfg(tmp_path, tiny_corpus, tiny_tokenizer, name, **kw) -> TrainConfig:
@@ -90,8 +91,8 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(
 
 _WRITER = r"""
 import sys, mlx.core as mx, mlx.optimizers as optim
-from afm_mlx.checkpoint import save_checkpoint
-from afm_mlx.model import build_model, preset_config
+from afm_mlx.training.checkpoint import save_checkpoint
+from afm_mlx.models.presets import build_model, preset_config
 config = preset_config("tiny", vocab_size=100_000, hidden_size=256, head_dim=64)
 model = build_model(config); mx.eval(model.parameters())
 opt = optim.AdamW(1e-3); opt.init(model.trainable_parameters())
@@ -326,7 +327,7 @@ def test_cli_bad_input_is_one_clear_line(
 
 
 def test_fused_cross_entropy_matches_autodiff_reference():
-    from afm_mlx.losses import token_nll
+    from afm_mlx.training.losses import token_nll
 
     rng = np.random.default_rng(0)
     logits = mx.array(rng.normal(size=(3, 5, 50)).astype(np.float32) * 3)

@@ -9,7 +9,7 @@
 #include <cstring>
 #include <vector>
 
-#include "../../afm_mlx/csrc/lut_rows.h"
+#include "../../afm_mlx/palettization/csrc/lut_rows.h"
 
 namespace {
 
