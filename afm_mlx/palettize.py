@@ -100,6 +100,9 @@ class PalettizeConfig:
             raise UserError("--group-size and --calibration-batches must be positive")
 
 
+# --- calibration -------------------------------------------------------------------------------
+
+
 def calibration_batches(cfg: PalettizeConfig, model_dir: Path, vocab: int) -> list[mx.array]:
     """Token windows from the training split of the calibration corpus (held-out data untouched)."""
     cache = build_token_cache(cfg.calibration, model_dir)
@@ -113,6 +116,9 @@ def calibration_batches(cfg: PalettizeConfig, model_dir: Path, vocab: int) -> li
     if max(int(b.max().item()) for b in batches) >= vocab:
         raise UserError(f"{model_dir}: tokenizer ids exceed the model's vocab_size")
     return batches
+
+
+# --- the stage ---------------------------------------------------------------------------------
 
 
 def palettize(cfg: PalettizeConfig) -> dict[str, Any]:

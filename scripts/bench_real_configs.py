@@ -8,7 +8,7 @@ bf16 weights are written into a local Hugging Face cache (``--cache``, the hub's
 ``models--ORG--NAME/snapshots/REV`` + ``refs/main``), and every stage then runs as its CLI in a
 subprocess with ``HF_HUB_OFFLINE=1``, naming the model by its repo id:
 
-1. palettize to 4 bits (16 rows per LUT, 8-bit per-row embedding), and to ``--target-bpw 3.7``
+1. palettize to 4 bits (16 rows per LUT; the embedding 8-bit, 16 rows per LUT: the defaults), and to ``--target-bpw 3.7``
    (bits per layer chosen by sensitivity, 2 or 4);
 2. peer, side by side: mlx-lm's own ``mlx_lm.convert -q --q-bits 4`` of the same repo id;
 3. recover a few steps (the fp model by repo id is the teacher);

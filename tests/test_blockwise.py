@@ -1,4 +1,4 @@
-"""A training step one block at a time (``engine.blockwise_value_and_grad``): the same loss and
+"""A training step one block at a time (``training.blockwise.blockwise_value_and_grad``): the same loss and
 gradients as ``nn.value_and_grad`` for every family that chains its blocks, the same dropout
 masks when a block runs again, the same optimizer steps through ``Trainer``, and a fraction of
 the whole step's memory on a palettized model (whose head decodes a slice at a time)."""

@@ -331,7 +331,7 @@ def test_fixed_bits_read_and_free_one_layer_at_a_time(tiny_tokenizer, tmp_path, 
 
 def test_the_embedding_is_read_a_slice_of_rows_at_a_time(tiny_tokenizer, tmp_path, monkeypatch):
     """k-means reads the embedding's rows from the checkpoint a slice at a time
-    (``model.StoredTable``) instead of the whole bfloat16 table: the same checkpoint, byte for
+    (``models.streaming.StoredTable``) instead of the whole bfloat16 table: the same checkpoint, byte for
     byte, for most of the table's size less MLX memory. (k-means' slices are made small here,
     as a real vocabulary's are against its 2^22-position budget: Gemma-3-1B's table is 80
     slices.)"""

@@ -93,7 +93,7 @@ def activation_importance(
     """Per-weight importance E[x_j^2] of each layer's input channel j (the same down a column).
 
     ``streamed``: the blocks run one at a time, each widened to float32 only while it runs and,
-    with ``release`` (``model.block_releaser``), given back to disk afterwards, so the pass
+    with ``release`` (``models.streaming.block_releaser``), given back to disk afterwards, so the pass
     holds one block; the logits are never computed. Otherwise the model runs whole (widened by
     the caller: afm7's blocks read caches that earlier blocks fill)."""
     modules = dict(tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module))

@@ -75,7 +75,7 @@ def block_inputs(
     blocks (Gemma's embedding scale, its sliding-window and global masks, layers without RoPE)
     is replayed exactly; nothing here knows the family. Its logits are never evaluated: the
     head runs widened in slices instead (``reference_stats``). With ``release``
-    (``model.block_releaser``) each block goes back to disk once it has run.
+    (``models.streaming.block_releaser``) each block goes back to disk once it has run.
     """
     last = []
     with blocks_streamed(model, release, wrap=_BlockCall) as recorders:

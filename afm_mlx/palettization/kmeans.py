@@ -58,6 +58,8 @@ _LLOYD_MAX_ITERS = 200
 _LLOYD_SETTLED = 1e-3
 
 
+# --- fp16 codes: an order-preserving integer key for every fp16 value -------------------------------
+
 _KEY_FINITE_MIN, _KEY_FINITE_MAX = 0x0400, 0xFBFF  # keys of -65504 and +65504
 
 
@@ -81,6 +83,13 @@ def _ceil_keys(x: mx.array) -> mx.array:
     h = x.astype(mx.float16)
     k = _fp16_keys(h).astype(mx.int32)
     return mx.where(h.astype(x.dtype) < x, k + 1, k)
+
+
+# --- layouts: positions <-> values ---------------------------------------------------------------
+# A layout is (v, index). Histogram: v (nb,) the value of each bin, index the first bin's fp16 key.
+# Sorted: v (G, n) each group's sorted values, index the flattened sorted keys tagged with their group
+# (g * 2**16 + key, ascending), so one ``mx.searchsorted`` finds positions for all groups.
+# Positions run over [0, N] with N = M.shape[1] - 1.
 
 
 def _search_prefix(prefix: mx.array, targets: mx.array) -> mx.array:
@@ -142,6 +151,11 @@ def _centroids(p, M, S, v):
     sp = mx.take_along_axis(S, full, axis=-1)
     mass, sums = mp[:, 1:] - mp[:, :-1], sp[:, 1:] - sp[:, :-1]
     return mx.where(mass > 0, sums / mx.maximum(mass, 1e-30), _value_at(v, full[:, :-1]))
+
+
+# --- solvers -----------------------------------------------------------------------------------------
+# No mx.compile: array shapes follow the data (histogram length, chunk size), so traces would be
+# rebuilt for nearly every layer, and on warm shapes the measured gain was nil.
 
 
 def _chain_dp(Mc, Sc, cand, M, S, trans_gain):
@@ -292,6 +306,9 @@ def _companded_start(M, v, lo, first, last, k, stretches=64):
     at, nxt = mx.take_along_axis(levels, i, axis=-1), mx.take_along_axis(levels, i + 1, axis=-1)
     frac = mx.clip((j - at) / mx.maximum(nxt - at, 1e-12), 0.0, 1.0)
     return _position_of(v, lo, vmin + (i.astype(M.dtype) + frac) * width, n)
+
+
+# --- driver ------------------------------------------------------------------------------------------
 
 
 def _prefix_dtype(refined_levels: bool) -> mx.Dtype:

@@ -273,7 +273,7 @@ class PalettizedEmbedding(_Palettized):
         source=None,
     ) -> PalettizedEmbedding:
         """Palettize ``embedding`` (default: AFM's 8-bit per-channel LUTs). ``source``, when
-        given, is the table as stored (``model.StoredTable``): k-means, whose groups of rows it
+        given, is the table as stored (``models.streaming.StoredTable``): k-means, whose groups of rows it
         takes a slice at a time, reads those rows from the file instead of the whole weight."""
         num_embeddings, dims = embedding.weight.shape
         layer = cls(num_embeddings, dims, bits, group_size, axis)
@@ -341,7 +341,7 @@ def palettize_model(
     only when its turn comes: the peak is the palettized model plus one dense layer);
     ``on_layer(path, done, total)`` is called after each (a progress bar). ``errors``, if given,
     receives each linear layer's relative reconstruction error ``|W - W_q|^2 / |W|^2``.
-    ``sources`` maps an embedding's path to its table as stored (``model.StoredTable``), read a
+    ``sources`` maps an embedding's path to its table as stored (``models.streaming.StoredTable``), read a
     slice of rows at a time (``PalettizedEmbedding.from_embedding``).
 
     Returns ``{path: {"bits", "group_size", "axis"}}`` for every palettized layer, the record that

@@ -83,7 +83,7 @@ def blockwise_value_and_grad(model: nn.Module, loss_fn: Callable) -> Callable:
        arguments (block ``i`` draws its random numbers, LoRA dropout, after
        ``mx.random.seed(base + i)``, ``base`` drawn from the random stream: MLX offers no way
        to put a saved key back), and stops at the head, keeping its input;
-    2. the logits, one slice of the head at a time (``model.head_slices``); the loss and its
+    2. the logits, one slice of the head at a time (``models.streaming.head_slices``); the loss and its
        gradient with respect to them, with the blocks and head standing aside (only the
        embedding lookup runs again); the gradient of the head's input, a slice at a time;
        then through the final norm to the last block's output;
