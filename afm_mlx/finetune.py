@@ -11,25 +11,20 @@ too (``iters``, ``adapter_path``, ``lora_parameters``, ...).
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass, field
 
 from afm_mlx.adapters.lora import (
     DEFAULT_KEYS,
     Adapter,
     LoRASettings,
-    check_base_fingerprint,
     read_adapter,
 )
-from afm_mlx.core import blas
 from afm_mlx.core.config import stage_main
 from afm_mlx.core.errors import UserError
 from afm_mlx.data.batches import corpus_splits
-from afm_mlx.data.corpus import corpus_digest
 from afm_mlx.data.tasks import is_task_folder, task_datasets
-from afm_mlx.models.io import checkpoint_digest, load_base, model_fingerprint, resolve_model_path
-from afm_mlx.training.adapters import AdapterTrainConfig, prepare_run, train_adapter
+from afm_mlx.models.io import load_base, resolve_model_path
+from afm_mlx.training.adapters import AdapterTrainConfig, Objective, prepare_run, train_adapter
 from afm_mlx.training.losses import masked_nll
 from afm_mlx.training.run_dir import locked_run
 from afm_mlx.training.world import World, init_world
@@ -95,24 +90,15 @@ def finetune(cfg: FinetuneConfig, on_step=None) -> dict:
     """Train (or resume) the task adapter in ``cfg.out``; returns the training summary."""
     world = init_world()
     with locked_run(cfg, world):
-        world.check_agreement(
-            {
-                "configuration": lambda: json.dumps(dataclasses.asdict(cfg), sort_keys=True),
-                "data": lambda: corpus_digest(cfg.data),
-                "model": lambda: "|".join(checkpoint_digest(m) for m in (cfg.model,)),
-            }
-        )
+        world.check_same_run(cfg, cfg.data, (cfg.model,))
         return _finetune(cfg, world, on_step)
 
 
 def _finetune(cfg: FinetuneConfig, world: World, on_step=None) -> dict:
-    out, ckpt = prepare_run(cfg)
+    out, _ = prepare_run(cfg)  # fails here, before anything is loaded
     init = None if cfg.init_adapter.lower() == "none" else read_adapter(cfg.init_adapter)
     settings = task_settings(cfg, init)
     model, tokenizer, _ = load_base(cfg.model)
-    fingerprint = model_fingerprint(model)
-    if init is not None:
-        check_base_fingerprint(init, fingerprint)
     if cfg.data.endswith(".jsonl") or is_task_folder(cfg.data):
         train_data, valid_data = task_datasets(
             cfg.data, tokenizer, cfg.seq_len, cfg.valid_fraction, cfg.seed
@@ -123,22 +109,11 @@ def _finetune(cfg: FinetuneConfig, world: World, on_step=None) -> dict:
         train_data, valid_data = corpus_splits(
             cfg.data, resolve_model_path(cfg.model), cfg.seq_len, cfg.valid_fraction, cfg.seed
         )
-    world.say(blas.backend_report())
+    info = {"kind": "task", "init_adapter": str(cfg.init_adapter)}
     summary = train_adapter(
-        cfg,
-        out,
-        ckpt,
-        model,
-        fingerprint,
-        masked_nll,
-        train_data,
-        valid_data,
-        init_adapter=init,
-        info={"kind": "task", "init_adapter": str(cfg.init_adapter)},
-        settings=settings,
-        on_step=on_step,
-        world=world,
-    )
+        cfg, model, Objective(masked_nll), (train_data, valid_data),
+        init_adapter=init, settings=settings, info=info, world=world, on_step=on_step,
+    )  # fmt: skip
     world.say(f"task adapter saved to {out} (use it with --adapter {out})")
     return summary
 

@@ -8,9 +8,7 @@ the teacher, the bare compressed base and base + adapter, and the share of the g
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,23 +16,19 @@ from typing import Any
 import mlx.core as mx
 
 from afm_mlx.adapters.lora import adapters_disabled
-from afm_mlx.core import blas
 from afm_mlx.core.config import stage_main
 from afm_mlx.core.errors import UserError
 from afm_mlx.core.families import model_family
 from afm_mlx.core.fileio import atomic_write_json
 from afm_mlx.data.batches import corpus_splits, eval_batches
-from afm_mlx.data.corpus import corpus_digest
 from afm_mlx.models.io import (
-    checkpoint_digest,
     load_base,
     load_model,
-    model_fingerprint,
     resolve_model_path,
 )
 from afm_mlx.models.precision import needs_widening, widen_for_cpu
 from afm_mlx.models.streaming import block_releaser, stored_tables, streamed_logits
-from afm_mlx.training.adapters import AdapterTrainConfig, prepare_run, train_adapter
+from afm_mlx.training.adapters import AdapterTrainConfig, Objective, prepare_run, train_adapter
 from afm_mlx.training.losses import distillation_loss, make_loss, nll_sum
 from afm_mlx.training.run_dir import locked_run
 from afm_mlx.training.world import World, init_world
@@ -68,7 +62,7 @@ def gap_closed(fp: float, compressed: float, recovered: float) -> float:
 
 def _load_teacher(path_or_repo: str):
     """(teacher, config, streamed): ``streamed(inputs)`` gives the teacher's float32 logits with
-    one block in memory at a time (``model.streamed_logits``), when the teacher is stored in
+    one block in memory at a time (``models.streaming.streamed_logits``), when the teacher is stored in
     half precision and runs on the CPU, where it would otherwise be widened whole: a float32
     copy of Llama-3.2-1B is 4.9 GB. None otherwise (the teacher then runs inside the compiled
     step, widened if it must be)."""
@@ -93,18 +87,12 @@ def recover(cfg: RecoverConfig, on_step=None) -> dict[str, Any]:
     """Train (or resume) the recovery adapter in ``cfg.out``; returns the perplexity report."""
     world = init_world()
     with locked_run(cfg, world):
-        world.check_agreement(
-            {
-                "configuration": lambda: json.dumps(dataclasses.asdict(cfg), sort_keys=True),
-                "data": lambda: corpus_digest(cfg.data),
-                "model": lambda: "|".join(checkpoint_digest(m) for m in (cfg.model, cfg.teacher)),
-            }
-        )
+        world.check_same_run(cfg, cfg.data, (cfg.model, cfg.teacher))
         return _recover(cfg, world, on_step)
 
 
 def _recover(cfg: RecoverConfig, world: World, on_step=None) -> dict[str, Any]:
-    out, ckpt = prepare_run(cfg)
+    out, _ = prepare_run(cfg)  # fails here, before anything is loaded
     # Every input is loaded and checked before the run folder is touched.
     model, _, config = load_base(cfg.model)
     teacher, teacher_config, streamed = _load_teacher(cfg.teacher)
@@ -119,28 +107,15 @@ def _recover(cfg: RecoverConfig, world: World, on_step=None) -> dict[str, Any]:
     if len(valid_data) == 0:
         raise UserError(f"--data {cfg.data}: nothing held out to measure recovery on")
     if streamed is None:
-        loss_fn, extra_state = (
-            make_loss(teacher, "kl", cfg.kd_weight, cfg.temperature),
-            [teacher.state],
+        objective = Objective(
+            make_loss(teacher, "kl", cfg.kd_weight, cfg.temperature), [teacher.state]
         )
     else:
-        loss_fn, extra_state = distillation_loss("kl", cfg.kd_weight, cfg.temperature), None
-    fingerprint = model_fingerprint(model)
-    world.say(blas.backend_report())
+        loss_fn = distillation_loss("kl", cfg.kd_weight, cfg.temperature)
+        objective = Objective(loss_fn, teacher_outputs=streamed)
+    info = {"kind": "recovery", "teacher": str(cfg.teacher)}
     summary = train_adapter(
-        cfg,
-        out,
-        ckpt,
-        model,
-        fingerprint,
-        loss_fn,
-        train_data,
-        valid_data,
-        extra_state=extra_state,
-        info={"kind": "recovery", "teacher": str(cfg.teacher)},
-        on_step=on_step,
-        world=world,
-        teacher_outputs=streamed,
+        cfg, model, objective, (train_data, valid_data), info=info, world=world, on_step=on_step
     )
 
     if not world.main:

@@ -8,7 +8,6 @@ for every option (CLI flags and ``--config file.yaml`` are derived from it).
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +23,9 @@ from afm_mlx.core.errors import UserError
 from afm_mlx.core.families import standard_config
 from afm_mlx.core.fileio import atomic_write_json, staged_dir
 from afm_mlx.data.batches import PackedDataset
-from afm_mlx.data.corpus import check_corpus, corpus_digest, iter_corpus
+from afm_mlx.data.corpus import check_corpus, iter_corpus
 from afm_mlx.data.token_cache import build_token_cache, split_train_valid
-from afm_mlx.models.io import checkpoint_digest, load_model, save_model
+from afm_mlx.models.io import load_model, save_model
 from afm_mlx.models.presets import PRESETS, build_model, init_weights, preset_config
 from afm_mlx.training.checkpoint import load_checkpoint, save_checkpoint
 from afm_mlx.training.loop import OptimConfig, Trainer, build_optimizer, run_loop
@@ -192,13 +191,7 @@ def print_memory_plan(cfg: TrainConfig, world: World) -> dict[str, float]:
 
 
 def _train(cfg: TrainConfig, world: World, on_step: Callable[[int], None] | None) -> Path:
-    world.check_agreement(
-        {
-            "configuration": lambda: json.dumps(dataclasses.asdict(cfg), sort_keys=True),
-            "data": lambda: corpus_digest(cfg.data),
-            "model": lambda: "|".join(checkpoint_digest(m) for m in (cfg.init, cfg.teacher) if m),
-        }
-    )
+    world.check_same_run(cfg, cfg.data, (cfg.init, cfg.teacher))
     out, ckpt = check_run_dir(cfg)
     # Validate every input before the run folder is touched.
     check_corpus(cfg.data)  # streamed: nothing of the corpus is kept in memory
@@ -286,11 +279,9 @@ def _train(cfg: TrainConfig, world: World, on_step: Callable[[int], None] | None
         cfg,
         out,
         trainer,
-        train_data,
-        valid_data,
+        (train_data, valid_data),
         state,
         checkpoint,
-        resumed=ckpt is not None,
         on_step=on_step,
         extra_metrics=lambda tps: {"mfu": tps * fpt / peak},
     )

@@ -41,11 +41,11 @@ from afm_mlx.core.blas import backend_report
 from afm_mlx.data.batches import DataPosition, corpus_splits, eval_batches, train_batches
 from afm_mlx.data.corpus import read_corpus
 from afm_mlx.data.tasks import task_datasets
-from afm_mlx.models.io import load_base, model_fingerprint
+from afm_mlx.models.io import load_base
 from afm_mlx.palettization.layers import cache_dense_weights
 from afm_mlx.palettization.lut import SUPPORTED_BITS
 from afm_mlx.palettize import PalettizeConfig, palettize
-from afm_mlx.training.adapters import AdapterTrainConfig, train_adapter
+from afm_mlx.training.adapters import AdapterTrainConfig, Objective, train_adapter
 from afm_mlx.training.loop import Trainer, build_optimizer
 from afm_mlx.training.losses import make_loss, masked_nll, nll_sum
 
@@ -250,11 +250,10 @@ def main() -> None:
         recovered = {}
         for rank in args.ranks if kind != "q4" else []:
             out = tmp / f"{kind}-r{rank}"
+            objective = Objective(make_loss(teacher, "kl", args.kd_weight, 1.0), [teacher.state])
             summary = train_adapter(
-                adapter_cfg(args, out, rank, args.steps, args.lr), out, None, model,
-                model_fingerprint(model), make_loss(teacher, "kl", args.kd_weight, 1.0), train, valid,
-                extra_state=[teacher.state],
-            )  # fmt: skip
+                adapter_cfg(args, out, rank, args.steps, args.lr), model, objective, (train, valid)
+            )
             recovered[rank] = (perplexity(model, valid, args), summary["tokens_per_s"])
             recovery_dirs[(kind, rank)] = out
             remove_lora(model)
@@ -283,7 +282,6 @@ def main() -> None:
         rank = 16 if 16 in args.ranks else args.ranks[0]
         task_train, task_valid = task_datasets(task_file(tmp), tokenizer, args.seq_len, 0.1, 0)
         base = bases["lut4"]
-        fp = model_fingerprint(base)
         task_loss = {}
         for init in ("recovery", "zero"):
             out = tmp / f"task-{init}"
@@ -291,8 +289,8 @@ def main() -> None:
                 read_adapter(recovery_dirs[("lut4", rank)]) if init == "recovery" else None
             )
             train_adapter(
-                adapter_cfg(args, out, rank, args.task_steps, 1e-3), out, None, base, fp,
-                masked_nll, task_train, task_valid, init_adapter=init_adapter,
+                adapter_cfg(args, out, rank, args.task_steps, 1e-3), base, Objective(masked_nll),
+                (task_train, task_valid), init_adapter=init_adapter,
             )  # fmt: skip
             total, count = nll_sum(base, eval_batches(task_valid, args.batch_size, 0))
             task_loss[init] = total / count

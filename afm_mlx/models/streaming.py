@@ -233,12 +233,11 @@ def head_slices(model: nn.Module, widen: bool = True, table: StoredTable | None 
     time; a head that needs neither (float32, or unwidened, or quantized) comes whole. With
     ``table`` (the dense head's weight as stored, ``StoredTable``), each slice of rows is read
     from the file when its function is called, so the weight is never read whole."""
-    from afm_mlx.palettization.layers import _Palettized
-
     tied = "lm_head" not in model
     head = model.model.embed_tokens if tied else model.lm_head
     cast = (lambda y: y.astype(mx.float32)) if widen else (lambda y: y)
-    if isinstance(head, _Palettized) and head.decodes_on_call:
+    # A head that decodes its weight as it computes (a palettized one) offers it in row slices.
+    if getattr(head, "decodes_on_call", False):
         for start, stop in head.row_slices(HEAD_ROWS):
 
             def decoded(h: mx.array, start: int = start, stop: int = stop) -> mx.array:

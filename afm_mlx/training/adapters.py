@@ -24,14 +24,16 @@ from afm_mlx.adapters.lora import (
     LoRASettings,
     attach_lora,
     check_adapter_fits,
+    check_base_fingerprint,
     read_adapter,
     save_adapter,
     set_adapter_weights,
     settings_for_model,
 )
+from afm_mlx.core.blas import backend_report
 from afm_mlx.core.errors import UserError
 from afm_mlx.core.fileio import atomic_write_json, load_safetensors, read_json
-from afm_mlx.palettization.layers import palettized_layers
+from afm_mlx.models.io import model_fingerprint
 from afm_mlx.training.blockwise import blockwise_unsupported
 from afm_mlx.training.checkpoint import OPTIMIZER_FILE, STATE_FILE, write_checkpoint
 from afm_mlx.training.loop import OptimConfig, Trainer, build_optimizer, run_loop
@@ -166,7 +168,8 @@ def translate_mlx_lm_config(values: dict[str, Any], source: str) -> dict[str, An
 
 
 def prepare_run(cfg: AdapterTrainConfig) -> tuple[Path, Path | None]:
-    """Validate options and the run folder (writing nothing): (folder, checkpoint to resume)."""
+    """Validate options and the run folder (writing nothing): (folder, checkpoint to resume).
+    ``train_adapter`` calls it; a command calls it first too, to fail before loading anything."""
     cfg.validate()
     return check_run_dir(cfg)  # same rules as every training stage: never clobber another run
 
@@ -193,32 +196,45 @@ def save_adapter_checkpoint(
     )
 
 
+@dataclass
+class Objective:
+    """What an adapter is trained to do: ``loss_fn(model, inputs, targets)``, the arrays the
+    compiled step reads besides the model (``extra_state``: a resident teacher's), or a streamed
+    teacher's logits for each batch (``teacher_outputs``, see ``training.loop.Trainer``)."""
+
+    loss_fn: Callable[[nn.Module, mx.array, mx.array], mx.array]
+    extra_state: list | None = None
+    teacher_outputs: Callable[[mx.array], mx.array] | None = None
+
+
 def train_adapter(
     cfg: AdapterTrainConfig,
-    out: Path,
-    ckpt: Path | None,
     model: nn.Module,
-    fingerprint: str,
-    loss_fn: Callable[[nn.Module, mx.array, mx.array], mx.array],
-    train_data,
-    valid_data,
-    extra_state: list | None = None,
+    objective: Objective,
+    data: tuple[Any, Any],
+    *,
     init_adapter: Adapter | None = None,
-    info: dict[str, Any] | None = None,
     settings: LoRASettings | None = None,
-    on_step: Callable[[int], None] | None = None,
+    info: dict[str, Any] | None = None,
     world: World | None = None,
-    teacher_outputs: Callable[[mx.array], mx.array] | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Attach LoRA to the frozen ``model`` and train it (or resume ``ckpt``); save the adapter.
+    """Attach LoRA to the frozen ``model`` and train it in ``cfg.out`` (or resume its last
+    checkpoint); save the adapter, recording the base's fingerprint and ``info``.
 
-    ``settings`` (default: from ``cfg``) shape the adapter; ``init_adapter`` gives its starting
-    values (else mlx-lm's init: random A, zero B).
-    ``train_data``/``valid_data`` offer ``PackedDataset``'s interface. Returns a summary with the
+    ``data`` is (train, held-out), each with ``PackedDataset``'s interface. ``settings`` (default:
+    from ``cfg``) shape the adapter; ``init_adapter`` gives its starting values (else mlx-lm's
+    init: random A, zero B) and must have been trained on this base. Returns a summary with the
     history and the measured training tokens/s. ``world``: data parallel over its ranks (rank 0
-    writes). ``teacher_outputs``: see ``engine.Trainer``.
+    writes). Nothing is written before every input has been checked.
     """
+    out, ckpt = prepare_run(cfg)
+    train_data, valid_data = data
     world = world or World()
+    world.say(backend_report())
+    fingerprint = model_fingerprint(model)
+    if init_adapter is not None:
+        check_base_fingerprint(init_adapter, fingerprint)
     settings = settings_for_model(settings or cfg.lora_settings(), model)
     attach_lora(model, settings, seed=cfg.seed)
     state: dict[str, Any] = {"step": 0, "epoch": 0, "index": 0, "history": []}
@@ -236,9 +252,11 @@ def train_adapter(
     mx.eval(model.parameters())
     if cfg.grad_checkpoint:
         use_grad_checkpoint(model)
-    # Palettized layers that decode as they compute: one step of the whole model would hold
-    # them all decoded at once.
-    blockwise = cfg.blockwise and any(m.decodes_on_call for _, m in palettized_layers(model))
+    # Layers that decode their weights as they compute (palettized ones, by their
+    # ``decodes_on_call`` hook): one step of the whole model would hold them all decoded at once.
+    blockwise = cfg.blockwise and any(
+        getattr(m, "decodes_on_call", False) for _, m in model.named_modules()
+    )
     if blockwise and (why := blockwise_unsupported(model)):
         world.say(f"gradients of the whole model at once: {why}")
         blockwise = False
@@ -257,8 +275,8 @@ def train_adapter(
     model.train()
     optimizer = build_optimizer(cfg, model, opt_state)
     trainer = Trainer(
-        model, optimizer, loss_fn, cfg.grad_accum, cfg.grad_clip, extra_state, world,
-        teacher_outputs, blockwise,
+        model, optimizer, objective.loss_fn, cfg.grad_accum, cfg.grad_clip, objective.extra_state,
+        world, objective.teacher_outputs, blockwise,
     )  # fmt: skip
 
     n_train = sum(p.size for _, p in tree_flatten(model.trainable_parameters()))
@@ -274,17 +292,7 @@ def train_adapter(
             out, step, model, settings, fingerprint, optimizer, trainer_state, cfg.keep_checkpoints
         )
 
-    summary = run_loop(
-        cfg,
-        out,
-        trainer,
-        train_data,
-        valid_data,
-        state,
-        checkpoint,
-        resumed=ckpt is not None,
-        on_step=on_step,
-    )
+    summary = run_loop(cfg, out, trainer, data, state, checkpoint, on_step=on_step)
     if not world.main:
         return {"out": out, **summary}
     save_adapter(

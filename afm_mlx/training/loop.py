@@ -117,7 +117,7 @@ class Trainer:
     ):
         """``teacher_outputs(inputs)``, when given, is computed before each micro-batch's
         compiled step, outside it, and passed to ``loss_fn(model, inputs, targets, outputs)``:
-        a teacher too large to hold can then run block by block (``model.streamed_logits``).
+        a teacher too large to hold can then run block by block (``models.streaming.streamed_logits``).
         ``blockwise``: gradients one block at a time (``blockwise_value_and_grad``), eagerly;
         only the optimizer update is compiled."""
         self.model = model
@@ -208,19 +208,19 @@ def run_loop(
     cfg: OptimConfig,
     out: Path,
     trainer: Trainer,
-    train_data: PackedDataset,
-    valid_data: PackedDataset,
+    data: tuple[PackedDataset, PackedDataset],
     state: dict[str, Any],
     save: Callable[[int, dict[str, Any]], Any],
-    resumed: bool,
     on_step: Callable[[int], None] | None = None,
     extra_metrics: Callable[[float], dict[str, float]] | None = None,
 ) -> dict[str, Any]:
-    """The step loop of every training stage (train, recover, finetune).
+    """The step loop of every training stage (train, recover, finetune) over ``data`` (train,
+    held-out).
 
-    Starts after ``state["step"]`` at data position (``epoch``, ``index``); logs to
-    ``out/metrics.jsonl`` (rewritten from ``state["history"]`` on a resume, dropping lines the
-    interrupted process logged after its last checkpoint), evaluates on ``valid_data``, plots
+    Starts after ``state["step"]`` at data position (``epoch``, ``index``): a step above 0 is a
+    resumed run, whose ``out/metrics.jsonl`` is rewritten from ``state["history"]`` (dropping
+    lines the interrupted process logged after its last checkpoint). Logs there, evaluates on the
+    held-out data, plots
     ``loss.png`` and calls ``save(step, {"epoch", "index", "history"})`` at each checkpoint.
     ``extra_metrics(tokens_per_s)`` adds fields to each log record. Returns the history and the
     measured training tokens/s (optimizer steps only: evaluation and checkpoints excluded).
@@ -228,9 +228,10 @@ def run_loop(
     from tqdm import tqdm
 
     model, optimizer, world = trainer.model, trainer.optimizer, trainer.world
+    train_data, valid_data = data
     history: list[dict] = state.get("history", [])
     metrics_path = out / "metrics.jsonl"
-    if resumed and world.main:
+    if state.get("step", 0) > 0 and world.main:
         atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
     position = DataPosition(state.get("epoch", 0), state.get("index", 0))
     # The position counts global batches: a run resumes with any number of ranks.

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +13,8 @@ import mlx.core as mx
 import numpy as np
 
 from afm_mlx.core.errors import UserError
+from afm_mlx.data.corpus import corpus_digest
+from afm_mlx.models.io import checkpoint_digest
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,18 @@ class World:
                 f"rank {self.rank} of {self.size}: the ranks do not agree on the "
                 f"{' and '.join(differ)}; start every rank with the same flags, data and model"
             )
+
+    def check_same_run(self, cfg: Any, data: str, models: Iterable[str | None]) -> None:
+        """``check_agreement`` on what a training run starts from: its options (``cfg``, a
+        dataclass), the contents of its corpus ``data`` and of the checkpoints in ``models``
+        (empty entries skipped)."""
+        self.check_agreement(
+            {
+                "configuration": lambda: json.dumps(dataclasses.asdict(cfg), sort_keys=True),
+                "data": lambda: corpus_digest(data),
+                "model": lambda: "|".join(checkpoint_digest(m) for m in models if m),
+            }
+        )
 
 
 def init_world() -> World:
