@@ -18,18 +18,17 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from conftest import REPO, one_line_error, run_cli
+from conftest import REPO, mixed_bits, one_line_error, palettized_copy, run_cli
 from mlx.utils import tree_flatten
 from test_coreml import assert_logits_close, coreml_logits, mlx_logits
 from test_coreml_adapters import make_adapter
 from test_coreml_executor import open_package
-from test_coreml_palettized import mixed_bits
 
 from afm_mlx.adapters.lora import AdapterCache, load_adapter
 from afm_mlx.core.errors import UserError
 from afm_mlx.models.io import load_model, save_model
 from afm_mlx.models.presets import build_model, init_weights, preset_config
-from afm_mlx.palettization.layers import AFM_EMBEDDING_SETTINGS, palettize_model
+from afm_mlx.palettization.layers import AFM_EMBEDDING_SETTINGS
 from converters.coreai import CoreAIConfig, convert
 from converters.coreai_run import CoreAISession, require_coreai
 from converters.coreml import ConvertConfig
@@ -50,12 +49,6 @@ def lut4(path: str, module: nn.Module):
     return dict(AFM_EMBEDDING_SETTINGS) if isinstance(module, nn.Embedding) else True
 
 
-def _palettized(source: Path, predicate, out: Path, tokenizer: Path) -> Path:
-    model, config, _ = load_model(source)
-    chosen = palettize_model(model, class_predicate=predicate)
-    return save_model(out, model, {**config, "palettization": {"layers": chosen}}, tokenizer)
-
-
 @pytest.fixture(scope="module")
 def models(tiny_tokenizer, tmp_path_factory) -> dict[str, Path]:
     """fp, LUT 4-bit (8-bit embedding) and mixed bits (1/2/3/4/6/8, both group axes) of a tiny
@@ -68,8 +61,8 @@ def models(tiny_tokenizer, tmp_path_factory) -> dict[str, Path]:
     fp = save_model(root / "fp", model, config, tiny_tokenizer)
     return {
         "fp": fp,
-        "lut4": _palettized(fp, lut4, root / "lut4", tiny_tokenizer),
-        "mixed": _palettized(fp, mixed_bits, root / "mixed", tiny_tokenizer),
+        "lut4": palettized_copy(fp, root / "lut4", lut4, tiny_tokenizer),
+        "mixed": palettized_copy(fp, root / "mixed", mixed_bits, tiny_tokenizer),
     }
 
 
@@ -310,7 +303,7 @@ def test_asset_size_matches_bits_per_weight(tiny_tokenizer, tmp_path):
     model = build_model(config)
     init_weights(model, config, seed=4)
     fp_dir = save_model(tmp_path / "fp", model, config, tiny_tokenizer)
-    pal_dir = _palettized(fp_dir, mixed_bits, tmp_path / "pal", tiny_tokenizer)
+    pal_dir = palettized_copy(fp_dir, tmp_path / "pal", mixed_bits, tiny_tokenizer)
     model, _, _ = load_model(pal_dir)
     expected = sum(
         p.nbytes if name.endswith(("packed", "lut")) else p.size * 2

@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import one_line_error, run_cli
+from conftest import adapter_with_updates, one_line_error, run_cli
 from test_coreml import (
     CHUNK,
     CONTEXT,
@@ -20,64 +19,52 @@ from test_coreml import (
     mlx_logits,
 )
 from test_coreml_executor import open_package
-from test_coreml_palettized import mixed_bits
 
 from afm_mlx.adapters.lora import (
-    LoRASettings,
-    attach_lora,
     load_adapter,
-    lora_layers,
-    save_adapter,
-    settings_for_model,
 )
 from afm_mlx.core.errors import UserError
-from afm_mlx.models.io import load_model, model_fingerprint, save_model
-from afm_mlx.palettization.layers import palettize_model
+from afm_mlx.models.io import load_model, model_fingerprint
 from converters.coreml import ConvertConfig, convert
 
 RANK = 16
 
 
-def make_adapter(base_dir: Path, out: Path, seed: int, fingerprint: str | None = None) -> Path:
-    """A saved adapter whose B matrices are non-zero (a fresh LoRA is a no-op, which no test of
-    the adapter path could tell apart from the base)."""
-    model, _, _ = load_model(base_dir)
-    fp = model_fingerprint(model)
-    settings = settings_for_model(LoRASettings(rank=RANK, scale=4.0), model)
-    attach_lora(model, settings, seed=seed)
-    key = mx.random.key(seed)
-    for _, layer in lora_layers(model):
-        key, sub = mx.random.split(key)
-        layer.lora_b = 0.05 * mx.random.normal(layer.lora_b.shape, key=sub)
-    return save_adapter(out, model, settings, fp if fingerprint is None else fingerprint)
+def make_adapter(base_dir: Path, out: Path, seed: int) -> Path:
+    """A rank-16 adapter for ``base_dir`` that changes its outputs."""
+    return adapter_with_updates(base_dir, out, seed, std=0.05, rank=RANK, scale=4.0)
 
 
 @pytest.fixture(scope="module")
-def pal_base(tiny_model_dir, tmp_path_factory) -> Path:
-    """Apple's setting: adapters over the palettized base."""
-    model, config, _ = load_model(tiny_model_dir)
-    chosen = palettize_model(model, class_predicate=mixed_bits)
-    out = tmp_path_factory.mktemp("adapter_base")
-    return save_model(out, model, {**config, "palettization": {"layers": chosen}})
-
-
-@pytest.fixture(scope="module")
-def adapters(pal_base, tmp_path_factory) -> dict[str, Path]:
+def adapters(tiny_mixed_dir, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("adapters")
     return {
-        name: make_adapter(pal_base, root / name, seed)
+        name: make_adapter(tiny_mixed_dir, root / name, seed)
         for seed, name in enumerate(("chat", "code"))
     }
 
 
 @pytest.fixture(scope="module")
-def packages(pal_base, adapters, tmp_path_factory) -> dict[str, Path]:
+def packages(tiny_mixed_dir, adapters, tmp_path_factory) -> dict[str, Path]:
     """The base alone (in-process) and base + two adapters (through the CLI, repeated --adapter)."""
     root = tmp_path_factory.mktemp("adapter_pkgs")
     base = root / "base.mlpackage"
-    convert(ConvertConfig(model=str(pal_base), out=str(base), context=CONTEXT, prefill_chunk=CHUNK))
+    convert(
+        ConvertConfig(
+            model=str(tiny_mixed_dir), out=str(base), context=CONTEXT, prefill_chunk=CHUNK
+        )
+    )
     both = root / "both.mlpackage"
-    args = ["--model", pal_base, "--out", both, "--context", CONTEXT, "--prefill-chunk", CHUNK]
+    args = [
+        "--model",
+        tiny_mixed_dir,
+        "--out",
+        both,
+        "--context",
+        CONTEXT,
+        "--prefill-chunk",
+        CHUNK,
+    ]
     proc = run_cli(
         "converters.coreml",
         *args,
@@ -105,16 +92,16 @@ def test_adapter_functions_listed(packages):
 
 
 @pytest.mark.parametrize("name", ["chat", "code"])
-def test_adapter_logits_match_mlx(pal_base, adapters, packages, name):
-    model, _, _ = load_model(pal_base)
+def test_adapter_logits_match_mlx(tiny_mixed_dir, adapters, packages, name):
+    model, _, _ = load_model(tiny_mixed_dir)
     load_adapter(model, adapters[name])
     _, _, prog = open_package(packages["both"])
     got = coreml_logits(prog, PROMPT, DECODE, suffix=f"_{name}")
     assert_logits_close(got, mlx_logits(model, PROMPT, DECODE))
 
 
-def test_base_functions_unchanged_by_adapters(pal_base, packages):
-    model, _, _ = load_model(pal_base)
+def test_base_functions_unchanged_by_adapters(tiny_mixed_dir, packages):
+    model, _, _ = load_model(tiny_mixed_dir)
     want = mlx_logits(model, PROMPT, DECODE[:2])
     _, _, prog = open_package(packages["both"])
     got = coreml_logits(prog, PROMPT, DECODE[:2])
@@ -144,7 +131,7 @@ def test_adapters_grow_package_by_their_size_only(adapters, packages):
     assert 0.95 * adapter_bytes < growth < 1.10 * adapter_bytes, (growth, adapter_bytes)
 
 
-def test_adapter_of_another_base_is_refused(tiny_model_dir, pal_base, adapters, tmp_path):
+def test_adapter_of_another_base_is_refused(tiny_model_dir, tiny_mixed_dir, adapters, tmp_path):
     # Trained on the palettized base, converted with the fp one: different fingerprints.
     fp_model, _, _ = load_model(tiny_model_dir)
     out = tmp_path / "x.mlpackage"
@@ -162,18 +149,18 @@ def test_adapter_of_another_base_is_refused(tiny_model_dir, pal_base, adapters, 
         f"chat={adapters['chat']}",
     )
     line = one_line_error(proc)
-    pal_model, _, _ = load_model(pal_base)
+    pal_model, _, _ = load_model(tiny_mixed_dir)
     assert model_fingerprint(pal_model) in line and model_fingerprint(fp_model) in line
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
-def test_adapter_without_fingerprint_is_refused(pal_base, tmp_path):
-    folder = make_adapter(pal_base, tmp_path / "anon", seed=3)
+def test_adapter_without_fingerprint_is_refused(tiny_mixed_dir, tmp_path):
+    folder = make_adapter(tiny_mixed_dir, tmp_path / "anon", seed=3)
     data = json.loads((folder / "adapter_config.json").read_text())
     del data["base_fingerprint"]
     (folder / "adapter_config.json").write_text(json.dumps(data))
     cfg = ConvertConfig(
-        model=str(pal_base),
+        model=str(tiny_mixed_dir),
         out=str(tmp_path / "x.mlpackage"),
         context=CONTEXT,
         prefill_chunk=CHUNK,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import mlx.nn as nn
 import numpy as np
 import pytest
 from coremltools.proto import MIL_pb2
@@ -23,38 +22,13 @@ from test_coreml import (
 from test_coreml_executor import blob_bytes, open_package
 
 from afm_mlx.models.io import load_model, save_model
-from afm_mlx.palettization.layers import AFM_EMBEDDING_SETTINGS, palettize_model
+from afm_mlx.palettization.layers import palettize_model
 from converters.coreml import package_bytes
 
 
-def mixed_bits(path: str, module: nn.Module):
-    """Every bit width the converter must carry, plus column-grouped LUTs and AFM's embedding."""
-    if isinstance(module, nn.Embedding):
-        return dict(AFM_EMBEDDING_SETTINGS)
-    if path.endswith("down_proj"):
-        return {"bits": 2}
-    if path == "model.layers.1.self_attn.v_proj":
-        return {"bits": 3}
-    if path == "model.layers.0.mlp.up_proj":
-        return {"bits": 6}
-    if path == "model.layers.1.self_attn.o_proj":
-        return {"bits": 4, "axis": 1}  # LUTs shared by groups of 16 input columns
-    if path == "model.layers.0.self_attn.k_proj":
-        return {"bits": 1, "group_size": 32}
-    return True  # 4-bit, 16 output channels per LUT
-
-
 @pytest.fixture(scope="module")
-def pal_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    model, config, _ = load_model(tiny_model_dir)
-    chosen = palettize_model(model, class_predicate=mixed_bits)
-    out = tmp_path_factory.mktemp("tiny_pal")
-    return save_model(out, model, {**config, "palettization": {"layers": chosen}})
-
-
-@pytest.fixture(scope="module")
-def pal_package(pal_model_dir, tmp_path_factory) -> Path:
-    return convert_tiny(pal_model_dir, tmp_path_factory.mktemp("coreml_pal") / "pal.mlpackage")
+def pal_package(tiny_mixed_dir, tmp_path_factory) -> Path:
+    return convert_tiny(tiny_mixed_dir, tmp_path_factory.mktemp("coreml_pal") / "pal.mlpackage")
 
 
 def _lut_ops(spec, function: str = "decode") -> dict:
@@ -77,8 +51,8 @@ def _mlx_layer(model, op_name: str):
     return getattr(owner, proj)
 
 
-def test_luts_and_indices_bit_exact(pal_model_dir, pal_package):
-    model, _, _ = load_model(pal_model_dir)
+def test_luts_and_indices_bit_exact(tiny_mixed_dir, pal_package):
+    model, _, _ = load_model(tiny_mixed_dir)
     package, spec, _ = open_package(pal_package)
     ops = _lut_ops(spec)
     assert len(ops) == 2 * 7 + 1  # every projection and the (tied) embedding
@@ -114,9 +88,9 @@ def test_every_function_shares_the_same_blobs(pal_package):
     assert offsets["decode"] == offsets["prefill"]
 
 
-def test_package_size_matches_bits_per_weight(pal_model_dir, pal_package):
+def test_package_size_matches_bits_per_weight(tiny_mixed_dir, pal_package):
     """weight.bin = packed indices + LUTs + fp16 norms + RoPE tables, within 2%."""
-    model, _, _ = load_model(pal_model_dir)
+    model, _, _ = load_model(tiny_mixed_dir)
     expected = 0
     for name, p in tree_flatten(model.parameters()):
         expected += p.nbytes if name.endswith(("packed", "lut")) else p.size * 2
@@ -127,8 +101,8 @@ def test_package_size_matches_bits_per_weight(pal_model_dir, pal_package):
     assert package_bytes(pal_package) > weights.stat().st_size
 
 
-def test_palettized_logits_match_mlx(pal_model_dir, pal_package):
-    model, _, _ = load_model(pal_model_dir)
+def test_palettized_logits_match_mlx(tiny_mixed_dir, pal_package):
+    model, _, _ = load_model(tiny_mixed_dir)
     _, _, prog = open_package(pal_package)
     assert_logits_close(coreml_logits(prog, PROMPT, DECODE), mlx_logits(model, PROMPT, DECODE))
 

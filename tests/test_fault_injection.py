@@ -162,13 +162,6 @@ def _output_trials(stage, args_for, suffix, tmp_path, trials, compare):
 
 
 @pytest.fixture(scope="module")
-def pal_dir(tiny_model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("fi_pal") / "pal"
-    _finish(["afm_mlx.palettize", "--model", tiny_model_dir, "--out", out, "--bits", "4"])
-    return out
-
-
-@pytest.fixture(scope="module")
 def task_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("fi_task") / "task.jsonl"
     rows = [{"prompt": f"Count {i}:", "completion": f" {i + 1} {i + 2}"} for i in range(60)]
@@ -186,20 +179,20 @@ def test_kill_train(tiny_corpus, tiny_tokenizer, tmp_path):
     _training_trials("train", args, "model.safetensors", "model", tmp_path, trials=5)
 
 
-def test_kill_recover(pal_dir, tiny_model_dir, tiny_corpus, tmp_path):
+def test_kill_recover(tiny_lut4_dir, tiny_model_dir, tiny_corpus, tmp_path):
     def args(out):
         return [
-            "afm_mlx.recover", "--model", pal_dir, "--teacher", tiny_model_dir, "--data",
+            "afm_mlx.recover", "--model", tiny_lut4_dir, "--teacher", tiny_model_dir, "--data",
             tiny_corpus, "--out", out, "--rank", "4", "--max-steps", "20", *TRAIN_FLAGS,
         ]  # fmt: skip
 
     _training_trials("recover", args, "adapters.safetensors", "adapter", tmp_path, trials=4)
 
 
-def test_kill_finetune(pal_dir, task_file, tmp_path):
+def test_kill_finetune(tiny_lut4_dir, task_file, tmp_path):
     def args(out):
         return [
-            "afm_mlx.finetune", "--model", pal_dir, "--init-adapter", "none", "--data", task_file,
+            "afm_mlx.finetune", "--model", tiny_lut4_dir, "--init-adapter", "none", "--data", task_file,
             "--out", out, "--rank", "4", "--max-steps", "20", *TRAIN_FLAGS,
         ]  # fmt: skip
 
@@ -221,12 +214,12 @@ def test_kill_palettize(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("converter,suffix", [("coreml", ".mlpackage"), ("coreai", ".aimodel")])
-def test_kill_converter(converter, suffix, pal_dir, tmp_path):
+def test_kill_converter(converter, suffix, tiny_lut4_dir, tmp_path):
     if converter == "coreai":
         pytest.importorskip("coreai")
 
     def args(out):
-        return [f"converters.{converter}", "--model", pal_dir, "--out", out, "--context", "64",
+        return [f"converters.{converter}", "--model", tiny_lut4_dir, "--out", out, "--context", "64",
                 "--prefill-chunk", "16"]  # fmt: skip
 
     def compare(out, ref):

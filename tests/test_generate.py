@@ -7,25 +7,19 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import one_line_error, run_cli
+from conftest import adapter_with_updates, one_line_error, run_cli
 
-from afm_mlx.adapters.lora import LoRASettings, attach_lora, lora_layers, save_adapter
 from afm_mlx.core.errors import UserError
 from afm_mlx.data.tasks import MaskedDataset, decode_masked, encode_record, read_task_records
 from afm_mlx.inference.generator import Generator
-from afm_mlx.models.io import load_model, model_fingerprint, save_model
+from afm_mlx.models.io import save_model
 from afm_mlx.models.presets import build_model, init_weights, preset_config
 from afm_mlx.palettization import kernels
 
 
 def _strong_adapter(model_dir, out, seed):
-    model, _, _ = load_model(model_dir)
-    fp = model_fingerprint(model)
-    settings = LoRASettings(rank=4, scale=1.0)
-    attach_lora(model, settings, seed=seed)
-    for i, (_, m) in enumerate(lora_layers(model)):
-        m.lora_b = mx.random.normal(m.lora_b.shape, key=mx.random.key(seed * 10 + i)) * 2.0
-    return save_adapter(out, model, settings, fp)
+    """An adapter that moves the greedy text far from the base's."""
+    return adapter_with_updates(model_dir, out, seed, std=2.0, rank=4, scale=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -150,23 +144,14 @@ def test_a_completion_is_tokenized_with_its_prompt(tiny_model_dir):
     assert result["chance"] == 0.5 and result["accuracy"] in (0.0, 1.0)
 
 
-@pytest.fixture(scope="module")
-def palettized_dir(tiny_model_dir, tmp_path_factory):
-    from afm_mlx.palettize import PalettizeConfig, palettize
-
-    out = tmp_path_factory.mktemp("pal") / "model"
-    palettize(PalettizeConfig(model=str(tiny_model_dir), out=str(out), bits=4, sensitivity="none"))
-    return out
-
-
-def test_dense_cache_is_an_exact_speed_option(palettized_dir, tmp_path):
+def test_dense_cache_is_an_exact_speed_option(tiny_lut4_dir, tmp_path):
     from afm_mlx.palettization.layers import palettized_layers
 
-    adapter = _strong_adapter(palettized_dir, tmp_path / "a", seed=2)
+    adapter = _strong_adapter(tiny_lut4_dir, tmp_path / "a", seed=2)
     opts = dict(max_tokens=16, temp=0.0)  # greedy: the kernel and a dense GEMM round apart
     texts = {}
     for mode in ("off", "on", "auto"):
-        gen = Generator(palettized_dir, dense_cache=mode)
+        gen = Generator(tiny_lut4_dir, dense_cache=mode)
         layers = [m for _, m in palettized_layers(gen.model)]
         assert layers and all((m._dense is not None) == gen.dense_cached for m in layers)
         texts[mode] = (gen.use(None).generate("ROMEO.\n", **opts), gen.use(adapter).generate(
@@ -177,14 +162,14 @@ def test_dense_cache_is_an_exact_speed_option(palettized_dir, tmp_path):
     assert texts["on"][0] != texts["on"][1]
     # auto caches only on a CPU without a LUT kernel (this tiny model fits any memory).
     on_cpu = mx.default_device().type == mx.cpu
-    assert Generator(palettized_dir).dense_cached == (on_cpu and not kernels.kernel_usable())
+    assert Generator(tiny_lut4_dir).dense_cached == (on_cpu and not kernels.kernel_usable())
     with kernels.using("off"):
-        assert Generator(palettized_dir).dense_cached == on_cpu
+        assert Generator(tiny_lut4_dir).dense_cached == on_cpu
     with pytest.raises(UserError, match="--dense-cache 'x'"):
-        Generator(palettized_dir, dense_cache="x")
+        Generator(tiny_lut4_dir, dense_cache="x")
     err = one_line_error(
         run_cli(
-            "afm_mlx.generate", "--model", palettized_dir, "--prompt", "Hi", "--dense-cache", "x"
+            "afm_mlx.generate", "--model", tiny_lut4_dir, "--prompt", "Hi", "--dense-cache", "x"
         )
     )
     assert "--dense-cache" in err

@@ -17,7 +17,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import REPO, one_line_error, run_cli
+from conftest import REPO, adapter_with_updates, one_line_error, run_cli
 
 from afm_mlx.core.config import parse_config
 from afm_mlx.core.errors import UserError
@@ -27,41 +27,19 @@ from afm_mlx.core.fileio import output_lock, staged_dir
 
 
 @pytest.fixture(scope="module")
-def palettized_with_adapter(tiny_model_dir, tmp_path_factory):
+def palettized_with_adapter(tiny_lut4_dir, tmp_path_factory):
     """A 4-bit palettized tiny model (8-bit embedding) and a random non-zero adapter for it."""
-    from afm_mlx.adapters.lora import (
-        LoRASettings,
-        attach_lora,
-        load_adapter,
-        lora_layers,
-        save_adapter,
+    from afm_mlx.adapters.lora import load_adapter
+    from afm_mlx.models.io import load_base
+
+    adapter = adapter_with_updates(
+        tiny_lut4_dir, tmp_path_factory.mktemp("fuse_deq") / "adapter", seed=3, std=0.05
     )
-    from afm_mlx.models.io import load_base, load_model, model_fingerprint, save_model
-    from afm_mlx.palettization.layers import palettize_model, recorded_palettization
-
-    root = tmp_path_factory.mktemp("fuse_deq")
-    model, config, _ = load_model(tiny_model_dir)
-
-    def predicate(path, module):
-        if path.endswith("embed_tokens"):
-            return {"bits": 8, "group_size": 64, "axis": 0}
-        return {"bits": 4, "group_size": 16, "axis": 0}
-
-    palettize_model(model, predicate)
-    config = recorded_palettization(model, {**config, "palettization": {"method": "test"}})
-    pal = save_model(root / "pal", model, config, tiny_model_dir)
-    fingerprint = model_fingerprint(model)
-    attach_lora(model, LoRASettings(rank=4, scale=2.0), seed=3)
-    # mlx-lm's init leaves B at zero; give the adapter a real update.
-    rng = np.random.default_rng(0)
-    for _, layer in lora_layers(model):
-        layer.lora_b = mx.array(rng.normal(0, 0.05, layer.lora_b.shape).astype(np.float32))
-    adapter = save_adapter(root / "adapter", model, LoRASettings(rank=4, scale=2.0), fingerprint)
     # The reference: the saved adapter over the saved base, as generate --adapter runs it.
-    base, _, _ = load_base(pal)
+    base, _, _ = load_base(tiny_lut4_dir)
     load_adapter(base, adapter)
     ids = mx.array([[5, 17, 42, 99, 7, 300, 12, 1]])
-    return pal, adapter, ids, np.array(base(ids).astype(mx.float32))
+    return tiny_lut4_dir, adapter, ids, np.array(base(ids).astype(mx.float32))
 
 
 def test_fuse_dequantize_over_palettized_base_reloads_exactly(palettized_with_adapter, tmp_path):

@@ -20,10 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import mlx.core as mx
-import numpy as np
 import pytest
-from conftest import REPO, one_line_error, run_cli
+from conftest import REPO, adapter_with_updates, one_line_error, run_cli
 
 openai = pytest.importorskip("openai")
 
@@ -55,34 +53,16 @@ def start_server(*args) -> tuple[subprocess.Popen, str]:
 
 
 @pytest.fixture(scope="module")
-def served(tiny_model_dir, tmp_path_factory):
+def served(tiny_lut4_dir, tmp_path_factory):
     """(client, base id, {name: adapter dir}, generator) for a palettized base + two adapters."""
-    from afm_mlx.adapters.lora import (
-        LoRASettings,
-        attach_lora,
-        lora_layers,
-        remove_lora,
-        save_adapter,
-    )
     from afm_mlx.inference.generator import Generator
-    from afm_mlx.models.io import load_model, model_fingerprint, save_model
-    from afm_mlx.palettization.layers import palettize_model, recorded_palettization
 
     root = tmp_path_factory.mktemp("server")
-    model, config, _ = load_model(tiny_model_dir)
-    palettize_model(model, lambda p, m: False if p.endswith("embed_tokens") else True, bits=4)
-    config = recorded_palettization(model, {**config, "palettization": {"method": "test"}})
-    base = save_model(root / "tinypal", model, config, tiny_model_dir)
-    fingerprint = model_fingerprint(model)
-    dirs = {}
-    for i, name in enumerate(["chat", "code"]):
-        settings = LoRASettings(rank=4, scale=2.0)
-        attach_lora(model, settings, seed=i)
-        rng = np.random.default_rng(i)
-        for _, layer in lora_layers(model):  # a real update (mlx-lm's init has B = 0)
-            layer.lora_b = mx.array(rng.normal(0, 0.5, layer.lora_b.shape).astype(np.float32))
-        dirs[name] = save_adapter(root / name, model, settings, fingerprint)
-        remove_lora(model)
+    base = tiny_lut4_dir  # its folder name, "tinypal", is the base's model id
+    dirs = {
+        name: adapter_with_updates(base, root / name, seed=i, std=0.5)
+        for i, name in enumerate(["chat", "code"])
+    }
     proc, url = start_server("--model", base, *[f"--adapter={n}={d}" for n, d in dirs.items()])
     client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
     try:
