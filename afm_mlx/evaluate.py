@@ -54,13 +54,7 @@ class EvaluateConfig:
     seed: int = field(default=0, metadata={"help": "seed of the held-out split"})
     skip_base: bool = field(default=False, metadata={"help": "do not evaluate the bare base"})
     json: bool = field(default=False, metadata={"help": "print one JSON object instead of a table"})
-    lut_kernel: str | None = field(
-        default=None,
-        metadata={
-            "help": "palettized layers' LUT kernel: auto, on or off (default: "
-            "$AFM_MLX_LUT_KERNEL, else auto)"
-        },
-    )
+    lut_kernel: str | None = kernels.flag_field()
 
     def validate(self) -> None:
         if not self.model:

@@ -59,13 +59,7 @@ class GenerateConfig:
         },
     )
 
-    lut_kernel: str | None = field(
-        default=None,
-        metadata={
-            "help": "palettized layers' LUT kernel: auto, on or off (default: "
-            "$AFM_MLX_LUT_KERNEL, else auto)"
-        },
-    )
+    lut_kernel: str | None = kernels.flag_field()
 
     def validate(self) -> None:
         if not self.model:

@@ -12,6 +12,19 @@ from typing import NamedTuple
 
 import mlx.core as mx
 
+# --- the GPU kernel: one body for Apple GPUs (Metal) and NVIDIA GPUs (CUDA) ----------------------
+# Laid out like MLX's quantized GEMV: a simdgroup (warp) of 32 lanes computes ROWS output rows at
+# once, so each lane loads its inputs once for all of them; lane l takes the chunks l, l + 32, ...
+# of every row, a chunk being VEC blocks of 8 indices (VEC * BITS bytes, read as one 1- to
+# 16-byte word where BITS is 1, 2, 4 or 8); the chunks of all ROWS rows are loaded before any is
+# decoded (more loads in flight). With groups along axis 0 (one LUT per row) the rows' LUTs sit,
+# with LUT_SHARED, in the simdgroup's slice of threadgroup memory (on an H200 1.5-3x faster than
+# registers, which an index known only at run time sends to local memory), else in
+# registers (up to 16 entries); per-column LUTs are read from device memory. fp32 accumulation,
+# one simd_sum per row.
+# ROWS, SIMDGROUPS, LUT_SHARED and VEC are template constants (``GPU_LAYOUTS``); each backend's
+# prologue names the thread indices and the three primitives the body uses.
+
 GPU_BODY = """
     constexpr int ROW_BYTES = K * BITS / 8;
     constexpr int CHUNK = VEC * BITS;  // bytes of a row a lane reads per step: VEC blocks of 8
@@ -167,8 +180,9 @@ GPU_LAYOUTS: dict[str, GpuLayout] = {
     "cuda": GpuLayout(rows=4, simdgroups=2, lut_shared=True, vec=1),
 }
 # The layouts scripts/gpu_kernel_check.py times (and the tests check on an emulated simdgroup).
-# A first timing on an H200 put LUTs in registers 1.5-3x behind threadgroup memory, and 4 blocks
-# per lane behind 1: the candidates vary the work per simdgroup and threadgroup around the rest.
+# A first timing on an H200 (commit 31a0f9e) put LUTs in registers 1.5-3x behind threadgroup
+# memory, and 4 blocks per lane behind 1: the candidates vary the work per simdgroup and
+# threadgroup around the rest; the first candidate, Metal's layout, keeps them in registers.
 GPU_CANDIDATES = (GpuLayout(),) + tuple(
     GpuLayout(rows, simdgroups, True, vec)
     for rows in (2, 4, 8)

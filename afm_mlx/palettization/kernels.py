@@ -6,12 +6,11 @@ kernel of the default device for up to its ``max_rows`` rows of ``x`` (decode, s
 
 - CPU: ``afm_mlx.palettization._lut_cpu``, an MLX C++ primitive (AVX-512 / AVX2 / NEON / portable C++, threads
   over output rows), built by ``pip install`` when a C++ compiler and CMake are present; up to 128
-  rows (measured on a 4096x4096 layer: 57 ms at 128 rows vs 105 ms for dequantize + GEMM; at 256
-  rows they tie);
+  rows (``scripts/bench_lut_rows.py`` times it against dequantize + GEMM by rows);
 - GPUs: one kernel body run by ``mx.fast.metal_kernel`` (Apple) and ``mx.fast.cuda_kernel``
   (NVIDIA, MLX's CUDA backend) for up to 8 rows: its logic is tested on the CPU by a SIMT
   emulation and its CUDA text compiled by nvcc; ``scripts/gpu_kernel_check.py`` checked and
-  timed it on an NVIDIA H200 (README); on Apple GPUs it has not run;
+  timed it on an NVIDIA H200 (``docs/benchmarks.md``); on Apple GPUs it has not run;
 
 and otherwise (more rows, no kernel, ``off``) dequantizes the layer and runs a GEMM.
 
@@ -34,6 +33,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import field
 
 import mlx.core as mx
 
@@ -72,7 +72,7 @@ def get_mode() -> str:
 
 @contextmanager
 def using(mode: str) -> Iterator[None]:
-    """``with lut_kernels.using("off"): ...``: the mode inside the block, the previous after."""
+    """``with kernels.using("off"): ...``: the mode inside the block, the previous after."""
     global _mode
     previous = _mode
     set_mode(mode)
@@ -92,6 +92,14 @@ def apply_flag(value: str | None) -> None:
         raise UserError(f"--lut-kernel on: {_missing_reason(name)}")
 
 
+def flag_field():
+    """The ``--lut-kernel`` option of a command's config dataclass (``apply_flag`` applies it)."""
+    help_text = (
+        "palettized layers' LUT kernel: auto, on or off (default: $AFM_MLX_LUT_KERNEL, else auto)"
+    )
+    return field(default=None, metadata={"help": help_text})
+
+
 def reset() -> None:
     """Forget first-use checks and reports (tests; after swapping a kernel)."""
     _checked.clear()
@@ -102,6 +110,9 @@ def _report(key: str, message: str) -> None:
     if key not in _reported:
         _reported.add(key)
         print(f"afm_mlx: {message}", file=sys.stderr, flush=True)
+
+
+# --- the CPU extension --------------------------------------------------------------------------
 
 
 def _load_cpu_extension():
@@ -162,6 +173,9 @@ def describe() -> str:
         f"palettized layers: {kernel} for up to {KERNELS[name][1]} rows (checked at first use), "
         "dequantize + matmul for more"
     )
+
+
+# --- the first-use check ------------------------------------------------------------------------
 
 
 def _probe(bits: int, group_size: int, axis: int, in_dims: int, dtype: mx.Dtype, rows_x: int):
@@ -248,6 +262,8 @@ def _kernel_for(
             )
     return fn if _checked[key] else None
 
+
+# --- the entry point ----------------------------------------------------------------------------
 
 _vjp_cache: dict[tuple, Callable] = {}
 
