@@ -7,7 +7,7 @@
 - Every other module sits in a wing (a folder of ``afm_mlx``, or the converters' library), and a
   wing imports only itself and the wings below it in ``WINGS``; no library imports a command.
 - No import cycle anywhere, imports inside functions included.
-- No Python file over ``MAX_LINES`` lines (the C++ kernels excepted).
+- No Python file over ``MAX_LINES`` lines, tests and scripts included (the C++ kernels excepted).
 
 Imports are read from the source, module level and inside functions alike; each command is also
 imported in a fresh interpreter to check that no other command gets loaded with it.
@@ -101,9 +101,6 @@ def violations(root: Path = ROOT) -> list[str]:
         if where not in ("command", "root") and where not in order:
             wrong.append(f"{name}: in no wing; add {where} to WINGS in {__file__}")
             continue
-        lines = len(path.read_text().splitlines())
-        if lines > MAX_LINES:
-            wrong.append(f"{name}: {lines} lines (at most {MAX_LINES})")
         for dep in sorted(graph[name]):
             there = rooms[dep]
             if there == "root":
@@ -114,6 +111,11 @@ def violations(root: Path = ROOT) -> list[str]:
             elif where in order and there in order and order[there] > order[where]:
                 wrong.append(f"{name} ({where}) imports {dep} ({there}), a wing above it")
     wrong += [f"import cycle: {' -> '.join(c)}" for c in cycles(graph)]
+    for folder in (*PACKAGES, "tests", "scripts"):
+        for path in sorted((root / folder).rglob("*.py")):
+            lines = len(path.read_text().splitlines())
+            if lines > MAX_LINES:
+                wrong.append(f"{path.relative_to(root)}: {lines} lines (at most {MAX_LINES})")
     return wrong
 
 
@@ -226,7 +228,8 @@ def _tree(tmp_path: Path, extra: dict[str, str]) -> Path:
         # a folder that is no wing, a top-level module that is no command, an oversize module
         ({"afm_mlx/misc/__init__.py": ""}, "afm_mlx.misc: in no wing"),
         ({"afm_mlx/helpers.py": "X = 1\n"}, "afm_mlx.helpers: a module at the top of afm_mlx"),
-        ({"afm_mlx/core/big.py": "x = 1\n" * (MAX_LINES + 1)}, "afm_mlx.core.big: 551 lines"),
+        ({"afm_mlx/core/big.py": "x = 1\n" * (MAX_LINES + 1)}, "afm_mlx/core/big.py: 551 lines"),
+        ({"tests/test_big.py": "x = 1\n" * (MAX_LINES + 1)}, "tests/test_big.py: 551 lines"),
     ],
 )
 def test_the_rule_sees_each_kind_of_violation(tmp_path, extra, expected):
