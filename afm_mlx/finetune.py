@@ -13,12 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from afm_mlx.adapters.lora import (
-    DEFAULT_KEYS,
-    Adapter,
-    LoRASettings,
-    read_adapter,
-)
+from afm_mlx.adapters.lora import DEFAULT_KEYS, Adapter, LoRASettings, read_adapter
 from afm_mlx.core.config import stage_main
 from afm_mlx.core.errors import UserError
 from afm_mlx.data.batches import corpus_splits

@@ -21,7 +21,8 @@ from afm_mlx.core.config import stage_main
 from afm_mlx.core.errors import UserError
 from afm_mlx.core.fileio import check_new_output, output_lock, staged_dir
 from afm_mlx.data.batches import corpus_splits, eval_batches
-from afm_mlx.models.io import load_base, resolve_model_path, save_model
+from afm_mlx.models.files import save_model
+from afm_mlx.models.io import load_base, resolve_model_path
 from afm_mlx.palettization.layers import recorded_palettization
 from afm_mlx.training.losses import nll_sum
 

@@ -38,7 +38,8 @@ from afm_mlx.core.families import family_for
 from afm_mlx.core.fileio import check_new_output, output_lock, staged_dir
 from afm_mlx.data.batches import PackedDataset
 from afm_mlx.data.token_cache import build_token_cache, split_train_valid
-from afm_mlx.models.io import load_model, save_model
+from afm_mlx.models.files import save_model
+from afm_mlx.models.io import load_model
 from afm_mlx.models.precision import restore_dtypes, widen_for_cpu
 from afm_mlx.models.streaming import block_releaser, stored_tables
 from afm_mlx.palettization.layers import bits_per_weight, palettize_model

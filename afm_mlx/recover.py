@@ -21,11 +21,7 @@ from afm_mlx.core.errors import UserError
 from afm_mlx.core.families import model_family
 from afm_mlx.core.fileio import atomic_write_json
 from afm_mlx.data.batches import corpus_splits, eval_batches
-from afm_mlx.models.io import (
-    load_base,
-    load_model,
-    resolve_model_path,
-)
+from afm_mlx.models.io import load_base, load_model, resolve_model_path
 from afm_mlx.models.precision import needs_widening, widen_for_cpu
 from afm_mlx.models.streaming import block_releaser, stored_tables, streamed_logits
 from afm_mlx.training.adapters import AdapterTrainConfig, Objective, prepare_run, train_adapter

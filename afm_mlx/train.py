@@ -25,7 +25,8 @@ from afm_mlx.core.fileio import atomic_write_json, staged_dir
 from afm_mlx.data.batches import PackedDataset
 from afm_mlx.data.corpus import check_corpus, iter_corpus
 from afm_mlx.data.token_cache import build_token_cache, split_train_valid
-from afm_mlx.models.io import load_model, save_model
+from afm_mlx.models.files import save_model
+from afm_mlx.models.io import load_model
 from afm_mlx.models.presets import PRESETS, build_model, init_weights, preset_config
 from afm_mlx.training.checkpoint import load_checkpoint, save_checkpoint
 from afm_mlx.training.loop import OptimConfig, Trainer, build_optimizer, run_loop

@@ -42,7 +42,8 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
-from afm_mlx.models.io import load_model, save_model  # noqa: E402
+from afm_mlx.models.files import save_model  # noqa: E402
+from afm_mlx.models.io import load_model  # noqa: E402
 from afm_mlx.models.presets import build_model, init_weights, preset_config  # noqa: E402
 from afm_mlx.palettization.layers import (  # noqa: E402
     AFM_EMBEDDING_SETTINGS,

@@ -43,7 +43,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from afm_mlx.core.blas import backend_report
-from afm_mlx.models.io import load_model, save_model
+from afm_mlx.models.files import save_model
+from afm_mlx.models.io import load_model
 from afm_mlx.models.presets import build_model, init_weights, preset_config
 from afm_mlx.palettization import kernels
 from afm_mlx.palettization.layers import (

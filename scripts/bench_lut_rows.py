@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from afm_mlx.core.blas import preload_openblas  # noqa: E402
+from afm_mlx.core.blas import preload_openblas
 
 preload_openblas()
 import mlx.core as mx  # noqa: E402

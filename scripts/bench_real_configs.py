@@ -42,7 +42,7 @@ preload_openblas()
 import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten, tree_map  # noqa: E402
 
-from afm_mlx.models.io import save_model  # noqa: E402
+from afm_mlx.models.files import save_model  # noqa: E402
 from afm_mlx.models.presets import build_model  # noqa: E402
 
 # The public config.json values of each repo (text model only), as published on the hub.

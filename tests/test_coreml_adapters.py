@@ -20,9 +20,7 @@ from test_coreml import (
 )
 from test_coreml_executor import open_package
 
-from afm_mlx.adapters.lora import (
-    load_adapter,
-)
+from afm_mlx.adapters.lora import load_adapter
 from afm_mlx.core.errors import UserError
 from afm_mlx.models.io import load_model, model_fingerprint
 from converters.coreml import ConvertConfig, convert

@@ -21,7 +21,8 @@ from test_coreml import (
 )
 from test_coreml_executor import blob_bytes, open_package
 
-from afm_mlx.models.io import load_model, save_model
+from afm_mlx.models.files import save_model
+from afm_mlx.models.io import load_model
 from afm_mlx.palettization.layers import palettize_model
 from converters.coreml import package_bytes
 

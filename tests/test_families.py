@@ -20,7 +20,8 @@ from afm_mlx.calibration.replay import linear_paths, swap_module
 from afm_mlx.calibration.sensitivity import measure_sensitivity
 from afm_mlx.core.families import family_for, standard_config, supported_types
 from afm_mlx.finetune import FinetuneConfig, finetune
-from afm_mlx.models.io import load, load_model, save_model
+from afm_mlx.models.files import save_model
+from afm_mlx.models.io import load, load_model
 from afm_mlx.models.presets import build_model
 from afm_mlx.palettization.layers import PalettizedLinear
 from afm_mlx.palettize import PalettizeConfig, palettize

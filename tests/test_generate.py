@@ -12,7 +12,7 @@ from conftest import adapter_with_updates, one_line_error, run_cli
 from afm_mlx.core.errors import UserError
 from afm_mlx.data.tasks import MaskedDataset, decode_masked, encode_record, read_task_records
 from afm_mlx.inference.generator import Generator
-from afm_mlx.models.io import save_model
+from afm_mlx.models.files import save_model
 from afm_mlx.models.presets import build_model, init_weights, preset_config
 from afm_mlx.palettization import kernels
 

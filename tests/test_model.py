@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from afm_mlx.core.errors import UserError
-from afm_mlx.models.io import load, load_model, save_model
+from afm_mlx.models.files import save_model
+from afm_mlx.models.io import load, load_model
 from afm_mlx.models.presets import build_model, count_parameters, init_weights, preset_config
 
 TOKENS = [[5, 17, 300, 42, 9, 77, 123, 4, 250, 8], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
@@ -181,7 +182,7 @@ def test_streamed_teacher_reads_its_table_a_slice_at_a_time(tmp_path, tiny_token
     embedding rows and each head slice from the file: the same logits as the float32 copy, for
     tied and untied heads, at a peak well under the whole bfloat16 table it read before."""
     from afm_mlx.models import streaming
-    from afm_mlx.models.io import save_model
+    from afm_mlx.models.files import save_model
     from afm_mlx.models.presets import build_model, init_weights, preset_config
     from afm_mlx.models.streaming import block_releaser, stored_tables, streamed_logits
 

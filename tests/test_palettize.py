@@ -106,7 +106,7 @@ def test_a_bfloat16_model_is_calibrated_in_float32_and_saved_as_stored(
     import afm_mlx.models.streaming
     import afm_mlx.palettize as stage
     from afm_mlx.calibration import replay, sensitivity
-    from afm_mlx.models.io import save_model
+    from afm_mlx.models.files import save_model
     from afm_mlx.palettization.kmeans import kmeans_lut
 
     model, config, _ = load_model(tiny_model_dir)
@@ -287,7 +287,7 @@ def test_fixed_bits_read_and_free_one_layer_at_a_time(tiny_tokenizer, tmp_path, 
     whole model loaded first (what palettize did before): it must save most of the dense size
     (the rest of the peak is k-means' working set, bounded per slice of groups)."""
     import afm_mlx.palettize as stage
-    from afm_mlx.models.io import save_model
+    from afm_mlx.models.files import save_model
     from afm_mlx.models.presets import build_model, preset_config
 
     config = preset_config(
@@ -337,7 +337,7 @@ def test_the_embedding_is_read_a_slice_of_rows_at_a_time(tiny_tokenizer, tmp_pat
     slices.)"""
     import afm_mlx.palettization.kmeans as kmeans
     import afm_mlx.palettize as stage
-    from afm_mlx.models.io import save_model
+    from afm_mlx.models.files import save_model
     from afm_mlx.models.presets import build_model, init_weights, preset_config
 
     monkeypatch.setattr(kmeans, "_MAX_POSITIONS_PER_CHUNK", 1 << 16)  # 1024 rows of 64
@@ -371,7 +371,7 @@ def test_the_embedding_is_read_a_slice_of_rows_at_a_time(tiny_tokenizer, tmp_pat
 
 def _six_blocks(tokenizer, tmp_path, dtype=None):
     """(folder, bytes of its blocks) of a saved 6-block random model, in ``dtype`` if given."""
-    from afm_mlx.models.io import save_model
+    from afm_mlx.models.files import save_model
     from afm_mlx.models.presets import build_model, init_weights, preset_config
 
     config = preset_config("tiny", hidden_size=256, intermediate_size=1024, num_hidden_layers=6)

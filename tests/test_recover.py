@@ -118,7 +118,8 @@ def test_a_half_precision_teacher_runs_block_by_block_as_its_float32_copy(
     4.9 GB): its logits are computed before each step one block at a time
     (``streamed_logits``). The recovery is the one its float32 copy gives."""
     import afm_mlx.recover as stage
-    from afm_mlx.models.io import load_model, save_model
+    from afm_mlx.models.files import save_model
+    from afm_mlx.models.io import load_model
 
     teacher, config, _ = load_model(teacher_dir)
     teacher.set_dtype(mx.bfloat16)

@@ -309,8 +309,9 @@ def test_rewriting_a_checkpoint_keeps_a_complete_one_at_every_moment(tmp_path, m
 
 
 def test_model_save_interrupted_over_an_old_model_is_refused_not_mixed(tiny_model_dir, tmp_path):
-    from afm_mlx.models import io as model_io
-    from afm_mlx.models.io import load_model, save_model
+    from afm_mlx.models import files
+    from afm_mlx.models.files import save_model
+    from afm_mlx.models.io import load_model
 
     folder = tmp_path / "m"
     shutil.copytree(tiny_model_dir, folder)
@@ -319,13 +320,13 @@ def test_model_save_interrupted_over_an_old_model_is_refused_not_mixed(tiny_mode
     def killed(*a, **k):
         raise KeyboardInterrupt  # stands for a kill after the old config was dropped
 
-    real = model_io.atomic_save_safetensors
-    model_io.atomic_save_safetensors = killed
+    real = files.atomic_save_safetensors
+    files.atomic_save_safetensors = killed
     try:
         with pytest.raises(KeyboardInterrupt):
             save_model(folder, model, config, tiny_model_dir)
     finally:
-        model_io.atomic_save_safetensors = real
+        files.atomic_save_safetensors = real
     with pytest.raises(UserError, match="config.json"):
         load_model(folder)
 

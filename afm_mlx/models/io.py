@@ -1,14 +1,14 @@
-"""Loading and saving checkpoints in the Hugging Face layout.
+"""Finding and loading checkpoints in the Hugging Face layout (``models.files`` writes them).
 
 Checkpoints are ``config.json`` + ``model.safetensors`` (sharded with an index when large) +
 tokenizer files, which ``mlx_lm.load`` and ``transformers.AutoModelForCausalLM`` open unchanged; a
 palettized checkpoint records its layers' settings under ``palettization`` in ``config.json``.
+``--model`` may also name a ``.gguf`` file or a known model (``smollm2``): see
+``resolve_model_path``.
 """
 
 from __future__ import annotations
 
-import copy
-import glob
 import hashlib
 import re
 from pathlib import Path
@@ -19,24 +19,11 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from afm_mlx.core.errors import UserError
-from afm_mlx.core.fileio import (
-    atomic_copy,
-    atomic_save_safetensors,
-    atomic_write_json,
-    load_safetensors,
-    read_json,
-)
+from afm_mlx.core.fileio import load_safetensors, read_json
+from afm_mlx.models.catalog import KNOWN_MODELS, known_model_file
+from afm_mlx.models.files import weight_files
+from afm_mlx.models.gguf import GGUF_SUFFIX, imported
 from afm_mlx.models.presets import build_model, validate_config
-
-MAX_SHARD_BYTES = 5 * 1024**3
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "generation_config.json",
-)
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -53,15 +40,26 @@ def model_fingerprint(model: nn.Module) -> str:
 
 
 def resolve_model_path(path_or_repo: str | Path) -> Path:
-    """A local checkpoint folder, or a Hugging Face repo id fetched with huggingface-hub."""
+    """The checkpoint folder ``--model`` names, in this order: an existing folder; an existing
+    ``.gguf`` file (imported once into the cache, ``models.gguf``); a known model's name
+    (``models.catalog``: ``smollm2``); a Hugging Face repo id fetched with huggingface-hub."""
     path = Path(path_or_repo).expanduser()
     if path.exists():
+        if path.is_file() and path.suffix == GGUF_SUFFIX:
+            return imported(path)
         if not path.is_dir():
-            raise UserError(f"{path}: expected a model folder (config.json + *.safetensors)")
+            raise UserError(
+                f"{path}: expected a model folder (config.json + *.safetensors) or a .gguf file"
+            )
         return path
+    if str(path_or_repo) in KNOWN_MODELS:
+        return imported(known_model_file(str(path_or_repo)))
     repo = str(path_or_repo)
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
-        raise UserError(f"{repo}: no such model folder (and not a Hugging Face repo id)")
+        raise UserError(
+            f"{repo}: no such model folder or .gguf file (and not a known model: "
+            f"{', '.join(KNOWN_MODELS)}, nor a Hugging Face repo id)"
+        )
     from huggingface_hub import snapshot_download
 
     try:
@@ -86,14 +84,6 @@ def checkpoint_digest(path_or_repo: str | Path) -> str:
     for f in weight_files(path):
         h.update(f"{f.name}:{f.stat().st_size};".encode())
     return h.hexdigest()
-
-
-def weight_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = read_json(index, "weight index").get("weight_map", {})
-        return [path / f for f in sorted(set(weight_map.values()))]
-    return [Path(f) for f in sorted(glob.glob(str(path / "model*.safetensors")))]
 
 
 def check_weights_match(
@@ -146,65 +136,6 @@ def load_model(
         mx.eval(model.parameters())
     model.eval()
     return model, config, path
-
-
-def save_model(
-    out_dir: str | Path,
-    model: nn.Module,
-    config: dict[str, Any],
-    tokenizer_dir: str | Path | None = None,
-    max_shard_bytes: int = MAX_SHARD_BYTES,
-) -> Path:
-    """Write safetensors (+ index when sharded) + tokenizer files + ``config.json``, each atomically.
-
-    ``config.json`` is what makes a folder a model (``load_model`` refuses one without it), so it
-    is removed first when the folder held a model and written last: a process killed mid-save
-    leaves a folder that is refused, never one that mixes old and new weights. Stages that write
-    a new model folder build it beside the target and rename it (``afm_mlx.core.fileio.staged_dir``).
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").unlink(missing_ok=True)
-    weights = dict(tree_flatten(model.parameters()))
-    shards: list[dict[str, mx.array]] = [{}]
-    size = 0
-    for name in sorted(weights):
-        nbytes = weights[name].nbytes
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = weights[name]
-        size += nbytes
-    n = len(shards)
-    names = (
-        ["model.safetensors"]
-        if n == 1
-        else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    )
-    # Remove stale weights from an earlier save with a different sharding.
-    for old in weight_files(out):
-        if old.name not in names:
-            old.unlink(missing_ok=True)
-    for shard, name in zip(shards, names):
-        atomic_save_safetensors(out / name, shard, metadata={"format": "mlx"})
-    index = out / "model.safetensors.index.json"
-    if n > 1:
-        weight_map = {k: name for shard, name in zip(shards, names) for k in shard}
-        total = sum(v.nbytes for v in weights.values())
-        atomic_write_json(index, {"metadata": {"total_size": total}, "weight_map": weight_map})
-    else:
-        index.unlink(missing_ok=True)
-    floats = [v.dtype for v in weights.values() if mx.issubdtype(v.dtype, mx.floating)]
-    dtype = max(set(floats), key=floats.count) if floats else mx.float32
-    saved = copy.deepcopy(config)
-    saved["torch_dtype"] = str(dtype).split(".")[-1]
-    if tokenizer_dir is not None and Path(tokenizer_dir).resolve() != out.resolve():
-        for name in TOKENIZER_FILES:
-            src = Path(tokenizer_dir) / name
-            if src.is_file():
-                atomic_copy(src, out / name)
-    atomic_write_json(out / "config.json", saved)  # last: the folder is a model from here on
-    return out
 
 
 def load(path_or_repo: str | Path, lazy: bool = False):

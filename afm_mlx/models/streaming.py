@@ -24,7 +24,7 @@ from mlx.utils import tree_flatten
 
 from afm_mlx.core.errors import UserError
 from afm_mlx.core.fileio import load_safetensors
-from afm_mlx.models.io import weight_files
+from afm_mlx.models.files import weight_files
 from afm_mlx.models.precision import float32_on_cpu
 
 

@@ -29,7 +29,8 @@ from afm_mlx.core.fileio import (
     exchange_paths,
     read_json,
 )
-from afm_mlx.models.io import load_model, save_model
+from afm_mlx.models.files import save_model
+from afm_mlx.models.io import load_model
 
 STATE_FILE = "trainer_state.json"
 STEP_DIR = re.compile(r"step-\d{7}")
