@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -21,17 +22,25 @@ from afm_mlx.core.errors import UserError
 from afm_mlx.core.families import model_family
 from afm_mlx.core.fileio import atomic_write_json
 from afm_mlx.data.batches import corpus_splits, eval_batches
-from afm_mlx.models.io import load_base, load_model, resolve_model_path
+from afm_mlx.models.io import checkpoint_digest, load_base, load_model, resolve_model_path
 from afm_mlx.models.precision import needs_widening, widen_for_cpu
 from afm_mlx.models.streaming import block_releaser, stored_tables, streamed_logits
 from afm_mlx.training.adapters import AdapterTrainConfig, Objective, prepare_run, train_adapter
 from afm_mlx.training.losses import distillation_loss, make_loss, nll_sum
 from afm_mlx.training.run_dir import locked_run
+from afm_mlx.training.teacher_text import TEACHER_DATA, cache_folder, sample_teacher_text
 from afm_mlx.training.world import World, init_world
 
 
 @dataclass
 class RecoverConfig(AdapterTrainConfig):
+    data: str = field(
+        default="shakespeare",
+        metadata={
+            "help": "training data: a corpus (text, folder, .jsonl, shakespeare), or 'teacher': "
+            "text sampled from --teacher (data-free, cached)"
+        },
+    )
     teacher: str | None = field(
         default=None, metadata={"help": "full-precision model the base was compressed from"}
     )
@@ -83,22 +92,32 @@ def recover(cfg: RecoverConfig, on_step=None) -> dict[str, Any]:
     """Train (or resume) the recovery adapter in ``cfg.out``; returns the perplexity report."""
     world = init_world()
     with locked_run(cfg, world):
-        world.check_same_run(cfg, cfg.data, (cfg.model, cfg.teacher))
+        corpus = None if cfg.data == TEACHER_DATA else cfg.data  # sampled: the teacher's digest
+        world.check_same_run(cfg, corpus, (cfg.model, cfg.teacher))
         return _recover(cfg, world, on_step)
 
 
 def _recover(cfg: RecoverConfig, world: World, on_step=None) -> dict[str, Any]:
     out, _ = prepare_run(cfg)  # fails here, before anything is loaded
     # Every input is loaded and checked before the run folder is touched.
-    model, _, config = load_base(cfg.model)
+    model, tokenizer, config = load_base(cfg.model)
     teacher, teacher_config, streamed = _load_teacher(cfg.teacher)
     if teacher_config["vocab_size"] != config["vocab_size"]:
         raise UserError(
             f"--teacher {cfg.teacher}: vocab_size {teacher_config['vocab_size']} differs from the "
             f"base's {config['vocab_size']}; they must share a tokenizer"
         )
+    data = cfg.data
+    if cfg.data == TEACHER_DATA:
+        data = str(cache_folder(checkpoint_digest(cfg.teacher), cfg.seed))
+        if world.main:
+            # The steps' tokens, plus the held-out share, plus room for window boundaries.
+            tokens = cfg.max_steps * cfg.batch_size * cfg.grad_accum * (cfg.seq_len + 1)
+            needed = math.ceil(1.1 * tokens / (1 - cfg.valid_fraction))
+            sample_teacher_text(teacher, tokenizer, Path(data), needed, cfg.seed, say=world.say)
+        world.barrier()
     train_data, valid_data = corpus_splits(
-        cfg.data, resolve_model_path(cfg.model), cfg.seq_len, cfg.valid_fraction, cfg.seed
+        data, resolve_model_path(cfg.model), cfg.seq_len, cfg.valid_fraction, cfg.seed
     )
     if len(valid_data) == 0:
         raise UserError(f"--data {cfg.data}: nothing held out to measure recovery on")

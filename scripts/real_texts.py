@@ -38,8 +38,8 @@ LEE_EXTRA = PackagedFile(
     "a878f9a58f6743c32985c56c2f2f75988386216b38a4023a01fd3bcf7884d93e",
     "Lee corpus: 50 more ABC news articles",
 )
-MIN_TOKENS, MIN_DOCS, MAX_DOC_TOKENS = 50_000, 50, 2048
-MC_ITEMS, MC_CONTEXT, MC_CHOICE = 500, 48, 32
+MIN_TOKENS, MIN_DOCS, MAX_DOC_TOKENS = 50_000, 50, 1024
+MC_ITEMS, MC_CONTEXT, MC_CHOICE = 500, 32, 24
 
 
 @dataclass
@@ -103,8 +103,8 @@ def _mc_items(articles: list[str], tokenizer, seed: int) -> list:
 
 
 def build_texts(tokenizer, seed: int = 0) -> Texts:
-    news_docs = packaged_file(LEE).read_text(encoding="utf-8").splitlines()
-    news_extra = packaged_file(LEE_EXTRA).read_text(encoding="utf-8").splitlines()
+    news_docs = packaged_file(LEE).read_text(encoding="latin-1").splitlines()
+    news_extra = packaged_file(LEE_EXTRA).read_text(encoding="latin-1").splitlines()  # £ in latin-1
     plays_held, plays_train = _held_out(_scenes(), tokenizer, seed)
     order = np.random.default_rng(seed + 1).permutation(len(news_docs))
     shuffled = [news_docs[i] for i in order]

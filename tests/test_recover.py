@@ -283,3 +283,36 @@ def test_cli_recover_then_evaluate_json(recovery_adapter, q2_model_dir, tiny_cor
     assert rows[0]["adapter"] is None and rows[1]["adapter"] == str(rec_dir)
     assert rows[0]["perplexity"] == pytest.approx(report["base"], rel=1e-4)
     assert rows[1]["perplexity"] == pytest.approx(report["adapter"], rel=1e-3)
+
+
+def test_recovery_on_text_sampled_from_the_teacher(q2_model_dir, teacher_dir, tmp_path):
+    """``--data teacher``: the teacher's own samples, sized to the run, cached by teacher and
+    seed (a second run samples nothing new), deterministic, and the adapter recovers on them."""
+    import os
+
+    from afm_mlx.data.corpus import read_corpus
+    from afm_mlx.models.io import checkpoint_digest
+    from afm_mlx.training.teacher_text import cache_folder
+
+    cfg = _recover_cfg(tmp_path, q2_model_dir, teacher_dir, "teacher", "a", max_steps=30)
+    recover(cfg)
+    folder = cache_folder(checkpoint_digest(teacher_dir), cfg.seed)
+    docs = read_corpus(str(folder))
+    assert len(docs) >= 10 and all(d.strip() for d in docs)
+    stamps = {p: p.stat().st_mtime_ns for p in folder.rglob("*.txt")}
+    tokens = sum(json.loads(p.read_text())["tokens"] for p in folder.glob("batch-*/meta.json"))
+    assert tokens >= 30 * SMALL["batch_size"] * (SMALL["seq_len"] + 1)
+    history = [r["loss"] for r in map(json.loads, open(f"{cfg.out}/metrics.jsonl")) if "loss" in r]
+    assert np.mean(history[-5:]) < np.mean(history[:5])  # the KL to the teacher, on its text
+    # Again, with another --out: nothing is sampled again; a new seed samples other text.
+    recover(_recover_cfg(tmp_path, q2_model_dir, teacher_dir, "teacher", "b", max_steps=30))
+    assert {p: p.stat().st_mtime_ns for p in folder.rglob("*.txt")} == stamps
+    other = cache_folder(checkpoint_digest(teacher_dir), cfg.seed + 1)
+    assert not other.exists()
+    from afm_mlx.models.io import load
+    from afm_mlx.training.teacher_text import sample_teacher_text
+
+    teacher, tokenizer = load(teacher_dir)
+    sample_teacher_text(teacher, tokenizer, other, 500, seed=cfg.seed + 1, say=lambda *a: None)
+    assert read_corpus(str(other))[:4] != docs[:4]
+    assert os.environ["AFM_MLX_CACHE"] in str(folder)  # never the user's cache in tests

@@ -80,14 +80,14 @@ class World:
                 f"{' and '.join(differ)}; start every rank with the same flags, data and model"
             )
 
-    def check_same_run(self, cfg: Any, data: str, models: Iterable[str | None]) -> None:
+    def check_same_run(self, cfg: Any, data: str | None, models: Iterable[str | None]) -> None:
         """``check_agreement`` on what a training run starts from: its options (``cfg``, a
-        dataclass), the contents of its corpus ``data`` and of the checkpoints in ``models``
-        (empty entries skipped)."""
+        dataclass), the contents of its corpus ``data`` (None: data made from the models) and
+        of the checkpoints in ``models`` (empty entries skipped)."""
         self.check_agreement(
             {
                 "configuration": lambda: json.dumps(dataclasses.asdict(cfg), sort_keys=True),
-                "data": lambda: corpus_digest(data),
+                "data": lambda: corpus_digest(data) if data else "from the models",
                 "model": lambda: "|".join(checkpoint_digest(m) for m in models if m),
             }
         )
