@@ -15,7 +15,9 @@ fp model) every row is one compressed model, evaluated on the held-out texts of
 - ``+rec``: with a rank-16 recovery adapter (``afm_mlx.recover``) trained on the news training
   split for ``--recovery-steps`` steps of 8 x 128 tokens (the stated token budget);
 - the peers: mlx-lm ``convert -q`` at 4 / 3 / 2 bits, group 64 (embedding included, as mlx-lm
-  does; our default palettizes the embedding at 8 bits: both bits per weight are printed).
+  does; our default palettizes the embedding at 8 bits: both bits per weight are printed), and
+  mlx-lm's learned quantizer DWQ at 4 and 3 bits on the same news training split and step
+  budget as our recovery (the peer of the ``+rec`` rows, beside the plain one).
 
 Each row is cached in ``--work``/rows as it finishes, so an interrupted bench resumes where it
 stopped. Prints a table: perplexity on each text, the paired bootstrap interval (95%, over
@@ -41,6 +43,7 @@ from afm_mlx.core.blas import preload_openblas  # noqa: E402
 preload_openblas()
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
+import mlx.optimizers as optim  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 from real_texts import build_texts, paired_bootstrap, paired_bootstrap_accuracy  # noqa: E402
@@ -51,23 +54,33 @@ from afm_mlx.models.io import load_base, resolve_model_path  # noqa: E402
 FIXED = {"lut4": 4, "lut3": 3, "lut2": 2}
 MIXED = {"mix3.7": 3.7, "mix3.0": 3.0, "mix2.5": 2.5}
 PEERS = {"q4": 4, "q3": 3, "q2": 2}
-# Settings tried at 4 and 3 bits to choose palettize's defaults (everything else default).
+DWQ = {"dwq4": 4, "dwq3": 3}  # mlx-lm's learned quantizer, same data and steps as our recovery
+# Settings tried at 4 and 3 bits to choose palettize's defaults: "none" is the default before
+# this bench (plain k-means), the others vary one setting from activation-weighted k-means.
 SWEEP = {
-    "sens-none": {"sensitivity": "none"},
-    "sens-activation": {"sensitivity": "activation"},
-    "sens-fisher": {"sensitivity": "fisher"},
-    "axis1": {"axis": 1},
-    "emb4": {"embedding_bits": 4},
-    "emb6": {"embedding_bits": 6},
+    "none": {"sensitivity": "none"},
+    "act": {"sensitivity": "activation"},
+    "fisher": {"sensitivity": "fisher"},
+    "act-axis1": {"sensitivity": "activation", "axis": 1},
+    "act-g8": {"sensitivity": "activation", "group_size": 8},
+    "act-emb4": {"sensitivity": "activation", "embedding_bits": 4},
 }
 RECOVERED = ["lut4", "lut3", "lut2", "mix3.7", "mix3.0", "mix2.5"]
+# Recovery data at the same token budget (on mix3.0): "+rec" trains on the news training split.
+REC_DATA = {"rec": "news-train", "rec-plays": "plays-train", "rec-teacher": "teacher"}
 WINDOW = 512
 
 
 def all_rows() -> list[str]:
-    rows = ["fp", *[f"q{b}" for b in (4, 3, 2)], *FIXED, *MIXED]
+    rows = ["fp", *PEERS, *DWQ, *FIXED, *MIXED]
     rows += [f"{n}@{b}" for b in (4, 3) for n in SWEEP]
-    return rows + [f"{r}+rec" for r in RECOVERED]
+    return rows + [f"{r}+rec" for r in RECOVERED] + ["mix3.0+rec-plays", "mix3.0+rec-teacher"]
+
+
+def learned_peer_of(row: str) -> str | None:
+    """For a recovered row, mlx-lm's learned quantizer at the same or more bits (DWQ 4 or 3)."""
+    peer = peer_of(row)
+    return f"dwq{peer[1:]}" if "+rec" in row and f"dwq{peer[1:]}" in DWQ else None
 
 
 def peer_of(row: str) -> str:
@@ -217,13 +230,43 @@ def _peer(fp: Path, out: Path, q_bits: int) -> Path:
     return out
 
 
-def _recovered(base: Path, fp: Path, work: Path, name: str, steps: int) -> Path:
+def _dwq(fp: Path, work: Path, q_bits: int, steps: int) -> Path:
+    """mlx-lm's DWQ (``mlx_lm.quant.dwq``: affine q{bits} g64 whose scales and biases learn the
+    fp model's logits) as its command runs it, but on our news training split (its default data
+    is a hub dataset) for ``steps`` steps of 8 x 128 tokens, in float32 on the CPU."""
+    import copy
+
+    from mlx_lm.quant.dwq import dwq_quantize
+    from mlx_lm.utils import load, quantize_model, save
+
+    out = work / "models" / f"dwq{q_bits}"
+    if (out / "config.json").is_file():
+        return out
+    model, tokenizer, config = load(str(fp), return_config=True)
+    docs = [tokenizer.encode(p.read_text()) for p in sorted((work / "news-train").glob("*.txt"))]
+    windows = [ids[s : s + 129] for ids in docs for s in range(0, len(ids) - 128, 128)]
+    order = np.random.default_rng(0).permutation(len(windows))
+    train = [(windows[i], 0) for i in np.resize(order, steps * 8)]
+    valid = [(windows[i], 0) for i in order[:32]]
+    q_model = copy.deepcopy(model)
+    _, config = quantize_model(q_model, config, group_size=64, bits=q_bits)
+    opt = optim.Adam(learning_rate=1e-6, bias_correction=True)  # mlx-lm's defaults
+    dwq_quantize(
+        q_model, lambda batch, idx, split: model(batch), opt, train, valid, batch_size=8,
+        max_seq_length=129, seed=0, dtype=mx.float32,
+    )  # fmt: skip
+    save(str(out), str(fp), q_model, tokenizer, config)
+    return out
+
+
+def _recovered(base: Path, fp: Path, work: Path, name: str, rec: str, steps: int) -> Path:
     from afm_mlx.recover import RecoverConfig, recover
 
-    out = work / "adapters" / name
+    out = work / "adapters" / f"{name}+{rec}"
+    data = "teacher" if REC_DATA[rec] == "teacher" else str(work / REC_DATA[rec])
     if not (out / "adapters.safetensors").is_file():
         recover(RecoverConfig(
-            model=str(base), teacher=str(fp), data=str(work / "news-train"), out=str(out),
+            model=str(base), teacher=str(fp), data=data, out=str(out),
             max_steps=steps, batch_size=8, seq_len=128, eval_every=10**6, eval_batches=4,
             save_every=max(10, steps // 4), progress=False,
         ))  # fmt: skip
@@ -238,6 +281,8 @@ def build(row: str, fp: Path, work: Path, steps: int) -> tuple[Path, Path | None
         folder = fp
     elif name in PEERS:
         folder = _peer(fp, models / name, PEERS[name])
+    elif name in DWQ:
+        folder = _dwq(fp, work, DWQ[name], steps)
     elif name in FIXED:
         folder = _palettize(fp, work, name, bits=FIXED[name])
     elif name in MIXED:
@@ -247,7 +292,9 @@ def build(row: str, fp: Path, work: Path, steps: int) -> tuple[Path, Path | None
         folder = _palettize(fp, work, name, bits=int(b), **SWEEP[setting])
     else:
         raise SystemExit(f"error: --rows: unknown row {row!r}; --list shows them")
-    adapter = _recovered(folder, fp, work, name, steps) if rec else None
+    if rec and rec not in REC_DATA:
+        raise SystemExit(f"error: --rows: unknown recovery {rec!r} in {row!r}; --list shows them")
+    adapter = _recovered(folder, fp, work, name, rec, steps) if rec else None
     return folder, adapter
 
 
@@ -290,19 +337,25 @@ def report(results: dict[str, dict], work: Path) -> None:
             f"{ppl(r['plays']):>10.2f} {ppl(r['news']):>9.2f} {np.mean(r['news-mc']):>7.3f}"
         )
         intervals = {}
-        if peer is not None and row != peer["row"] and row != "fp" and not row.startswith("q"):
-            for text in ("plays", "news"):
-                intervals[text] = paired_bootstrap(np.array(r[text]), np.array(peer[text]))
-            intervals["mc"] = paired_bootstrap_accuracy(
-                np.array(r["news-mc"]), np.array(peer["news-mc"])
-            )
-            shown = " | ".join(f"[{lo:+.2f}, {hi:+.2f}]" for lo, hi in intervals.values())
-            cells.append(f"  {peer['row']}: {shown}")
+        ours = row != "fp" and not row.startswith(("q", "dwq"))
+        learned = results.get(learned_peer_of(row) or "")
+        for other in (peer, learned) if ours else ():
+            if other is None:
+                continue
+            found = {
+                text: paired_bootstrap(np.array(r[text]), np.array(other[text]))
+                for text in ("plays", "news")
+            }
+            mc = (np.array(r["news-mc"]), np.array(other["news-mc"]))
+            found["mc"] = paired_bootstrap_accuracy(*mc)
+            intervals[other["row"]] = found
+            shown = " | ".join(f"[{lo:+.2f}, {hi:+.2f}]" for lo, hi in found.values())
+            cells.append(f"  {other['row']}: {shown}")
         print(" ".join(cells))
         summary[row] = {
             "projection_bpw": r["projection_bpw"], "model_bpw": r["model_bpw"],
             "plays_ppl": ppl(r["plays"]), "news_ppl": ppl(r["news"]), "mc_accuracy": float(np.mean(r["news-mc"])),
-            "peer": peer_of(row), "intervals": intervals, "build_s": r["build_s"], "eval_s": r["eval_s"],
+            "intervals": intervals, "build_s": r["build_s"], "eval_s": r["eval_s"],
         }  # fmt: skip
     (work / "summary.json").write_text(json.dumps(summary, indent=1))
     plot(summary, work / "quality.png")
@@ -318,6 +371,7 @@ def plot(summary: dict, path: Path) -> None:
     for ax, text in zip(axes, ("plays", "news")):
         for label, pick, marker in (
             ("mlx-lm affine", lambda r: r.startswith("q"), "s"),
+            ("mlx-lm DWQ", lambda r: r.startswith("dwq"), "D"),
             ("ours", lambda r: r.startswith(("lut", "mix")) and "+" not in r, "o"),
             ("ours + recovery", lambda r: "+rec" in r, "^"),
         ):
@@ -376,7 +430,8 @@ def main() -> None:
             f"{row}: plays {ppl(r['plays']):.2f}, news {ppl(r['news']):.2f}, mc {np.mean(r['news-mc']):.3f}, {r['model_bpw']:.2f} bpw ({r['build_s']:.0f} s + {r['eval_s']:.0f} s)",
             flush=True,
         )
-    for needed in {peer_of(r) for r in rows} - set(results):
+    peers = {peer_of(r) for r in rows} | {learned_peer_of(r) for r in rows}
+    for needed in peers - set(results) - {None}:
         cached = work / "rows" / f"{needed}.json"
         if cached.is_file():
             results[needed] = json.loads(cached.read_text())

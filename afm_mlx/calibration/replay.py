@@ -27,6 +27,7 @@ def linear_paths(model: nn.Module) -> list[str]:
 
 
 def swap_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Put ``module`` at ``path`` (a candidate or a watcher in place of a projection)."""
     model.update_modules(tree_unflatten([(path, module)]))
 
 
