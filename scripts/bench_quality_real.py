@@ -109,15 +109,18 @@ def doc_nll(model, docs: list[list[int]]) -> np.ndarray:
 
 
 def mc_correct(model, items) -> np.ndarray:
-    """1 where the true continuation has the lower mean token loss, per item."""
+    """1 where the true continuation has the lower mean token loss, per item (both choices in
+    one batch, the shorter padded at its end: causal attention keeps its scores exact)."""
     correct = []
     for context, choices, answer in items:
-        losses = []
-        for choice in choices:
-            x = mx.array(context + choice)[None]
-            logits = model(x[:, :-1]).astype(mx.float32)[:, len(context) - 1 :]
-            losses.append(nn.losses.cross_entropy(logits, x[:, len(context) :]).mean().item())
-        correct.append(int(np.argmin(losses) == answer))
+        n = max(map(len, choices))
+        rows = [context + c + [c[-1]] * (n - len(c)) for c in choices]
+        x = mx.array(rows)
+        logits = model(x[:, :-1]).astype(mx.float32)[:, len(context) - 1 :]
+        losses = nn.losses.cross_entropy(logits, x[:, len(context) :], reduction="none")
+        mask = mx.arange(n)[None] < mx.array([len(c) for c in choices])[:, None]
+        mean = (losses * mask).sum(axis=1) / mask.sum(axis=1)
+        correct.append(int(np.argmin(np.array(mean)) == answer))
     return np.array(correct)
 
 
@@ -172,7 +175,12 @@ def _mixed(fp: Path, work: Path, target: float) -> Path:
     out = work / "models" / f"mix{target}"
     if (out / "config.json").is_file():
         return out
-    cfg = PalettizeConfig(model=str(fp), out=str(out), calibration=str(work / "news-train"))
+    # One calibration batch (4 x 128 tokens): the measured search replays every (layer, bits)
+    # choice, 840 trials on SmolLM2, ~4x cheaper than the default 4 batches here.
+    calibration = str(work / "news-train")
+    cfg = PalettizeConfig(
+        model=str(fp), out=str(out), calibration=calibration, calibration_batches=1
+    )
     table = work / "damage.json"
     model, config, _ = load_model(fp)
     paths = linear_paths(model)
@@ -302,6 +310,8 @@ def build(row: str, fp: Path, work: Path, steps: int) -> tuple[Path, Path | None
 
 
 def evaluate_row(row: str, fp: Path, work: Path, texts, steps: int) -> dict:
+    from mlx_lm.utils import dequantize_model
+
     from afm_mlx.adapters.lora import load_adapter
     from afm_mlx.palettization.layers import cache_dense_weights
 
@@ -312,7 +322,11 @@ def evaluate_row(row: str, fp: Path, work: Path, texts, steps: int) -> dict:
     if adapter is not None:
         load_adapter(model, adapter)
     size = bits(model)
-    cache_dense_weights(model, "on")  # exact: the same values, computed as a dense GEMM
+    # Both sides evaluated as dense GEMMs of exactly their stored values: MLX's CPU
+    # quantized_matmul is single-threaded and ~80x slower than a GEMM at 512 rows
+    # (scripts/bench_lut_rows.py), ours decodes per call above 128 rows.
+    cache_dense_weights(model, "on")
+    dequantize_model(model)
     result = {"row": row, **size, "build_s": built}
     for name, docs in texts.held_out.items():
         result[name] = doc_nll(model, docs).tolist()
